@@ -1,0 +1,114 @@
+//! A member's Prometheus metrics. The registry lives in the member's own process:
+//! reading them never depends on any other process being up.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub method: &'static str,
+    pub code: String,
+}
+
+/// The metrics of one member.
+pub struct Metrics {
+    pub registry: Registry,
+    pub term: Gauge,
+    pub is_leader: Gauge,
+    pub leader_changes: Counter,
+    pub commit_index: Gauge,
+    pub applied_index: Gauge,
+    pub snapshot_index: Gauge,
+    pub purged_index: Gauge,
+    pub revision: Gauge,
+    pub db_size_bytes: Gauge,
+    pub proposals_committed: Counter,
+    pub proposals_failed: Counter,
+    pub requests: Family<ResultLabels, Counter>,
+    pub request_seconds: Family<MethodLabels, Histogram>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cellplane");
+        let m = Metrics {
+            term: Gauge::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            commit_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            snapshot_index: Gauge::default(),
+            purged_index: Gauge::default(),
+            revision: Gauge::default(),
+            db_size_bytes: Gauge::default(),
+            proposals_committed: Counter::default(),
+            proposals_failed: Counter::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(|| {
+                // 100 µs .. ~6.5 s
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.0001, 2.0, 17,
+                ))
+            }),
+            registry: Registry::default(),
+        };
+        registry.register("raft_term", "Current Raft term", m.term.clone());
+        registry.register("raft_is_leader", "1 if this member is the leader", m.is_leader.clone());
+        registry.register("raft_leader_changes", "Leader changes seen", m.leader_changes.clone());
+        registry.register(
+            "raft_commit_index",
+            "Last log index known to this member (its log end; committed on the leader)",
+            m.commit_index.clone(),
+        );
+        registry.register("raft_applied_index", "Last applied log index", m.applied_index.clone());
+        registry.register(
+            "raft_snapshot_index",
+            "Last log index covered by this member's snapshot",
+            m.snapshot_index.clone(),
+        );
+        registry.register(
+            "raft_purged_index",
+            "Last log index removed from this member's log (covered by a snapshot)",
+            m.purged_index.clone(),
+        );
+        registry.register("mvcc_revision", "Current MVCC revision", m.revision.clone());
+        registry.register("db_size_bytes", "RocksDB size (SST files and memtables)", m.db_size_bytes.clone());
+        registry.register(
+            "proposals_committed",
+            "Proposals committed and applied through this member",
+            m.proposals_committed.clone(),
+        );
+        registry.register("proposals_failed", "Proposals that failed", m.proposals_failed.clone());
+        registry.register("grpc_requests", "Client requests by method and gRPC code", m.requests.clone());
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Client request latency by method",
+            m.request_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,207 @@
+//! Raft between the members of one cell, over gRPC (`cellplane.raft.v1.Raft`).
+//!
+//! openraft's RPC types travel as postcard-encoded bytes: the schema is the Rust
+//! type, and both ends always run the same binary within a cell's upgrade window.
+//! Every call has a deadline and every message a size limit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes_payload::{decode, encode};
+use cellplane_proto::raft::RaftPayload;
+use cellplane_proto::raft::raft_client::RaftClient;
+use cellplane_proto::raft::raft_server::Raft as RaftRpc;
+use cellplane_storage::{Member, NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::read_index::{ReadBarrier, ReadIndexReply};
+use crate::Raft;
+
+/// Encoding of payloads.
+pub(crate) mod bytes_payload {
+    use tonic::Status;
+
+    pub fn encode<T: serde::Serialize>(v: &T) -> Result<cellplane_proto::raft::RaftPayload, Status> {
+        postcard::to_stdvec(v)
+            .map(|b| cellplane_proto::raft::RaftPayload { data: b.into() })
+            .map_err(|e| Status::internal(format!("cannot encode raft message: {e}")))
+    }
+
+    pub fn decode<T: serde::de::DeserializeOwned>(p: &cellplane_proto::raft::RaftPayload) -> Result<T, Status> {
+        postcard::from_bytes(&p.data)
+            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+    }
+}
+
+/// Creates one client per peer; connections are made lazily and reused.
+#[derive(Clone)]
+pub struct Network {
+    channels: Arc<Mutex<HashMap<NodeId, Channel>>>,
+    max_message_bytes: usize,
+    connect_timeout: Duration,
+}
+
+impl Network {
+    pub fn new(max_message_bytes: usize, connect_timeout: Duration) -> Network {
+        Network {
+            channels: Arc::default(),
+            max_message_bytes,
+            connect_timeout,
+        }
+    }
+
+    /// A client for the member at `peer_addr` (`host:port`).
+    pub(crate) fn client(&self, target: NodeId, peer_addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let channel = {
+            let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&target) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Endpoint::from_shared(format!("http://{peer_addr}"))?
+                        .connect_timeout(self.connect_timeout)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                        .connect_lazy();
+                    map.insert(target, c.clone());
+                    c
+                }
+            }
+        };
+        Ok(RaftClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        PeerClient {
+            target,
+            client: self.client(target, &node.peer_addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// openraft's view of one peer.
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+        };
+        let payload = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        let mut request = Request::new(payload);
+        request.set_timeout(option.hard_ttl());
+        let mut client = client;
+        let result = match method {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let payload = result.map_err(|s| match s.code() {
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
+            _ => RPCError::Network(NetworkError::new(&s)),
+        })?;
+        let reply: Result<Resp, RaftError<NodeId, E>> =
+            decode(payload.get_ref()).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call("vote", &rpc, &option).await
+    }
+}
+
+/// The server side: hands peers' messages to the local Raft.
+pub struct RaftService {
+    raft: Raft,
+    barrier: ReadBarrier,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft, barrier: ReadBarrier) -> RaftService {
+        RaftService { raft, barrier }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        let reply = self.raft.append_entries(rpc).await;
+        Ok(Response::new(encode(&reply)?))
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        let reply = self.raft.vote(rpc).await;
+        Ok(Response::new(encode(&reply)?))
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        let reply = self.raft.install_snapshot(rpc).await;
+        Ok(Response::new(encode(&reply)?))
+    }
+
+    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        // Through this member's own barrier, so that reads from every follower
+        // share the leader's confirmation rounds.
+        let reply: ReadIndexReply = self.barrier.read_index().await.map_err(|e| e.to_string());
+        Ok(Response::new(encode(&reply)?))
+    }
+}

@@ -1,0 +1,354 @@
+//! One member of a cell: wires the store, Raft, the read barrier and the servers,
+//! and runs until shut down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellplane_proto::etcdserverpb::cluster_server::ClusterServer;
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::kv_server::KvServer;
+use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use cellplane_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use cellplane_proto::etcdserverpb::{ResponseHeader, StatusRequest};
+use cellplane_proto::raft::raft_server::RaftServer;
+use cellplane_storage::{
+    AppliedState, Command, CommandResponse, KvReader, Limits, LogStore, Member, NodeId, StateMachine,
+    Store,
+};
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Raft;
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::metrics::Metrics;
+use crate::network::{Network, RaftService};
+use crate::read_index::ReadBarrier;
+use crate::service::{ClusterService, KvService, MaintenanceService};
+
+/// The listeners of one member. Tests bind them to port 0 and pass them in, so
+/// nothing races for a port between choosing it and binding it.
+pub struct Listeners {
+    pub client: TcpListener,
+    pub peer: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of member `id` in its cell definition.
+    pub async fn bind(config: &NodeConfig) -> Result<Listeners, NodeError> {
+        let me = config
+            .cell
+            .member(config.id)
+            .ok_or(NodeError::UnknownMember(config.id))?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind { addr, source })
+        };
+        Ok(Listeners {
+            client: bind(me.client).await?,
+            peer: bind(me.peer).await?,
+            http: bind(me.http).await?,
+        })
+    }
+}
+
+/// What the services of one member share.
+pub struct Shared {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub store: Store,
+    pub reader: KvReader,
+    pub applied: watch::Receiver<AppliedState>,
+    pub barrier: ReadBarrier,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// Bounds the client requests in flight; beyond it requests are shed.
+    pub inflight: Semaphore,
+    kv_clients: Mutex<HashMap<NodeId, KvClient<Channel>>>,
+}
+
+/// Why a proposal did not produce a result here.
+pub enum ProposeError {
+    /// Another member leads: forward the request there.
+    Forward(NodeId),
+    Failed(NodeError),
+}
+
+impl Shared {
+    /// A response header as this member sees things now.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            revision,
+            raft_term: self.raft.metrics().borrow().current_term,
+        }
+    }
+
+    /// Proposes `cmd` through Raft if this member leads; otherwise says who does.
+    /// While no leader is known it waits, up to the request timeout, for one.
+    pub async fn propose(&self, cmd: Command) -> Result<(CommandResponse, u64), ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout();
+        loop {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => {
+                    self.metrics.proposals_committed.inc();
+                    return Ok((resp.data, resp.log_id.leader_id.term));
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(leader) = f.leader_id {
+                        if leader != self.id {
+                            return Err(ProposeError::Forward(leader));
+                        }
+                    }
+                    // No leader yet: wait for one rather than fail at once.
+                    if self.wait_for_leader(deadline).await.is_none() {
+                        self.metrics.proposals_failed.inc();
+                        return Err(ProposeError::Failed(NodeError::NoLeader));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.proposals_failed.inc();
+                    return Err(ProposeError::Failed(NodeError::Raft(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Waits until a leader is known or the deadline passes.
+    pub async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Option<NodeId> {
+        let mut m = self.raft.metrics();
+        let waited = tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader.is_some())).await;
+        match waited {
+            Ok(Ok(m)) => m.current_leader,
+            _ => None,
+        }
+    }
+
+    /// A KV client to member `id`, for forwarding writes to the leader.
+    pub fn kv_client(&self, id: NodeId) -> Result<KvClient<Channel>, NodeError> {
+        let mut map = self.kv_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&id) {
+            return Ok(c.clone());
+        }
+        let member = self
+            .config
+            .cell
+            .member(id)
+            .ok_or(NodeError::UnknownMember(id))?;
+        let channel = Endpoint::from_shared(format!("http://{}", member.client))
+            .map_err(|e| NodeError::Raft(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let max = self.limits.max_request_bytes + (1 << 20);
+        let client = KvClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(max);
+        map.insert(id, client.clone());
+        Ok(client)
+    }
+}
+
+fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
+    let r = &config.cell.raft;
+    let (min, max) = config.cell.election_timeout(config.id);
+    let c = openraft::Config {
+        cluster_name: config.cell.name.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: min,
+        election_timeout_max: max,
+        max_payload_entries: r.max_entries_per_append,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+        snapshot_max_chunk_size: (r.max_peer_message_bytes / 4) as u64,
+        install_snapshot_timeout: r.peer_rpc_timeout_ms * 5,
+        send_snapshot_timeout: r.peer_rpc_timeout_ms * 5,
+        ..Default::default()
+    };
+    c.validate().map_err(|e| NodeError::Config(format!("raft settings: {e}")))
+}
+
+/// Runs member `config.id` until `shutdown` is cancelled.
+pub async fn run(config: NodeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), NodeError> {
+    let me = config
+        .cell
+        .member(config.id)
+        .cloned()
+        .ok_or(NodeError::UnknownMember(config.id))?;
+    let store = cellplane_storage::open(&config.data_dir)?;
+    let fresh = store.is_fresh().map_err(|e| NodeError::Storage(e.to_string()))?;
+    let log = LogStore::new(store.clone()).map_err(NodeError::Io)?;
+    let sm = StateMachine::new(store.clone()).map_err(|e| NodeError::Storage(e.to_string()))?;
+    let reader = sm.reader();
+    let applied = sm.subscribe();
+    let r = &config.cell.raft;
+    let network = Network::new(r.max_peer_message_bytes, Duration::from_millis(r.peer_rpc_timeout_ms));
+    let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network.clone(), log, sm)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let (barrier, barrier_task) = ReadBarrier::start(
+        raft.clone(),
+        network.clone(),
+        Duration::from_millis(r.peer_rpc_timeout_ms),
+        shutdown.child_token(),
+    );
+    let limits = Limits {
+        max_request_bytes: config.cell.limits.max_request_bytes,
+        max_txn_ops: config.cell.limits.max_txn_ops,
+    };
+    let shared = Arc::new(Shared {
+        id: config.id,
+        cluster_id: config.cell.cluster_id(),
+        raft: raft.clone(),
+        store: store.clone(),
+        reader,
+        applied,
+        barrier: barrier.clone(),
+        limits,
+        metrics: Metrics::new(),
+        inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
+        kv_clients: Mutex::default(),
+        config: config.clone(),
+    });
+
+    tasks.spawn(crate::metrics_loop::run(shared.clone(), shutdown.child_token()));
+
+    // Servers.
+    let max_req = config.cell.limits.max_request_bytes + (512 << 10);
+    let client_router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(
+            KvServer::new(KvService::new(shared.clone()))
+                .max_decoding_message_size(max_req)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(MaintenanceServer::new(MaintenanceService::new(shared.clone())))
+        .add_service(ClusterServer::new(ClusterService::new(shared.clone())));
+    let peer_router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(
+        RaftServer::new(RaftService::new(raft.clone(), barrier))
+            .max_decoding_message_size(r.max_peer_message_bytes)
+            .max_encoding_message_size(r.max_peer_message_bytes),
+    );
+    let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
+    let stop = shutdown.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.client);
+    tasks.spawn(async move {
+        if let Err(e) = client_router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "client API server failed");
+        }
+    });
+    let stop = shutdown.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.peer);
+    tasks.spawn(async move {
+        if let Err(e) = peer_router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "peer server failed");
+        }
+    });
+    tasks.spawn(crate::http::serve(listeners.http, shared.clone(), shutdown.child_token()));
+    tasks.close();
+
+    if fresh {
+        initialize_once(&config, &raft, &me, shutdown.clone()).await?;
+    }
+    tracing::info!(
+        cell = %config.cell.name, id = config.id, client = %client_addr,
+        "member serving"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = raft.shutdown().await;
+    let _ = barrier_task.await;
+    // Servers drain in-flight requests; give them a bounded grace period.
+    let drained = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    if drained.is_err() {
+        tracing::warn!("servers did not drain within 5s");
+    }
+    Ok(())
+}
+
+/// The first boot of a cell: the member with the lowest id, finding its own store
+/// empty and no peer that already belongs to a running cell, initializes the cell's
+/// membership. Every later boot finds state on disk and skips this, so a restart
+/// never re-initializes.
+async fn initialize_once(
+    config: &NodeConfig,
+    raft: &Raft,
+    me: &crate::config::MemberDef,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let lowest = config.cell.members.iter().map(|m| m.id).min();
+    if lowest != Some(me.id) {
+        return Ok(());
+    }
+    for m in config.cell.members.iter().filter(|m| m.id != me.id) {
+        if let Some(term) = peer_term(m.client).await {
+            if term > 0 {
+                tracing::warn!(
+                    peer = m.id, term,
+                    "store is empty but peer already runs this cell: not initializing; \
+                     this member must be re-added to the cell, not bootstrapped"
+                );
+                return Ok(());
+            }
+        }
+    }
+    let members: BTreeMap<NodeId, Member> = config
+        .cell
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                Member {
+                    name: m.display_name(&config.cell.name),
+                    client_addr: m.client.to_string(),
+                    peer_addr: m.peer.to_string(),
+                },
+            )
+        })
+        .collect();
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        r = raft.initialize(members) => match r {
+            Ok(()) => {
+                tracing::info!(cell = %config.cell.name, "initialized the cell");
+                Ok(())
+            }
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+}
+
+/// The Raft term a peer reports, if it answers quickly.
+async fn peer_term(addr: SocketAddr) -> Option<u64> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .ok()?;
+    let resp = MaintenanceClient::new(channel).status(StatusRequest {}).await.ok()?;
+    Some(resp.get_ref().raft_term)
+}

@@ -1,0 +1,136 @@
+//! Linearizable reads through Raft's ReadIndex, batched.
+//!
+//! A read must see every write acknowledged before it started. The member asks the
+//! leader (itself, or over the Raft transport) for the current commit index, which
+//! the leader confirms by a heartbeat round with a quorum, then waits until its own
+//! state machine has applied that index and reads locally. Every read that arrived
+//! before a confirmation round started shares that round, so a burst of reads costs
+//! one round, not one each (as etcd's read loop does).
+
+use std::time::Duration;
+
+use cellplane_storage::AppliedState;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::network::Network;
+use crate::network::bytes_payload::{decode, encode};
+use crate::Raft;
+
+/// What the leader answers a follower's ReadIndex: the index to wait for, or why it
+/// cannot confirm its leadership.
+pub type ReadIndexReply = Result<u64, String>;
+
+/// Reads waiting for the next confirmation round. When full, a read waits for room:
+/// a bounded queue, never an unbounded one.
+const QUEUE: usize = 65_536;
+
+/// Why a linearizable read could not be confirmed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadIndexError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("cannot confirm leadership: {0}")]
+    Unconfirmed(String),
+    #[error("member is shutting down")]
+    Stopped,
+}
+
+/// Handle to the read barrier of one member. Cheap to clone.
+#[derive(Clone)]
+pub struct ReadBarrier {
+    tx: mpsc::Sender<oneshot::Sender<Result<u64, ReadIndexError>>>,
+}
+
+impl ReadBarrier {
+    /// Starts the batching loop; it stops when `shutdown` is cancelled.
+    pub fn start(
+        raft: Raft,
+        network: Network,
+        rpc_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (ReadBarrier, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(run(raft, network, rpc_timeout, rx, shutdown));
+        (ReadBarrier { tx }, task)
+    }
+
+    /// Returns a log index such that a local read after it is applied is
+    /// linearizable.
+    pub async fn read_index(&self) -> Result<u64, ReadIndexError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).await.map_err(|_| ReadIndexError::Stopped)?;
+        rx.await.map_err(|_| ReadIndexError::Stopped)?
+    }
+
+    /// Waits until a linearizable read may be served from the local state machine.
+    pub async fn wait_linearizable(
+        &self,
+        applied: &mut watch::Receiver<AppliedState>,
+    ) -> Result<(), ReadIndexError> {
+        let index = self.read_index().await?;
+        applied
+            .wait_for(|a| a.log_index >= index)
+            .await
+            .map_err(|_| ReadIndexError::Stopped)?;
+        Ok(())
+    }
+}
+
+async fn run(
+    raft: Raft,
+    network: Network,
+    rpc_timeout: Duration,
+    mut rx: mpsc::Receiver<oneshot::Sender<Result<u64, ReadIndexError>>>,
+    shutdown: CancellationToken,
+) {
+    let mut waiters = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            w = rx.recv() => match w { Some(w) => w, None => return },
+        };
+        waiters.push(first);
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => Err(ReadIndexError::Stopped),
+            r = confirm(&raft, &network, rpc_timeout) => r,
+        };
+        for w in waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+async fn confirm(raft: &Raft, network: &Network, rpc_timeout: Duration) -> Result<u64, ReadIndexError> {
+    let metrics = raft.metrics().borrow().clone();
+    let leader = metrics.current_leader.ok_or(ReadIndexError::NoLeader)?;
+    if leader == metrics.id {
+        let (read, _) = raft
+            .get_read_log_id()
+            .await
+            .map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
+        return Ok(read.map(|l| l.index).unwrap_or(0));
+    }
+    let member = metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .cloned()
+        .ok_or(ReadIndexError::NoLeader)?;
+    let mut client = network
+        .client(leader, &member.peer_addr)
+        .map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
+    let payload = encode(&()).map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
+    let mut req = tonic::Request::new(payload);
+    req.set_timeout(rpc_timeout);
+    let reply = client
+        .read_index(req)
+        .await
+        .map_err(|s| ReadIndexError::Unconfirmed(format!("leader {leader}: {}", s.message())))?;
+    let reply: ReadIndexReply =
+        decode(reply.get_ref()).map_err(|s| ReadIndexError::Unconfirmed(s.message().to_string()))?;
+    reply.map_err(|e| ReadIndexError::Unconfirmed(format!("leader {leader}: {e}")))
+}

@@ -1,0 +1,301 @@
+//! The etcd-compatible gRPC services of a member: KV, Maintenance.Status and
+//! Cluster.MemberList.
+//!
+//! Any member serves any request. Writes are proposed through Raft on the leader: a
+//! follower forwards them to the leader's client API. Linearizable reads (the
+//! default) wait on the read barrier and are served from the local state machine;
+//! serializable reads are served locally at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cellplane_proto::etcdserverpb::cluster_server::Cluster;
+use cellplane_proto::etcdserverpb::maintenance_server::Maintenance;
+use cellplane_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, Member,
+    MemberListRequest, MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+};
+use cellplane_storage::{Command, KvError};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::error::{kv_status, node_status, read_status};
+use crate::node::{ProposeError, Shared};
+
+/// Set on a request a member forwards to the leader, so that a request never
+/// travels more than one hop (a stale leader view cannot bounce it around).
+pub const FORWARDED: &str = "cellplane-forwarded";
+
+/// The etcd version this API is compatible with, as `etcdctl endpoint status` shows.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+pub struct KvService {
+    shared: Arc<Shared>,
+}
+
+impl KvService {
+    pub fn new(shared: Arc<Shared>) -> KvService {
+        KvService { shared }
+    }
+
+    /// Runs one request under the member's admission limit, deadline and metrics.
+    async fn serve<T, F>(&self, method: &'static str, fut: F) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<T, Status>>,
+    {
+        let s = &self.shared;
+        let started = Instant::now();
+        let result = match s.inflight.try_acquire() {
+            Err(_) => Err(Status::unavailable(
+                "etcdserver: too many requests in flight on this member; retry with backoff",
+            )),
+            Ok(_permit) => match tokio::time::timeout(s.config.request_timeout(), fut).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+            },
+        };
+        s.metrics
+            .request_seconds
+            .get_or_create(&crate::metrics::MethodLabels { method })
+            .observe(started.elapsed().as_secs_f64());
+        let code = match &result {
+            Ok(_) => "OK".to_string(),
+            Err(st) => format!("{:?}", st.code()),
+        };
+        s.metrics
+            .requests
+            .get_or_create(&crate::metrics::ResultLabels { method, code })
+            .inc();
+        result.map(Response::new)
+    }
+
+    fn check_size<M: Message>(&self, m: &M) -> Result<(), Status> {
+        let max = self.shared.limits.max_request_bytes;
+        if m.encoded_len() > max {
+            return Err(kv_status(KvError::RequestTooLarge { max }));
+        }
+        Ok(())
+    }
+
+    /// Proposes a write here, or forwards it once to the leader with `forward`.
+    async fn write<T, F, Fut>(
+        &self,
+        cmd: Command,
+        forwarded: bool,
+        forward: F,
+    ) -> Result<T, Status>
+    where
+        T: Message + Default + HasHeader,
+        F: FnOnce(cellplane_proto::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let s = &self.shared;
+        match s.propose(cmd).await {
+            Ok((resp, term)) => {
+                let body = match resp.outcome {
+                    Some(Ok(bytes)) => T::decode(bytes.as_slice())
+                        .map_err(|e| Status::internal(format!("cannot decode apply result: {e}")))?,
+                    Some(Err(e)) => return Err(kv_status(e)),
+                    None => return Err(Status::internal("apply produced no result")),
+                };
+                let mut body = body;
+                let mut header = s.header(resp.revision);
+                header.raft_term = term;
+                body.set_header(header);
+                Ok(body)
+            }
+            Err(ProposeError::Forward(leader)) => {
+                if forwarded {
+                    return Err(Status::unavailable(format!(
+                        "etcdserver: not leader (member {} thinks {leader} leads); retry",
+                        s.id
+                    )));
+                }
+                let client = s.kv_client(leader).map_err(node_status)?;
+                forward(client).await.map(Response::into_inner)
+            }
+            Err(ProposeError::Failed(e)) => Err(node_status(e)),
+        }
+    }
+}
+
+/// Responses that carry an etcd header.
+pub trait HasHeader {
+    fn set_header(&mut self, h: cellplane_proto::etcdserverpb::ResponseHeader);
+}
+
+macro_rules! has_header {
+    ($($t:ty),*) => {$(
+        impl HasHeader for $t {
+            fn set_header(&mut self, h: cellplane_proto::etcdserverpb::ResponseHeader) {
+                self.header = Some(h);
+            }
+        }
+    )*};
+}
+has_header!(PutResponse, DeleteRangeResponse, TxnResponse, CompactionResponse);
+
+fn forwarded_request<T>(inner: T) -> Request<T> {
+    let mut r = Request::new(inner);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+fn is_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED)
+}
+
+#[tonic::async_trait]
+impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
+    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = request.into_inner();
+        self.serve("Range", async {
+            self.check_size(&req)?;
+            cellplane_storage::mvcc_check::range(&req).map_err(kv_status)?;
+            let s = &self.shared;
+            if !req.serializable {
+                let mut applied = s.applied.clone();
+                s.barrier.wait_linearizable(&mut applied).await.map_err(read_status)?;
+            }
+            let mut resp = s.reader.range(&req).map_err(kv_status)?;
+            let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+            resp.header = Some(s.header(revision));
+            Ok(resp)
+        })
+        .await
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        self.serve("Put", async {
+            self.check_size(&req)?;
+            cellplane_storage::mvcc_check::put(&req).map_err(kv_status)?;
+            let cmd = Command::Put(req.encode_to_vec());
+            self.write(cmd, forwarded, |mut c| async move { c.put(forwarded_request(req)).await })
+                .await
+        })
+        .await
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        self.serve("DeleteRange", async {
+            self.check_size(&req)?;
+            cellplane_storage::mvcc_check::delete(&req).map_err(kv_status)?;
+            let cmd = Command::DeleteRange(req.encode_to_vec());
+            self.write(cmd, forwarded, |mut c| async move {
+                c.delete_range(forwarded_request(req)).await
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        self.serve("Txn", async {
+            self.check_size(&req)?;
+            cellplane_storage::mvcc_check::txn(&req, &self.shared.limits).map_err(kv_status)?;
+            let cmd = Command::Txn(req.encode_to_vec());
+            self.write(cmd, forwarded, |mut c| async move { c.txn(forwarded_request(req)).await })
+                .await
+        })
+        .await
+    }
+
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        self.serve("Compact", async {
+            let cmd = Command::Compact(req.revision);
+            self.write(cmd, forwarded, |mut c| async move {
+                c.compact(forwarded_request(req)).await
+            })
+            .await
+        })
+        .await
+    }
+}
+
+pub struct MaintenanceService {
+    shared: Arc<Shared>,
+}
+
+impl MaintenanceService {
+    pub fn new(shared: Arc<Shared>) -> MaintenanceService {
+        MaintenanceService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.shared;
+        let m = s.raft.metrics().borrow().clone();
+        let applied = *s.applied.borrow();
+        let db = s.store.size_bytes() as i64;
+        let mut header = s.header(applied.revision);
+        header.raft_term = m.current_term;
+        Ok(Response::new(StatusResponse {
+            header: Some(header),
+            version: ETCD_API_VERSION.to_string(),
+            db_size: db,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            errors: vec![],
+            db_size_in_use: db,
+            is_learner: false,
+        }))
+    }
+}
+
+pub struct ClusterService {
+    shared: Arc<Shared>,
+}
+
+impl ClusterService {
+    pub fn new(shared: Arc<Shared>) -> ClusterService {
+        ClusterService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_list(
+        &self,
+        _r: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        let s = &self.shared;
+        let m = s.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let learners: std::collections::BTreeSet<u64> = membership.learner_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                name: node.name.clone(),
+                peer_ur_ls: vec![format!("http://{}", node.peer_addr)],
+                client_ur_ls: vec![format!("http://{}", node.client_addr)],
+                is_learner: learners.contains(id),
+            })
+            .collect();
+        let applied = *s.applied.borrow();
+        Ok(Response::new(MemberListResponse {
+            header: Some(s.header(applied.revision)),
+            members,
+        }))
+    }
+}

@@ -1,0 +1,62 @@
+//! Errors of the storage layer.
+
+use serde::{Deserialize, Serialize};
+
+/// A key-value request that the store refuses, with etcd's meaning and message.
+///
+/// Messages of the `etcdserver:` errors are etcd's, byte for byte: etcd's Go client
+/// recognises its typed errors by their text.
+///
+/// These are deterministic: every member reaches the same error for the same log
+/// entry, so they travel inside [`crate::CommandResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum KvError {
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted { compacted: i64 },
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision { current: i64 },
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps { max: usize },
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge { max: usize },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The local store failed; not the request's fault.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl From<rocksdb::Error> for KvError {
+    fn from(e: rocksdb::Error) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
+
+/// Opening a member's database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open RocksDB at {path}: {source}")]
+    Rocks {
+        path: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,37 @@
+//! A cell member's durable state, on one RocksDB instance per member.
+//!
+//! - [`LogStore`]: openraft's Raft log (vote, entries, committed and purged ids).
+//!   Appends are group-committed: many appends share one WAL fsync, and openraft is
+//!   told an entry is durable only after that fsync.
+//! - [`StateMachine`]: the MVCC key-value store with etcd's semantics (one global
+//!   revision; per-key create/mod revision, version and lease), applied from the log.
+//! - [`KvReader`]: the read path (ranges at the newest or a past revision), which
+//!   never blocks the apply path: it reads from RocksDB snapshots.
+//!
+//! This is the only crate that depends on RocksDB. It depends on `cellplane-proto`
+//! for the etcd message types and on openraft for the storage traits; it knows
+//! nothing about the network.
+
+#![forbid(unsafe_code)]
+
+mod codec;
+mod db;
+mod error;
+mod log_store;
+mod mvcc;
+mod state_machine;
+mod types;
+
+pub use db::{open, Store};
+pub use error::{KvError, OpenError};
+pub use log_store::LogStore;
+pub use mvcc::{KvReader, Limits};
+pub use state_machine::{AppliedState, StateMachine};
+pub use types::{Command, CommandResponse, Member, NodeId, TypeConfig};
+
+/// Checks of requests made before they are served or proposed.
+pub mod mvcc_check {
+    pub use crate::mvcc::{
+        check_delete as delete, check_put as put, check_range as range, check_txn as txn,
+    };
+}

@@ -1,0 +1,217 @@
+//! The Raft log on RocksDB, with group commit.
+//!
+//! openraft hands us entries with a callback to fire once they are durable. We
+//! write each append to RocksDB at once (unsynced) and pass the callback to one
+//! sync thread, which fsyncs the WAL once for every callback queued behind it. A
+//! burst of appends therefore costs one fsync, not one each, and no entry is ever
+//! reported durable before the fsync that covers it has returned: openraft's own
+//! RocksDB example skips that step.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use rocksdb::{DB, IteratorMode, WriteBatch, WriteOptions};
+use tokio::sync::mpsc;
+
+use crate::codec::{decode_u64_key, u64_key};
+use crate::db::{CF_LOG, CF_META, Store};
+use crate::types::{NodeId, TypeConfig};
+
+const KEY_VOTE: &[u8] = b"raft/vote";
+const KEY_COMMITTED: &[u8] = b"raft/committed";
+const KEY_PURGED: &[u8] = b"raft/purged";
+
+/// How many appends may wait for the sync thread. When it is full, `append` waits,
+/// which slows openraft's intake: backpressure, not memory growth.
+const SYNC_QUEUE: usize = 4096;
+
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+/// The Raft log store of one member. Cheap to clone; clones share the sync thread,
+/// which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+    syncer: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Wraps the log column families of `store` and starts the sync thread.
+    pub fn new(store: Store) -> std::io::Result<LogStore> {
+        let (tx, rx) = mpsc::channel(SYNC_QUEUE);
+        let db = store.db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || sync_loop(db, rx))?;
+        Ok(LogStore { store, syncer: tx })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> SResult<Option<T>> {
+        let raw = self
+            .store
+            .db
+            .get_cf(self.store.cf(CF_META), key)
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        match raw {
+            None => Ok(None),
+            Some(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| StorageIOError::read_logs(&e).into()),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T, sync: bool) -> SResult<()> {
+        let bytes = postcard::to_stdvec(value).map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.store
+            .db
+            .put_cf_opt(self.store.cf(CF_META), key, bytes, &opts)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    let mut pending = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        pending.push(first);
+        while let Ok(more) = rx.try_recv() {
+            pending.push(more);
+        }
+        let result = db.flush_wal(true);
+        for cb in pending.drain(..) {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            cb.log_io_completed(r);
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let iter = self.store.db.iterator_cf(
+            self.store.cf(CF_LOG),
+            IteratorMode::From(&u64_key(start), rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let index = decode_u64_key(&k)
+                .ok_or_else(|| StorageIOError::read_logs(std::io::Error::other("bad log key")))?;
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry<TypeConfig> =
+                postcard::from_bytes(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_PURGED)?;
+        let mut iter = self
+            .store
+            .db
+            .iterator_cf(self.store.cf(CF_LOG), IteratorMode::End);
+        let last = match iter.next() {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry<TypeConfig> =
+                    postcard::from_bytes(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                Some(entry.log_id)
+            }
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
+        // A vote must survive a crash before it is acted on: sync it now.
+        self.put_meta(KEY_VOTE, vote, true)
+            .map_err(|_| StorageIOError::write_vote(std::io::Error::other("save vote")).into())
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        // Only an optimization for restart (re-apply up to here at once): not synced.
+        self.put_meta(KEY_COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.store.cf(CF_LOG);
+        for entry in entries {
+            let bytes = postcard::to_stdvec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.put_cf(cf, u64_key(entry.log_id.index), bytes);
+        }
+        self.store
+            .db
+            .write(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.syncer.send(callback).await.map_err(|_| {
+            StorageIOError::write_logs(std::io::Error::other("log sync thread stopped"))
+        })?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        // Removing entries [index, end): the next append's fsync makes it durable
+        // before anything that depends on it is acknowledged.
+        self.store
+            .db
+            .delete_range_cf(
+                self.store.cf(CF_LOG),
+                u64_key(log_id.index),
+                u64_key(u64::MAX),
+            )
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.put_meta(KEY_PURGED, &log_id, false)?;
+        self.store
+            .db
+            .delete_range_cf(
+                self.store.cf(CF_LOG),
+                u64_key(0),
+                u64_key(log_id.index + 1),
+            )
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}

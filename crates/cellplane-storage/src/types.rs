@@ -1,0 +1,81 @@
+//! The openraft type configuration of a cell and the commands carried in its log.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::KvError;
+
+/// A member id, unique within its cell (the `id` in `cells/<cell>.toml`).
+pub type NodeId = u64;
+
+/// What every member knows about another: where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    /// Address of the etcd-compatible client API, `host:port`.
+    pub client_addr: String,
+    /// Address of the member-to-member Raft transport, `host:port`.
+    pub peer_addr: String,
+}
+
+openraft::declare_raft_types!(
+    /// The Raft types of a cell.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A write to the key-value store, as proposed through Raft.
+///
+/// Requests are carried in their etcd protobuf encoding: the wire format is already
+/// a stable, versioned schema, and re-encoding them into another one would only add
+/// a place for the two to drift apart.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An encoded `etcdserverpb.PutRequest`.
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// An encoded `etcdserverpb.DeleteRangeRequest`.
+    DeleteRange(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// An encoded `etcdserverpb.TxnRequest`.
+    Txn(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Compact the history below this revision.
+    Compact(i64),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Put(b) => write!(f, "Put({} bytes)", b.len()),
+            Command::DeleteRange(b) => write!(f, "DeleteRange({} bytes)", b.len()),
+            Command::Txn(b) => write!(f, "Txn({} bytes)", b.len()),
+            Command::Compact(r) => write!(f, "Compact({r})"),
+        }
+    }
+}
+
+/// The result of applying one log entry.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// The store's revision after the entry was applied.
+    pub revision: i64,
+    /// The encoded etcd response (`PutResponse`, `DeleteRangeResponse`,
+    /// `TxnResponse` or `CompactionResponse`, without header), or the error every
+    /// member deterministically reached for this entry. Empty for entries that
+    /// carry no command.
+    pub outcome: Option<Result<serde_bytes::ByteBuf, KvError>>,
+}
+
+impl std::fmt::Debug for CommandResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandResponse")
+            .field("revision", &self.revision)
+            .field("ok", &self.outcome.as_ref().map(|o| o.is_ok()))
+            .finish()
+    }
+}

@@ -1,0 +1,242 @@
+//! Test harness: a cell of real `cellplane node` processes on 127.0.0.1 with
+//! ephemeral ports and temporary data directories, removed on drop.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use cellplane_proto::etcdserverpb::StatusRequest;
+use tonic::transport::Channel;
+
+pub struct MemberProc {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct TestCell {
+    pub dir: tempfile::TempDir,
+    pub def_path: PathBuf,
+    pub members: Vec<MemberProc>,
+}
+
+/// Ports the OS considers free right now. Between dropping the probe sockets and the
+/// member binding them another process could take one; on a test machine that is
+/// rare, and the start-up check below then fails loudly rather than hangs.
+fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let socks: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind probe port"))
+        .collect();
+    socks.iter().map(|s| s.local_addr().expect("local addr")).collect()
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cellplane"))
+}
+
+impl TestCell {
+    /// Starts a cell of `n` members and waits until every member is ready.
+    pub fn start(n: usize) -> TestCell {
+        Self::start_with(n, "")
+    }
+
+    /// Like `start`, with extra TOML appended to the cell definition.
+    pub fn start_with(n: usize, extra_toml: &str) -> TestCell {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addrs = free_addrs(3 * n);
+        let mut toml = String::from("name = \"test\"\n");
+        let mut members = Vec::new();
+        for i in 0..n {
+            let id = (i + 1) as u64;
+            let (client, peer, http) = (addrs[3 * i], addrs[3 * i + 1], addrs[3 * i + 2]);
+            toml.push_str(&format!(
+                "[[members]]\nid = {id}\nclient = \"{client}\"\npeer = \"{peer}\"\nhttp = \"{http}\"\n"
+            ));
+            members.push(MemberProc {
+                id,
+                client,
+                peer,
+                http,
+                data_dir: dir.path().join(format!("m{id}")),
+                log: dir.path().join(format!("m{id}.log")),
+                child: None,
+            });
+        }
+        toml.push_str(extra_toml);
+        let def_path = dir.path().join("test.toml");
+        std::fs::write(&def_path, toml).expect("write cell definition");
+        let mut cell = TestCell {
+            dir,
+            def_path,
+            members,
+        };
+        for id in 1..=n as u64 {
+            cell.spawn(id);
+        }
+        cell.wait_ready(Duration::from_secs(60));
+        cell
+    }
+
+    pub fn member(&self, id: u64) -> &MemberProc {
+        &self.members[(id - 1) as usize]
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let def = self.def_path.clone();
+        let m = &mut self.members[(id - 1) as usize];
+        assert!(m.child.is_none(), "member {id} already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("open log");
+        let child = Command::new(bin())
+            .args(["node", "--cell"])
+            .arg(&def)
+            .args(["--id", &id.to_string(), "--data-dir"])
+            .arg(&m.data_dir)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn cellplane node");
+        m.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self, id: u64) {
+        let m = &mut self.members[(id - 1) as usize];
+        if let Some(mut c) = m.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill_all(&mut self) {
+        for id in 1..=self.members.len() as u64 {
+            self.kill(id);
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.member(id).child.is_some()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://{}", m.client))
+            .collect()
+    }
+
+    pub fn all_endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| format!("http://{}", m.client)).collect()
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.member(id).log).unwrap_or_default()
+    }
+
+    /// Waits until every running member answers /readyz with 200.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let id = self.members[i].id;
+            let http = self.members[i].http;
+            loop {
+                let exited = self.members[i]
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    panic!("member {id} exited ({status}):\n{}", self.log_of(id));
+                }
+                if http_get(http, "/readyz").map(|(code, _)| code == 200).unwrap_or(false) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    panic!("member {id} not ready in time:\n{}", self.log_of(id));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The id of the member every running member agrees leads, once they agree.
+    pub async fn leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for m in self.members.iter().filter(|m| m.child.is_some()) {
+                if let Ok(mut c) = maintenance(m.client).await {
+                    if let Ok(r) = c.status(StatusRequest {}).await {
+                        seen.push(r.into_inner().leader);
+                    }
+                }
+            }
+            let running = self.members.iter().filter(|m| m.child.is_some()).count();
+            if seen.len() == running && !seen.is_empty() && seen.iter().all(|l| *l == seen[0] && *l != 0) {
+                return seen[0];
+            }
+            assert!(Instant::now() < deadline, "no agreed leader in time: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn kv(&self, id: u64) -> KvClient<Channel> {
+        kv(self.member(id).client).await.expect("connect kv")
+    }
+}
+
+impl Drop for TestCell {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+}
+
+pub async fn kv(addr: SocketAddr) -> Result<KvClient<Channel>, tonic::transport::Error> {
+    Ok(KvClient::new(channel(addr).await?))
+}
+
+pub async fn maintenance(addr: SocketAddr) -> Result<MaintenanceClient<Channel>, tonic::transport::Error> {
+    Ok(MaintenanceClient::new(channel(addr).await?))
+}
+
+/// A bare HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Starts or stops a real etcd cluster (Debian's etcd-server, 3 members on
+# 127.0.0.1) to compare cellplane against in the same run. Installs etcd-server when
+# it is missing.
+#
+#   loadgen/etcd-cluster.sh start [DIR]   # client endpoints on 127.0.0.1:32379,32389,32399
+#   loadgen/etcd-cluster.sh stop  [DIR]
+set -euo pipefail
+
+cmd=${1:-}
+dir=${2:-/tmp/cellplane-etcd}
+ports=(32379 32389 32399)
+
+if ! command -v etcd >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server >&2
+fi
+
+case "$cmd" in
+  start)
+    mkdir -p "$dir"
+    cluster=""
+    for i in 0 1 2; do
+      p=${ports[$i]}
+      cluster+="e$i=http://127.0.0.1:$((p + 1)),"
+    done
+    cluster=${cluster%,}
+    for i in 0 1 2; do
+      p=${ports[$i]}
+      # Debian's etcd-server unit is not used: these members are ours alone.
+      nohup etcd --name "e$i" --data-dir "$dir/e$i" \
+        --listen-client-urls "http://127.0.0.1:$p" --advertise-client-urls "http://127.0.0.1:$p" \
+        --listen-peer-urls "http://127.0.0.1:$((p + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
+        --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token cellplane-bench \
+        --quota-backend-bytes $((8 * 1024 * 1024 * 1024)) \
+        >"$dir/e$i.log" 2>&1 &
+      echo $! >"$dir/e$i.pid"
+    done
+    eps="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
+    for _ in $(seq 1 100); do
+      if ETCDCTL_API=3 etcdctl --endpoints="$eps" endpoint health >/dev/null 2>&1; then
+        echo "$eps"
+        exit 0
+      fi
+      sleep 0.2
+    done
+    echo "etcd did not become healthy; logs in $dir" >&2
+    exit 1
+    ;;
+  stop)
+    for i in 0 1 2; do
+      if [ -f "$dir/e$i.pid" ]; then
+        kill "$(cat "$dir/e$i.pid")" 2>/dev/null || true
+        rm -f "$dir/e$i.pid"
+      fi
+    done
+    sleep 1
+    rm -rf "$dir"
+    ;;
+  *)
+    echo "usage: $0 start|stop [DIR]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,220 @@
+//! `loadgen`: drives a cellplane cell (or router, or an etcd cluster) through the
+//! etcd v3 API and reports throughput and latency from HDR histograms.
+//!
+//! This first version runs closed-loop workloads (N clients, each as fast as its
+//! responses come back, spread over a separate number of connections). Open-loop
+//! schedules, scenarios, fault schedules and reports are tracked by the loadgen
+//! issue.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator for the etcd v3 API (cellplane or etcd).")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Closed-loop load: each client sends its next request when the last returns.
+    Closed(ClosedArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Op {
+    /// Put random keys.
+    Put,
+    /// Linearizable get of random keys.
+    Get,
+    /// Serializable get of random keys.
+    SerializableGet,
+}
+
+#[derive(clap::Args, Debug)]
+struct ClosedArgs {
+    /// Comma-separated client endpoints (host:port).
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    #[arg(long, value_enum, default_value = "put")]
+    op: Op,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// gRPC connections shared by the clients (round-robin over endpoints).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unmeasured warm-up, seconds.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    key_space: u64,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Prefix of every key.
+    #[arg(long, default_value = "/bench/")]
+    prefix: String,
+    /// Print the result as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Summary {
+    op: String,
+    clients: usize,
+    connections: usize,
+    seconds: f64,
+    ok: u64,
+    errors: u64,
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Closed(a) => closed(a).await,
+        }
+    })
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let uri = if endpoint.starts_with("http") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    Endpoint::from_shared(uri.clone())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {uri}"))
+}
+
+async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
+    if a.clients == 0 || a.connections == 0 || a.key_space == 0 {
+        bail!("--clients, --connections and --key-space must be > 0");
+    }
+    let mut channels = Vec::new();
+    for i in 0..a.connections {
+        channels.push(connect(&a.endpoints[i % a.endpoints.len()]).await?);
+    }
+    let value = Arc::new(vec![b'x'; a.value_size]);
+    if a.op != Op::Put {
+        // Reads need keys to read: write the key space once.
+        let mut c = KvClient::new(channels[0].clone());
+        for k in 0..a.key_space.min(100_000) {
+            c.put(PutRequest {
+                key: format!("{}{k:012}", a.prefix).into(),
+                value: value.to_vec(),
+                ..Default::default()
+            })
+            .await?;
+        }
+    }
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(a.warmup);
+    let stop_at = measure_from + Duration::from_secs(a.duration);
+    let mut tasks = Vec::new();
+    for i in 0..a.clients {
+        let mut client = KvClient::new(channels[i % channels.len()].clone());
+        let value = value.clone();
+        let prefix = a.prefix.clone();
+        let (op, key_space) = (a.op, a.key_space);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let (mut ok, mut errors) = (0u64, 0u64);
+            // Seeded per client: runs are repeatable.
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
+            loop {
+                let now = Instant::now();
+                if now >= stop_at {
+                    break;
+                }
+                let k: u64 = rand::RngExt::random_range(&mut rng, 0..key_space);
+                let key = format!("{prefix}{k:012}").into_bytes();
+                let result = match op {
+                    Op::Put => client
+                        .put(PutRequest {
+                            key,
+                            value: value.to_vec(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    Op::Get | Op::SerializableGet => client
+                        .range(RangeRequest {
+                            key,
+                            serializable: op == Op::SerializableGet,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                if now >= measure_from {
+                    let us = now.elapsed().as_micros() as u64;
+                    match result {
+                        Ok(()) => {
+                            ok += 1;
+                            let _ = hist.record(us.max(1));
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (hist, ok, errors)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let (h, o, e) = t.await?;
+        hist.add(&h)?;
+        ok += o;
+        errors += e;
+    }
+    let seconds = a.duration as f64;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let s = Summary {
+        op: format!("{:?}", a.op).to_lowercase(),
+        clients: a.clients,
+        connections: a.connections,
+        seconds,
+        ok,
+        errors,
+        throughput: ok as f64 / seconds,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+    };
+    println!(
+        "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
+        s.op, s.clients, s.connections, s.throughput, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, s.errors
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    }
+    Ok(())
+}
