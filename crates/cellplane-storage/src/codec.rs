@@ -79,19 +79,6 @@ pub fn hist_key(key: &[u8], rev: Rev) -> Vec<u8> {
     out
 }
 
-/// The smallest key greater than every key with the given prefix, or None if there
-/// is none (the prefix is all 0xFF). This is etcd's `GetPrefixRangeEnd`.
-pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,12 +100,5 @@ mod tests {
             assert_eq!(back, k.to_vec());
             assert_eq!(Rev::decode(rest), Some(Rev { main: 1, sub: 0 }));
         }
-    }
-
-    #[test]
-    fn prefix_end_matches_etcd() {
-        assert_eq!(prefix_end(b"/a/"), Some(b"/a0".to_vec()));
-        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
-        assert_eq!(prefix_end(b"\xff\xff"), None);
     }
 }

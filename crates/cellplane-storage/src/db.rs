@@ -33,7 +33,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -66,23 +68,29 @@ impl Store {
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
         // Every column family is created by `open`; a missing one is a bug here, not
         // bad input.
-        #[allow(clippy::expect_used)]
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
-    /// Live size of the database files, in bytes.
+    /// Live size of the database, in bytes: SST files and memtables of every column
+    /// family.
     pub fn size_bytes(&self) -> u64 {
-        self.db
-            .property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-            + self
-                .db
-                .property_int_value(rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
+        let mut total = 0;
+        for name in [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST] {
+            for prop in [
+                rocksdb::properties::TOTAL_SST_FILES_SIZE,
+                rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES,
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(self.cf(name), prop)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+        }
+        total
     }
 }
 

@@ -22,7 +22,7 @@ mod mvcc;
 mod state_machine;
 mod types;
 
-pub use db::{open, Store};
+pub use db::{Store, open};
 pub use error::{KvError, OpenError};
 pub use log_store::LogStore;
 pub use mvcc::{KvReader, Limits};

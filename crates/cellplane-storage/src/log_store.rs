@@ -110,7 +110,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         for item in iter {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
             let index = decode_u64_key(&k)
-                .ok_or_else(|| StorageIOError::read_logs(std::io::Error::other("bad log key")))?;
+                .ok_or_else(|| StorageIOError::read_logs(&std::io::Error::other("bad log key")))?;
             if !range.contains(&index) {
                 break;
             }
@@ -152,8 +152,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
         // A vote must survive a crash before it is acted on: sync it now.
-        self.put_meta(KEY_VOTE, vote, true)
-            .map_err(|_| StorageIOError::write_vote(std::io::Error::other("save vote")).into())
+        let bytes = postcard::to_stdvec(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store
+            .db
+            .put_cf_opt(self.store.cf(CF_META), KEY_VOTE, bytes, &opts)
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
@@ -166,7 +171,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
@@ -185,7 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         self.syncer.send(callback).await.map_err(|_| {
-            StorageIOError::write_logs(std::io::Error::other("log sync thread stopped"))
+            StorageIOError::write_logs(&std::io::Error::other("log sync thread stopped"))
         })?;
         Ok(())
     }
@@ -207,11 +214,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(KEY_PURGED, &log_id, false)?;
         self.store
             .db
-            .delete_range_cf(
-                self.store.cf(CF_LOG),
-                u64_key(0),
-                u64_key(log_id.index + 1),
-            )
+            .delete_range_cf(self.store.cf(CF_LOG), u64_key(0), u64_key(log_id.index + 1))
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }

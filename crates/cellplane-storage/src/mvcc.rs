@@ -76,7 +76,10 @@ pub(crate) enum KeyRange {
     /// Exactly one key (`range_end` empty).
     Single(Vec<u8>),
     /// `[start, end)`; `end: None` is unbounded (`range_end` = "\0").
-    Span { start: Vec<u8>, end: Option<Vec<u8>> },
+    Span {
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+    },
 }
 
 impl KeyRange {
@@ -132,10 +135,16 @@ pub fn check_range(r: &RangeRequest) -> Result<(), KvError> {
         return Err(KvError::Invalid("limit must not be negative".into()));
     }
     if SortOrder::try_from(r.sort_order).is_err() {
-        return Err(KvError::Invalid(format!("unknown sort_order {}", r.sort_order)));
+        return Err(KvError::Invalid(format!(
+            "unknown sort_order {}",
+            r.sort_order
+        )));
     }
     if SortTarget::try_from(r.sort_target).is_err() {
-        return Err(KvError::Invalid(format!("unknown sort_target {}", r.sort_target)));
+        return Err(KvError::Invalid(format!(
+            "unknown sort_target {}",
+            r.sort_target
+        )));
     }
     Ok(())
 }
@@ -208,9 +217,14 @@ fn check_branch_writes(ops: &[RequestOp]) -> Result<(), KvError> {
 
 /// Applies etcd's post-processing of a range: filters, sort, limit, keys_only and
 /// count_only. `kvs` must be in ascending key order; `count` is the number of keys
-/// in the range before filters.
-pub(crate) fn finish_range(r: &RangeRequest, mut kvs: Vec<KeyValue>, revision: i64) -> RangeResponse {
-    let count = kvs.len() as i64;
+/// in the range before filters (`kvs` may hold fewer: see [`scan_limit`]).
+pub(crate) fn finish_range(
+    r: &RangeRequest,
+    mut kvs: Vec<KeyValue>,
+    count: usize,
+    revision: i64,
+) -> RangeResponse {
+    let count = count as i64;
     if r.min_mod_revision != 0
         || r.max_mod_revision != 0
         || r.min_create_revision != 0
@@ -294,13 +308,14 @@ impl KvReader {
         opts.set_snapshot(&snap);
         let (current, compacted) = read_revisions(&self.store, &opts)?;
         let kr = KeyRange::new(&r.key, &r.range_end);
-        let kvs = if r.revision <= 0 || r.revision == current {
+        let (kvs, count) = if r.revision <= 0 || r.revision == current {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
-            scan_current(&self.store, opts, &kr)?
-                .into_iter()
-                .map(|(k, rec)| rec.to_kv(&k))
-                .collect()
+            let (recs, count) = scan_current_limited(&self.store, opts, &kr, scan_limit(r))?;
+            (
+                recs.into_iter().map(|(k, rec)| rec.to_kv(&k)).collect(),
+                count,
+            )
         } else {
             if r.revision > current {
                 return Err(KvError::FutureRevision { current });
@@ -310,20 +325,22 @@ impl KvReader {
             }
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
-            scan_at(&self.store, opts, &kr, r.revision, &snap)?
+            let kvs = scan_at(&self.store, opts, &kr, r.revision, &snap)?;
+            let count = kvs.len();
+            (kvs, count)
         };
-        Ok(finish_range(r, kvs, current))
+        Ok(finish_range(r, kvs, count, current))
     }
 }
 
 pub(crate) fn read_i64(store: &Store, opts: &ReadOptions, key: &[u8]) -> Result<i64, KvError> {
     match store.db.get_cf_opt(store.cf(CF_META), key, opts)? {
         None => Ok(0),
-        Some(b) => Ok(i64::from_be_bytes(
-            b.as_slice()
-                .try_into()
-                .map_err(|_| KvError::Storage(format!("corrupt {}", show(key))))?,
-        )),
+        Some(b) => {
+            Ok(i64::from_be_bytes(b.as_slice().try_into().map_err(
+                |_| KvError::Storage(format!("corrupt {}", show(key))),
+            )?))
+        }
     }
 }
 
@@ -336,6 +353,64 @@ fn read_revisions(store: &Store, opts: &ReadOptions) -> Result<(i64, i64), KvErr
 
 pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, KvError> {
     postcard::from_bytes(b).map_err(|e| KvError::Storage(format!("corrupt record: {e}")))
+}
+
+/// How many records a range needs decoded, when fewer than all will do: with no
+/// sort and no filter only the first `limit + 1` (the extra one tells `more`), and
+/// none for `count_only`. The rest are only counted.
+pub(crate) fn scan_limit(r: &RangeRequest) -> Option<usize> {
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    let key_order =
+        r.sort_target == SortTarget::Key as i32 && r.sort_order != SortOrder::Descend as i32;
+    if filtered || !key_order {
+        return None;
+    }
+    if r.count_only {
+        Some(0)
+    } else if r.limit > 0 {
+        Some(r.limit as usize + 1)
+    } else {
+        None
+    }
+}
+
+/// Like [`scan_current`], decoding at most `keep` records; returns them and the
+/// number of keys in the range.
+pub(crate) fn scan_current_limited(
+    store: &Store,
+    mut opts: ReadOptions,
+    kr: &KeyRange,
+    keep: Option<usize>,
+) -> Result<(Vec<(Vec<u8>, KvRecord)>, usize), KvError> {
+    let KeyRange::Span { start, end } = kr else {
+        let all = scan_current(store, opts, kr)?;
+        let n = all.len();
+        return Ok((
+            all.into_iter().take(keep.unwrap_or(usize::MAX)).collect(),
+            n,
+        ));
+    };
+    if let Some(end) = end {
+        opts.set_iterate_upper_bound(end.clone());
+    }
+    let mut out = Vec::new();
+    let mut count = 0;
+    let iter = store.db.iterator_cf_opt(
+        store.cf(CF_KV),
+        opts,
+        IteratorMode::From(start, rocksdb::Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item?;
+        if keep.is_none_or(|n| out.len() < n) {
+            out.push((k.to_vec(), decode_record(&v)?));
+        }
+        count += 1;
+    }
+    Ok((out, count))
 }
 
 /// The newest version of every live key in `kr`, ascending by key.
@@ -416,7 +491,8 @@ fn scan_at<D: rocksdb::DBAccess>(
         let (k, _) = item?;
         let (key, rest) =
             unescape_key(&k).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-        let rev = Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
+        let rev =
+            Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
         if rev.main <= at {
             chosen.insert(key, rev);
         }
@@ -446,7 +522,10 @@ mod tests {
         assert_eq!(check_key_and_range(b"", b""), Err(KvError::EmptyKey));
         assert!(check_key_and_range(b"", b"\0").is_ok());
         assert!(check_key_and_range(b"a", b"\0").is_ok());
-        assert!(matches!(check_key_and_range(b"b", b"a"), Err(KvError::Invalid(_))));
+        assert!(matches!(
+            check_key_and_range(b"b", b"a"),
+            Err(KvError::Invalid(_))
+        ));
         assert!(check_key_and_range(b"a", b"b").is_ok());
     }
 
@@ -459,11 +538,13 @@ mod tests {
             })),
         };
         let del = |k: &str, e: &str| RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                key: k.into(),
-                range_end: e.into(),
-                ..Default::default()
-            })),
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: k.into(),
+                    range_end: e.into(),
+                    ..Default::default()
+                },
+            )),
         };
         let limits = Limits::default();
         let t = TxnRequest {
@@ -486,6 +567,9 @@ mod tests {
             success: (0..129).map(|i| put(&i.to_string())).collect(),
             ..Default::default()
         };
-        assert_eq!(check_txn(&t, &limits), Err(KvError::TooManyOps { max: 128 }));
+        assert_eq!(
+            check_txn(&t, &limits),
+            Err(KvError::TooManyOps { max: 128 })
+        );
     }
 }

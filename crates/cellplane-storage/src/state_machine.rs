@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::sync::{Arc, Mutex};
 
 use cellplane_proto::etcdserverpb::{
-    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
-    TxnResponse, compare, request_op, response_op,
+    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    compare, request_op, response_op,
 };
 use cellplane_proto::mvccpb::KeyValue;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -52,6 +53,9 @@ pub struct StateMachine {
     revision: i64,
     compacted: i64,
     published: watch::Sender<AppliedState>,
+    /// Serializes writes of the stored snapshot: openraft may build one while it
+    /// installs another, and an older one must never replace a newer one.
+    snapshot_lock: Arc<Mutex<()>>,
 }
 
 /// What a snapshot carries besides openraft's meta: the raw state-machine column
@@ -71,11 +75,11 @@ struct StoredSnapshot {
 }
 
 fn rw(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(std::io::Error::other(e.to_string())).into()
+    StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
 }
 
 fn rd(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::read_state_machine(std::io::Error::other(e.to_string())).into()
+    StorageIOError::read_state_machine(&std::io::Error::other(e.to_string())).into()
 }
 
 impl StateMachine {
@@ -105,6 +109,7 @@ impl StateMachine {
             revision,
             compacted,
             published,
+            snapshot_lock: Arc::default(),
         })
     }
 
@@ -193,8 +198,10 @@ impl Applier<'_> {
             kv: kv.clone(),
         };
         let enc = postcard::to_stdvec(&rec).map_err(|e| KvError::Storage(e.to_string()))?;
-        self.pending.push((CF_REV, rev.encode().to_vec(), Some(enc)));
-        self.pending.push((CF_HIST, hist_key(key, rev), Some(Vec::new())));
+        self.pending
+            .push((CF_REV, rev.encode().to_vec(), Some(enc)));
+        self.pending
+            .push((CF_HIST, hist_key(key, rev), Some(Vec::new())));
         let current = match &kv {
             Some(r) => Some(postcard::to_stdvec(r).map_err(|e| KvError::Storage(e.to_string()))?),
             None => None,
@@ -233,7 +240,8 @@ impl Applier<'_> {
     }
 
     fn execute_command(&mut self, cmd: &Command) -> Result<Vec<u8>, KvError> {
-        let decode_err = |e: prost::DecodeError| KvError::Invalid(format!("undecodable command: {e}"));
+        let decode_err =
+            |e: prost::DecodeError| KvError::Invalid(format!("undecodable command: {e}"));
         match cmd {
             Command::Put(b) => {
                 let req = PutRequest::decode(b.as_slice()).map_err(decode_err)?;
@@ -331,10 +339,13 @@ impl Applier<'_> {
         })
     }
 
-    fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
-        // A read inside a txn at a past revision reads the stored history: this
-        // batch's writes are all newer than any past revision.
-        if req.revision > 0 && req.revision < self.revision {
+    /// A Range inside a txn; `wrote` tells whether the txn has written already.
+    fn range(&self, req: &RangeRequest, wrote: bool) -> Result<RangeResponse, KvError> {
+        // At an explicit revision older than the txn's own writes the read comes
+        // from RocksDB, which holds everything before this txn (see `apply`).
+        if req.revision > 0
+            && (req.revision < self.revision || (req.revision == self.revision && wrote))
+        {
             if req.revision < self.compacted {
                 return Err(KvError::Compacted {
                     compacted: self.compacted,
@@ -347,12 +358,13 @@ impl Applier<'_> {
                 current: self.revision,
             });
         }
-        let kvs = self
+        let kvs: Vec<KeyValue> = self
             .scan(&KeyRange::new(&req.key, &req.range_end))?
             .into_iter()
             .map(|(k, r)| r.to_kv(&k))
             .collect();
-        Ok(finish_range(req, kvs, self.revision))
+        let count = kvs.len();
+        Ok(finish_range(req, kvs, count, self.revision))
     }
 
     fn compare(&self, c: &Compare) -> Result<bool, KvError> {
@@ -383,14 +395,18 @@ impl Applier<'_> {
                 break;
             }
         }
-        let ops = if succeeded { &req.success } else { &req.failure };
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
         // Refuse the whole txn before writing anything if one of its puts would fail.
         self.precheck_ops(ops)?;
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             let response = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    response_op::Response::ResponseRange(self.range(r)?)
+                    response_op::Response::ResponseRange(self.range(r, *sub > 0)?)
                 }
                 Some(request_op::Request::RequestPut(p)) => {
                     let r = self.put(p, Rev { main, sub: *sub })?;
@@ -421,7 +437,7 @@ impl Applier<'_> {
             match &op.request {
                 Some(request_op::Request::RequestPut(p)) => self.check_put(p)?,
                 Some(request_op::Request::RequestRange(r)) => {
-                    if r.revision > self.revision + 1 {
+                    if r.revision > self.revision {
                         return Err(KvError::FutureRevision {
                             current: self.revision,
                         });
@@ -480,7 +496,8 @@ impl Applier<'_> {
             let (k, _) = item?;
             let (key, rest) =
                 unescape_key(&k).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-            let r = Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
+            let r =
+                Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
             if current_key.as_deref() != Some(key.as_slice()) {
                 flush(&mut old, &mut self.pending)?;
                 current_key = Some(key);
@@ -495,7 +512,32 @@ impl Applier<'_> {
     }
 }
 
-fn compare_one(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> Result<bool, KvError> {
+/// Writes an apply batch with the state-machine meta that goes with it. Not synced:
+/// the entries are durable in the log already, and the WAL shared with the log keeps
+/// this batch and the log in order across a crash.
+fn commit_batch(
+    store: &Store,
+    mut batch: WriteBatch,
+    applied: &Option<LogId<NodeId>>,
+    membership: Option<&StoredMembership<NodeId, Member>>,
+    revision: i64,
+    compacted: i64,
+) -> SResult<()> {
+    let meta = store.cf(CF_META);
+    batch.put_cf(meta, KEY_APPLIED, postcard::to_stdvec(applied).map_err(rw)?);
+    if let Some(m) = membership {
+        batch.put_cf(meta, KEY_MEMBERSHIP, postcard::to_stdvec(m).map_err(rw)?);
+    }
+    batch.put_cf(meta, KEY_REVISION, revision.to_be_bytes());
+    batch.put_cf(meta, KEY_COMPACTED, compacted.to_be_bytes());
+    store.db.write(batch).map_err(rw)
+}
+
+fn compare_one(
+    c: &Compare,
+    target: compare::CompareTarget,
+    kv: &KeyValue,
+) -> Result<bool, KvError> {
     use compare::CompareTarget as T;
     use compare::TargetUnion as U;
     let ord = match (target, &c.target_union) {
@@ -576,6 +618,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut applied = self.applied;
         let mut membership = None;
         for entry in entries {
+            // A txn may read history and a compaction scans it: both read RocksDB,
+            // so everything before them must be there first. Otherwise how entries
+            // happen to be grouped into apply calls (which differs between members)
+            // would change their outcome.
+            let reads_history = matches!(
+                &entry.payload,
+                EntryPayload::Normal(Command::Txn(_) | Command::Compact(_))
+            );
+            if reads_history && !applier.batch.is_empty() {
+                commit_batch(
+                    &self.store,
+                    std::mem::take(&mut applier.batch),
+                    &applied,
+                    membership.as_ref(),
+                    applier.revision,
+                    applier.compacted,
+                )?;
+                applier.overlay.clear();
+            }
             applied = Some(entry.log_id);
             let outcome = match &entry.payload {
                 EntryPayload::Blank => None,
@@ -598,21 +659,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             });
         }
         let Applier {
-            mut batch,
+            batch,
             revision,
             compacted,
             ..
         } = applier;
-        let meta = self.store.cf(CF_META);
-        batch.put_cf(meta, KEY_APPLIED, postcard::to_stdvec(&applied).map_err(rw)?);
-        if let Some(m) = &membership {
-            batch.put_cf(meta, KEY_MEMBERSHIP, postcard::to_stdvec(m).map_err(rw)?);
-        }
-        batch.put_cf(meta, KEY_REVISION, revision.to_be_bytes());
-        batch.put_cf(meta, KEY_COMPACTED, compacted.to_be_bytes());
-        // Not synced: the entries are durable in the log already, and the shared WAL
-        // keeps this batch and the log in order across a crash.
-        self.store.db.write(batch).map_err(rw)?;
+        commit_batch(
+            &self.store,
+            batch,
+            &applied,
+            membership.as_ref(),
+            revision,
+            compacted,
+        )?;
         self.applied = applied;
         if let Some(m) = membership {
             self.membership = m;
@@ -626,6 +685,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             store: self.store.clone(),
+            lock: self.snapshot_lock.clone(),
         }
     }
 
@@ -642,7 +702,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body: SnapshotBody = postcard::from_bytes(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(
                 Some(meta.signature()),
-                std::io::Error::other(e.to_string()),
+                &std::io::Error::other(e.to_string()),
             ))
         })?;
         let mut batch = WriteBatch::default();
@@ -664,8 +724,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let m = self.store.cf(CF_META);
         let membership = meta.last_membership.clone();
-        batch.put_cf(m, KEY_APPLIED, postcard::to_stdvec(&meta.last_log_id).map_err(rw)?);
-        batch.put_cf(m, KEY_MEMBERSHIP, postcard::to_stdvec(&membership).map_err(rw)?);
+        batch.put_cf(
+            m,
+            KEY_APPLIED,
+            postcard::to_stdvec(&meta.last_log_id).map_err(rw)?,
+        );
+        batch.put_cf(
+            m,
+            KEY_MEMBERSHIP,
+            postcard::to_stdvec(&membership).map_err(rw)?,
+        );
         batch.put_cf(m, KEY_REVISION, body.revision.to_be_bytes());
         batch.put_cf(m, KEY_COMPACTED, body.compacted.to_be_bytes());
         let stored = StoredSnapshot {
@@ -675,7 +743,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(m, KEY_SNAPSHOT, postcard::to_stdvec(&stored).map_err(rw)?);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.store.db.write_opt(batch, &opts).map_err(rw)?;
+        {
+            let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.store.db.write_opt(batch, &opts).map_err(rw)?;
+        }
         self.applied = meta.last_log_id;
         self.membership = membership;
         self.revision = body.revision;
@@ -696,6 +767,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// without stopping it.
 pub struct SnapshotBuilder {
     store: Store,
+    lock: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -710,10 +782,27 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             data,
         };
         let enc = postcard::to_stdvec(&stored).map_err(rw)?;
-        self.store
-            .db
-            .put_cf(self.store.cf(CF_META), KEY_SNAPSHOT, enc)
-            .map_err(rw)?;
+        {
+            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let newer_stored = match self
+                .store
+                .db
+                .get_cf(self.store.cf(CF_META), KEY_SNAPSHOT)
+                .map_err(rd)?
+            {
+                Some(b) => {
+                    let old: StoredSnapshot = postcard::from_bytes(&b).map_err(rd)?;
+                    old.meta.last_log_id > meta.last_log_id
+                }
+                None => false,
+            };
+            if !newer_stored {
+                self.store
+                    .db
+                    .put_cf(self.store.cf(CF_META), KEY_SNAPSHOT, enc)
+                    .map_err(rw)?;
+            }
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -728,7 +817,12 @@ fn build(store: &Store) -> SResult<(SnapshotMeta<NodeId, Member>, Vec<u8>)> {
         o.set_snapshot(&snap);
         o
     };
-    let get = |key: &[u8]| store.db.get_cf_opt(store.cf(CF_META), key, &opts()).map_err(rd);
+    let get = |key: &[u8]| {
+        store
+            .db
+            .get_cf_opt(store.cf(CF_META), key, &opts())
+            .map_err(rd)
+    };
     let applied: Option<LogId<NodeId>> = match get(KEY_APPLIED)? {
         Some(b) => postcard::from_bytes(&b).map_err(rd)?,
         None => None,

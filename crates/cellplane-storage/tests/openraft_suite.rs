@@ -12,8 +12,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
-        let store = cellplane_storage::open(dir.path())
-            .map_err(|e| openraft::StorageIOError::write(&e))?;
+        let store =
+            cellplane_storage::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
         let log = LogStore::new(store.clone()).map_err(|e| openraft::StorageIOError::write(&e))?;
         let sm = StateMachine::new(store)?;
         Ok((dir, log, sm))

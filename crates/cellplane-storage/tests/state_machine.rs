@@ -1,9 +1,7 @@
 //! The state machine applied directly (no Raft, no network): atomicity of a failing
 //! command, history across a snapshot, and restart from disk.
 
-use cellplane_proto::etcdserverpb::{
-    PutRequest, RangeRequest, RequestOp, TxnRequest, request_op,
-};
+use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, request_op};
 use cellplane_storage::{Command, KvError, StateMachine, TypeConfig};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
@@ -73,7 +71,10 @@ async fn a_txn_that_fails_halfway_leaves_no_trace() {
     assert_eq!(out[0].revision, 1);
     assert_eq!(out[1].revision, 1, "a failed command makes no revision");
     assert_eq!(out[2].revision, 2);
-    assert!(reader.range(&get("/a")).unwrap().kvs.is_empty(), "/a leaked from a failed txn");
+    assert!(
+        reader.range(&get("/a")).unwrap().kvs.is_empty(),
+        "/a leaked from a failed txn"
+    );
     assert_eq!(reader.range(&get("/after")).unwrap().kvs[0].mod_revision, 2);
 }
 
@@ -84,7 +85,10 @@ async fn snapshot_carries_history_and_state_survives_reopen() {
     let mut sm = StateMachine::new(store).unwrap();
     let mut entries = Vec::new();
     for i in 1..=50u64 {
-        entries.push(entry(i, Command::Put(put("/k", &i.to_string()).encode_to_vec())));
+        entries.push(entry(
+            i,
+            Command::Put(put("/k", &i.to_string()).encode_to_vec()),
+        ));
     }
     sm.apply(entries).await.unwrap();
     let mut builder = sm.get_snapshot_builder().await;
@@ -94,7 +98,9 @@ async fn snapshot_carries_history_and_state_survives_reopen() {
     // Install it on a fresh member: the newest value and a past revision both read.
     let dir2 = tempfile::tempdir().unwrap();
     let mut sm2 = StateMachine::new(cellplane_storage::open(dir2.path()).unwrap()).unwrap();
-    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
     let r2 = sm2.reader();
     assert_eq!(r2.range(&get("/k")).unwrap().kvs[0].value, b"50");
     let mut at = get("/k");
