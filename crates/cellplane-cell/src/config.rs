@@ -84,7 +84,7 @@ impl Default for RaftSettings {
             election_stagger_ms: 250,
             snapshot_every_entries: 20_000,
             keep_entries_after_snapshot: 1_000,
-            max_entries_per_append: 256,
+            max_entries_per_append: 128,
             max_peer_message_bytes: 256 << 20,
             peer_rpc_timeout_ms: 2_000,
         }
@@ -168,7 +168,10 @@ impl CellDef {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(bad("name".into(), "must be non-empty: letters, digits, '-' or '_'"));
+            return Err(bad(
+                "name".into(),
+                "must be non-empty: letters, digits, '-' or '_'",
+            ));
         }
         if self.members.is_empty() {
             return Err(bad("members".into(), "a cell needs at least one member"));
@@ -180,11 +183,17 @@ impl CellDef {
                 return Err(bad(format!("members[{i}].id"), "must not be 0"));
             }
             if !ids.insert(m.id) {
-                return Err(bad(format!("members[{i}].id"), &format!("id {} is used twice", m.id)));
+                return Err(bad(
+                    format!("members[{i}].id"),
+                    &format!("id {} is used twice", m.id),
+                ));
             }
             for (f, a) in [("client", m.client), ("peer", m.peer), ("http", m.http)] {
                 if !addrs.insert(a) {
-                    return Err(bad(format!("members[{i}].{f}"), &format!("address {a} is used twice")));
+                    return Err(bad(
+                        format!("members[{i}].{f}"),
+                        &format!("address {a} is used twice"),
+                    ));
                 }
             }
         }
@@ -209,12 +218,19 @@ impl CellDef {
         }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
-            return Err(bad("limits.max_request_bytes".into(), "must be at least 1024"));
+            return Err(bad(
+                "limits.max_request_bytes".into(),
+                "must be at least 1024",
+            ));
         }
-        if r.max_peer_message_bytes < l.max_request_bytes * 2 {
+        // One AppendEntries carries up to max_entries_per_append requests of up to
+        // max_request_bytes each; a message over the peer limit could never be sent.
+        if (r.max_peer_message_bytes as u64)
+            < r.max_entries_per_append * (l.max_request_bytes as u64 + 1024)
+        {
             return Err(bad(
                 "raft.max_peer_message_bytes".into(),
-                "must be at least twice limits.max_request_bytes",
+                "must hold raft.max_entries_per_append requests of limits.max_request_bytes each",
             ));
         }
         if l.max_txn_ops == 0 {
@@ -255,7 +271,9 @@ impl CellDef {
 
 impl MemberDef {
     pub fn display_name(&self, cell: &str) -> String {
-        self.name.clone().unwrap_or_else(|| format!("{cell}-{}", self.id))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{cell}-{}", self.id))
     }
 }
 
@@ -310,7 +328,10 @@ http = "127.0.0.1:6"
     #[test]
     fn errors_name_the_file_and_field() {
         let e = err(&GOOD.replace("id = 2", "id = 1"));
-        assert!(e.contains("cells/a.toml") && e.contains("members[1].id"), "{e}");
+        assert!(
+            e.contains("cells/a.toml") && e.contains("members[1].id"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("127.0.0.1:4", "127.0.0.1:1"));
         assert!(e.contains("members[1].client"), "{e}");
         let e = err(&GOOD.replace("peer = \"127.0.0.1:2\"", "peer = \"nowhere\""));

@@ -31,11 +31,12 @@ pub enum NodeError {
     Raft(String),
 }
 
-
 /// Maps a store error to the status etcd sends for it.
 pub fn kv_status(e: KvError) -> Status {
     match e {
-        KvError::Compacted { .. } | KvError::FutureRevision { .. } => Status::out_of_range(e.to_string()),
+        KvError::Compacted { .. } | KvError::FutureRevision { .. } => {
+            Status::out_of_range(e.to_string())
+        }
         KvError::LeaseNotFound => Status::not_found(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::EmptyKey

@@ -56,6 +56,9 @@ pub fn readiness(s: &Shared) -> Result<(), String> {
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     match readiness(&s) {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }

@@ -62,14 +62,26 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
-        registry.register("raft_is_leader", "1 if this member is the leader", m.is_leader.clone());
-        registry.register("raft_leader_changes", "Leader changes seen", m.leader_changes.clone());
+        registry.register(
+            "raft_is_leader",
+            "1 if this member is the leader",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "raft_leader_changes",
+            "Leader changes seen",
+            m.leader_changes.clone(),
+        );
         registry.register(
             "raft_commit_index",
             "Last log index known to this member (its log end; committed on the leader)",
             m.commit_index.clone(),
         );
-        registry.register("raft_applied_index", "Last applied log index", m.applied_index.clone());
+        registry.register(
+            "raft_applied_index",
+            "Last applied log index",
+            m.applied_index.clone(),
+        );
         registry.register(
             "raft_snapshot_index",
             "Last log index covered by this member's snapshot",
@@ -81,14 +93,26 @@ impl Metrics {
             m.purged_index.clone(),
         );
         registry.register("mvcc_revision", "Current MVCC revision", m.revision.clone());
-        registry.register("db_size_bytes", "RocksDB size (SST files and memtables)", m.db_size_bytes.clone());
+        registry.register(
+            "db_size_bytes",
+            "RocksDB size (SST files and memtables)",
+            m.db_size_bytes.clone(),
+        );
         registry.register(
             "proposals_committed",
             "Proposals committed and applied through this member",
             m.proposals_committed.clone(),
         );
-        registry.register("proposals_failed", "Proposals that failed", m.proposals_failed.clone());
-        registry.register("grpc_requests", "Client requests by method and gRPC code", m.requests.clone());
+        registry.register(
+            "proposals_failed",
+            "Proposals that failed",
+            m.proposals_failed.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "Client requests by method and gRPC code",
+            m.requests.clone(),
+        );
         registry.register(
             "grpc_request_duration_seconds",
             "Client request latency by method",

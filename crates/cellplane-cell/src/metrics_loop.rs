@@ -32,9 +32,12 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             last_leader = m.current_leader;
         }
         met.commit_index.set(m.last_log_index.unwrap_or(0) as i64);
-        met.applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
-        met.snapshot_index.set(m.snapshot.map(|l| l.index).unwrap_or(0) as i64);
-        met.purged_index.set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
+        met.applied_index
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+        met.snapshot_index
+            .set(m.snapshot.map(|l| l.index).unwrap_or(0) as i64);
+        met.purged_index
+            .set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
         met.revision.set(shared.applied.borrow().revision);
     }
 }

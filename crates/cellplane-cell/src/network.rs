@@ -13,7 +13,9 @@ use cellplane_proto::raft::RaftPayload;
 use cellplane_proto::raft::raft_client::RaftClient;
 use cellplane_proto::raft::raft_server::Raft as RaftRpc;
 use cellplane_storage::{Member, NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -22,20 +24,24 @@ use openraft::raft::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::read_index::{ReadBarrier, ReadIndexReply};
 use crate::Raft;
+use crate::read_index::{ReadBarrier, ReadIndexReply};
 
 /// Encoding of payloads.
 pub(crate) mod bytes_payload {
     use tonic::Status;
 
-    pub fn encode<T: serde::Serialize>(v: &T) -> Result<cellplane_proto::raft::RaftPayload, Status> {
+    pub fn encode<T: serde::Serialize>(
+        v: &T,
+    ) -> Result<cellplane_proto::raft::RaftPayload, Status> {
         postcard::to_stdvec(v)
             .map(|b| cellplane_proto::raft::RaftPayload { data: b.into() })
             .map_err(|e| Status::internal(format!("cannot encode raft message: {e}")))
     }
 
-    pub fn decode<T: serde::de::DeserializeOwned>(p: &cellplane_proto::raft::RaftPayload) -> Result<T, Status> {
+    pub fn decode<T: serde::de::DeserializeOwned>(
+        p: &cellplane_proto::raft::RaftPayload,
+    ) -> Result<T, Status> {
         postcard::from_bytes(&p.data)
             .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
     }
@@ -59,7 +65,11 @@ impl Network {
     }
 
     /// A client for the member at `peer_addr` (`host:port`).
-    pub(crate) fn client(&self, target: NodeId, peer_addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    pub(crate) fn client(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+    ) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         let channel = {
             let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&target) {
@@ -88,7 +98,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
         PeerClient {
             target,
-            client: self.client(target, &node.peer_addr).map_err(|e| e.to_string()),
+            client: self
+                .client(target, &node.peer_addr)
+                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -119,7 +131,11 @@ impl PeerClient {
     {
         let client = match &self.client {
             Ok(c) => c.clone(),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))));
+            }
         };
         let payload = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
         let mut request = Request::new(payload);
@@ -180,7 +196,10 @@ impl RaftService {
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         let reply = self.raft.append_entries(rpc).await;
         Ok(Response::new(encode(&reply)?))
@@ -192,16 +211,29 @@ impl RaftRpc for RaftService {
         Ok(Response::new(encode(&reply)?))
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         let reply = self.raft.install_snapshot(rpc).await;
         Ok(Response::new(encode(&reply)?))
     }
 
-    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        // Through this member's own barrier, so that reads from every follower
-        // share the leader's confirmation rounds.
-        let reply: ReadIndexReply = self.barrier.read_index().await.map_err(|e| e.to_string());
+    async fn read_index(
+        &self,
+        _req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        // Only the leader answers: a member that is not (or no longer) the leader
+        // must not pass the question on, or two members with stale views could
+        // wait on each other. Through the leader's own barrier, so that reads from
+        // every follower share its confirmation rounds.
+        let m = self.raft.metrics().borrow().clone();
+        let reply: ReadIndexReply = if m.current_leader != Some(m.id) {
+            Err(format!("member {} is not the leader", m.id))
+        } else {
+            self.barrier.read_index().await.map_err(|e| e.to_string())
+        };
         Ok(Response::new(encode(&reply)?))
     }
 }

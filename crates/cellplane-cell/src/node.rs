@@ -14,8 +14,8 @@ use cellplane_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use cellplane_proto::etcdserverpb::{ResponseHeader, StatusRequest};
 use cellplane_proto::raft::raft_server::RaftServer;
 use cellplane_storage::{
-    AppliedState, Command, CommandResponse, KvReader, Limits, LogStore, Member, NodeId, StateMachine,
-    Store,
+    AppliedState, Command, CommandResponse, KvReader, Limits, LogStore, Member, NodeId,
+    StateMachine, Store,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::net::TcpListener;
@@ -110,11 +110,16 @@ impl Shared {
                             return Err(ProposeError::Forward(leader));
                         }
                     }
-                    // No leader yet: wait for one rather than fail at once.
-                    if self.wait_for_leader(deadline).await.is_none() {
+                    // No leader yet (or this member is only becoming one): wait for
+                    // one rather than fail at once, but never past the deadline and
+                    // never in a tight loop.
+                    if tokio::time::Instant::now() >= deadline
+                        || self.wait_for_leader(deadline).await.is_none()
+                    {
                         self.metrics.proposals_failed.inc();
                         return Err(ProposeError::Failed(NodeError::NoLeader));
                     }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => {
                     self.metrics.proposals_failed.inc();
@@ -127,7 +132,8 @@ impl Shared {
     /// Waits until a leader is known or the deadline passes.
     pub async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Option<NodeId> {
         let mut m = self.raft.metrics();
-        let waited = tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader.is_some())).await;
+        let waited =
+            tokio::time::timeout_at(deadline, m.wait_for(|m| m.current_leader.is_some())).await;
         match waited {
             Ok(Ok(m)) => m.current_leader,
             _ => None,
@@ -172,30 +178,45 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
         snapshot_max_chunk_size: (r.max_peer_message_bytes / 4) as u64,
         install_snapshot_timeout: r.peer_rpc_timeout_ms * 5,
-        send_snapshot_timeout: r.peer_rpc_timeout_ms * 5,
         ..Default::default()
     };
-    c.validate().map_err(|e| NodeError::Config(format!("raft settings: {e}")))
+    c.validate()
+        .map_err(|e| NodeError::Config(format!("raft settings: {e}")))
 }
 
 /// Runs member `config.id` until `shutdown` is cancelled.
-pub async fn run(config: NodeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(
+    config: NodeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
     let me = config
         .cell
         .member(config.id)
         .cloned()
         .ok_or(NodeError::UnknownMember(config.id))?;
     let store = cellplane_storage::open(&config.data_dir)?;
-    let fresh = store.is_fresh().map_err(|e| NodeError::Storage(e.to_string()))?;
+    let fresh = store
+        .is_fresh()
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
     let log = LogStore::new(store.clone()).map_err(NodeError::Io)?;
     let sm = StateMachine::new(store.clone()).map_err(|e| NodeError::Storage(e.to_string()))?;
     let reader = sm.reader();
     let applied = sm.subscribe();
     let r = &config.cell.raft;
-    let network = Network::new(r.max_peer_message_bytes, Duration::from_millis(r.peer_rpc_timeout_ms));
-    let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network.clone(), log, sm)
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let network = Network::new(
+        r.max_peer_message_bytes,
+        Duration::from_millis(r.peer_rpc_timeout_ms),
+    );
+    let raft = Raft::new(
+        config.id,
+        Arc::new(raft_config(&config)?),
+        network.clone(),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
 
     let tasks = tokio_util::task::TaskTracker::new();
     let (barrier, barrier_task) = ReadBarrier::start(
@@ -223,7 +244,10 @@ pub async fn run(config: NodeConfig, listeners: Listeners, shutdown: Cancellatio
         config: config.clone(),
     });
 
-    tasks.spawn(crate::metrics_loop::run(shared.clone(), shutdown.child_token()));
+    tasks.spawn(crate::metrics_loop::run(
+        shared.clone(),
+        shutdown.child_token(),
+    ));
 
     // Servers.
     let max_req = config.cell.limits.max_request_bytes + (512 << 10);
@@ -235,13 +259,17 @@ pub async fn run(config: NodeConfig, listeners: Listeners, shutdown: Cancellatio
                 .max_decoding_message_size(max_req)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(MaintenanceServer::new(MaintenanceService::new(shared.clone())))
+        .add_service(MaintenanceServer::new(MaintenanceService::new(
+            shared.clone(),
+        )))
         .add_service(ClusterServer::new(ClusterService::new(shared.clone())));
-    let peer_router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(
-        RaftServer::new(RaftService::new(raft.clone(), barrier))
-            .max_decoding_message_size(r.max_peer_message_bytes)
-            .max_encoding_message_size(r.max_peer_message_bytes),
-    );
+    let peer_router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftServer::new(RaftService::new(raft.clone(), barrier))
+                .max_decoding_message_size(r.max_peer_message_bytes)
+                .max_encoding_message_size(r.max_peer_message_bytes),
+        );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.client);
@@ -263,7 +291,11 @@ pub async fn run(config: NodeConfig, listeners: Listeners, shutdown: Cancellatio
             tracing::error!(error = %e, "peer server failed");
         }
     });
-    tasks.spawn(crate::http::serve(listeners.http, shared.clone(), shutdown.child_token()));
+    tasks.spawn(crate::http::serve(
+        listeners.http,
+        shared.clone(),
+        shutdown.child_token(),
+    ));
     tasks.close();
 
     if fresh {
@@ -304,7 +336,8 @@ async fn initialize_once(
         if let Some(term) = peer_term(m.client).await {
             if term > 0 {
                 tracing::warn!(
-                    peer = m.id, term,
+                    peer = m.id,
+                    term,
                     "store is empty but peer already runs this cell: not initializing; \
                      this member must be re-added to the cell, not bootstrapped"
                 );
@@ -349,6 +382,9 @@ async fn peer_term(addr: SocketAddr) -> Option<u64> {
         .connect()
         .await
         .ok()?;
-    let resp = MaintenanceClient::new(channel).status(StatusRequest {}).await.ok()?;
+    let resp = MaintenanceClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .ok()?;
     Some(resp.get_ref().raft_term)
 }

@@ -13,9 +13,9 @@ use cellplane_storage::AppliedState;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::Raft;
 use crate::network::Network;
 use crate::network::bytes_payload::{decode, encode};
-use crate::Raft;
 
 /// What the leader answers a follower's ReadIndex: the index to wait for, or why it
 /// cannot confirm its leadership.
@@ -59,7 +59,10 @@ impl ReadBarrier {
     /// linearizable.
     pub async fn read_index(&self) -> Result<u64, ReadIndexError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).await.map_err(|_| ReadIndexError::Stopped)?;
+        self.tx
+            .send(tx)
+            .await
+            .map_err(|_| ReadIndexError::Stopped)?;
         rx.await.map_err(|_| ReadIndexError::Stopped)?
     }
 
@@ -104,7 +107,11 @@ async fn run(
     }
 }
 
-async fn confirm(raft: &Raft, network: &Network, rpc_timeout: Duration) -> Result<u64, ReadIndexError> {
+async fn confirm(
+    raft: &Raft,
+    network: &Network,
+    rpc_timeout: Duration,
+) -> Result<u64, ReadIndexError> {
     let metrics = raft.metrics().borrow().clone();
     let leader = metrics.current_leader.ok_or(ReadIndexError::NoLeader)?;
     if leader == metrics.id {
@@ -130,7 +137,7 @@ async fn confirm(raft: &Raft, network: &Network, rpc_timeout: Duration) -> Resul
         .read_index(req)
         .await
         .map_err(|s| ReadIndexError::Unconfirmed(format!("leader {leader}: {}", s.message())))?;
-    let reply: ReadIndexReply =
-        decode(reply.get_ref()).map_err(|s| ReadIndexError::Unconfirmed(s.message().to_string()))?;
+    let reply: ReadIndexReply = decode(reply.get_ref())
+        .map_err(|s| ReadIndexError::Unconfirmed(s.message().to_string()))?;
     reply.map_err(|e| ReadIndexError::Unconfirmed(format!("leader {leader}: {e}")))
 }

@@ -79,23 +79,21 @@ impl KvService {
     }
 
     /// Proposes a write here, or forwards it once to the leader with `forward`.
-    async fn write<T, F, Fut>(
-        &self,
-        cmd: Command,
-        forwarded: bool,
-        forward: F,
-    ) -> Result<T, Status>
+    async fn write<T, F, Fut>(&self, cmd: Command, forwarded: bool, forward: F) -> Result<T, Status>
     where
         T: Message + Default + HasHeader,
-        F: FnOnce(cellplane_proto::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>) -> Fut,
+        F: FnOnce(
+            cellplane_proto::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>,
+        ) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let s = &self.shared;
         match s.propose(cmd).await {
             Ok((resp, term)) => {
                 let body = match resp.outcome {
-                    Some(Ok(bytes)) => T::decode(bytes.as_slice())
-                        .map_err(|e| Status::internal(format!("cannot decode apply result: {e}")))?,
+                    Some(Ok(bytes)) => T::decode(bytes.as_slice()).map_err(|e| {
+                        Status::internal(format!("cannot decode apply result: {e}"))
+                    })?,
                     Some(Err(e)) => return Err(kv_status(e)),
                     None => return Err(Status::internal("apply produced no result")),
                 };
@@ -134,7 +132,12 @@ macro_rules! has_header {
         }
     )*};
 }
-has_header!(PutResponse, DeleteRangeResponse, TxnResponse, CompactionResponse);
+has_header!(
+    PutResponse,
+    DeleteRangeResponse,
+    TxnResponse,
+    CompactionResponse
+);
 
 fn forwarded_request<T>(inner: T) -> Request<T> {
     let mut r = Request::new(inner);
@@ -149,7 +152,10 @@ fn is_forwarded<T>(r: &Request<T>) -> bool {
 
 #[tonic::async_trait]
 impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
-    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
         self.serve("Range", async {
             self.check_size(&req)?;
@@ -157,7 +163,10 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
             let s = &self.shared;
             if !req.serializable {
                 let mut applied = s.applied.clone();
-                s.barrier.wait_linearizable(&mut applied).await.map_err(read_status)?;
+                s.barrier
+                    .wait_linearizable(&mut applied)
+                    .await
+                    .map_err(read_status)?;
             }
             let mut resp = s.reader.range(&req).map_err(kv_status)?;
             let revision = resp.header.as_ref().map_or(0, |h| h.revision);
@@ -174,8 +183,10 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
             self.check_size(&req)?;
             cellplane_storage::mvcc_check::put(&req).map_err(kv_status)?;
             let cmd = Command::Put(req.encode_to_vec());
-            self.write(cmd, forwarded, |mut c| async move { c.put(forwarded_request(req)).await })
-                .await
+            self.write(cmd, forwarded, |mut c| async move {
+                c.put(forwarded_request(req)).await
+            })
+            .await
         })
         .await
     }
@@ -205,8 +216,10 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
             self.check_size(&req)?;
             cellplane_storage::mvcc_check::txn(&req, &self.shared.limits).map_err(kv_status)?;
             let cmd = Command::Txn(req.encode_to_vec());
-            self.write(cmd, forwarded, |mut c| async move { c.txn(forwarded_request(req)).await })
-                .await
+            self.write(cmd, forwarded, |mut c| async move {
+                c.txn(forwarded_request(req)).await
+            })
+            .await
         })
         .await
     }
