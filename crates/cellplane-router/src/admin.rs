@@ -1,0 +1,164 @@
+//! The router's admin service and its HTTP endpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cellplane_map::CellState;
+use cellplane_proto::router::router_admin_server::RouterAdmin;
+use cellplane_proto::router::{
+    CellStatus, MemberStatus, RouterStatusRequest, RouterStatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::map_source::MapHolder;
+use crate::server::Pools;
+
+pub struct Admin {
+    maps: MapHolder,
+    pools: Arc<Pools>,
+    /// Counters at the last status call, per cell, for rates.
+    last: Mutex<HashMap<String, (Instant, u64, u64)>>,
+}
+
+impl Admin {
+    pub fn new(maps: MapHolder, pools: Arc<Pools>) -> Admin {
+        Admin {
+            maps,
+            pools,
+            last: Mutex::default(),
+        }
+    }
+
+    pub fn status(&self) -> RouterStatusResponse {
+        let active = self.maps.current();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let cells = self
+            .pools
+            .all()
+            .into_iter()
+            .map(|pool| {
+                let c = &pool.inner;
+                let requests = c.stats.requests.load(Ordering::Relaxed);
+                let errors = c.stats.errors.load(Ordering::Relaxed);
+                let (at, r0, e0) = last
+                    .get(&c.name)
+                    .copied()
+                    .unwrap_or((now, requests, errors));
+                let secs = now.duration_since(at).as_secs_f64();
+                let (rps, eps) = if secs > 0.0 {
+                    ((requests - r0) as f64 / secs, (errors - e0) as f64 / secs)
+                } else {
+                    (0.0, 0.0)
+                };
+                last.insert(c.name.clone(), (now, requests, errors));
+                let state = active
+                    .map
+                    .cells
+                    .iter()
+                    .find(|e| e.name == c.name)
+                    .map(|e| match e.state {
+                        CellState::Active => "active",
+                        CellState::Draining => "draining",
+                    })
+                    .unwrap_or("unknown");
+                CellStatus {
+                    name: c.name.clone(),
+                    state: state.to_string(),
+                    members: c
+                        .members
+                        .iter()
+                        .map(|m| MemberStatus {
+                            endpoint: m.endpoint.clone(),
+                            healthy: m.healthy(),
+                            member_id: m.member_id(),
+                        })
+                        .collect(),
+                    leader_id: c
+                        .members
+                        .iter()
+                        .filter(|m| m.healthy())
+                        .map(|m| m.leader_id())
+                        .find(|l| *l != 0)
+                        .unwrap_or(0),
+                    requests_per_sec: rps,
+                    errors_per_sec: eps,
+                    p99_ms: c.stats.recent_p99_us() as f64 / 1000.0,
+                    requests_total: requests,
+                    errors_total: errors,
+                    shed_total: c.stats.shed.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        RouterStatusResponse {
+            map_version: active.map.version,
+            map_source: active.source.to_string(),
+            cells,
+        }
+    }
+
+    /// Prometheus text for the router's `/metrics`.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let active = self.maps.current();
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE cellplane_router_map_version gauge");
+        let _ = writeln!(
+            out,
+            "cellplane_router_map_version{{source=\"{}\"}} {}",
+            active.source, active.map.version
+        );
+        for (name, help) in [
+            (
+                "cellplane_router_requests_total",
+                "requests forwarded, by cell",
+            ),
+            (
+                "cellplane_router_errors_total",
+                "requests that failed for the cell's availability",
+            ),
+            (
+                "cellplane_router_shed_total",
+                "requests shed by the cell's bulkhead",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for pool in self.pools.all() {
+                let s = &pool.inner.stats;
+                let v = match name {
+                    "cellplane_router_requests_total" => s.requests.load(Ordering::Relaxed),
+                    "cellplane_router_errors_total" => s.errors.load(Ordering::Relaxed),
+                    _ => s.shed.load(Ordering::Relaxed),
+                };
+                let _ = writeln!(out, "{name}{{cell=\"{}\"}} {v}", pool.inner.name);
+            }
+        }
+        let _ = writeln!(out, "# TYPE cellplane_router_member_healthy gauge");
+        for pool in self.pools.all() {
+            for m in &pool.inner.members {
+                let _ = writeln!(
+                    out,
+                    "cellplane_router_member_healthy{{cell=\"{}\",endpoint=\"{}\"}} {}",
+                    pool.inner.name,
+                    m.endpoint,
+                    u8::from(m.healthy())
+                );
+            }
+        }
+        out
+    }
+}
+
+pub struct AdminService(pub Arc<Admin>);
+
+#[tonic::async_trait]
+impl RouterAdmin for AdminService {
+    async fn status(
+        &self,
+        _r: Request<RouterStatusRequest>,
+    ) -> Result<Response<RouterStatusResponse>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}

@@ -1,0 +1,140 @@
+//! The routers of an environment, as defined in `cells/routers.toml`.
+//!
+//! ```toml
+//! directory = "directory"      # the cell (cells/directory.toml) holding the live map
+//! static_map = "routing.toml"  # relative to this file
+//!
+//! [[routers]]
+//! id = 1
+//! client = "127.0.0.1:2379"    # the etcd API, forwarded to cells
+//! admin = "127.0.0.1:2378"     # cellplane.router.v1.RouterAdmin
+//! http = "127.0.0.1:2377"      # /metrics, /healthz, /readyz
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cell_pool::PoolSettings;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoutersDef {
+    /// The name of the cell that holds the live map (its definition is
+    /// `<name>.toml` beside this file).
+    pub directory: String,
+    /// The static map, relative to this file.
+    #[serde(default = "default_static_map")]
+    pub static_map: PathBuf,
+    pub routers: Vec<RouterDef>,
+    #[serde(default)]
+    pub settings: RouterSettings,
+}
+
+fn default_static_map() -> PathBuf {
+    PathBuf::from("routing.toml")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterDef {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Tuning shared by every router.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSettings {
+    pub pool: PoolSettings,
+    /// How often the directory is read.
+    pub directory_poll_ms: u64,
+    /// Deadline of one directory read (also bounds the wait at boot).
+    pub directory_timeout_ms: u64,
+    /// Largest request accepted, in bytes (a cell refuses more than 1.5 MiB anyway).
+    pub max_request_bytes: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        RouterSettings {
+            pool: PoolSettings::default(),
+            directory_poll_ms: 1_000,
+            directory_timeout_ms: 1_000,
+            max_request_bytes: 2 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutersError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl RoutersDef {
+    pub fn load(path: &Path) -> Result<RoutersDef, RoutersError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RoutersError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| RoutersError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let def: RoutersDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if def.routers.is_empty() {
+            return Err(invalid(
+                "field `routers`: at least one router is needed".into(),
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, r) in def.routers.iter().enumerate() {
+            if !ids.insert(r.id) {
+                return Err(invalid(format!(
+                    "field `routers[{i}].id`: id {} is used twice",
+                    r.id
+                )));
+            }
+        }
+        let s = &def.settings;
+        for (field, v) in [
+            ("settings.pool.max_in_flight", s.pool.max_in_flight as u64),
+            (
+                "settings.pool.request_timeout_ms",
+                s.pool.request_timeout_ms,
+            ),
+            ("settings.pool.probe_interval_ms", s.pool.probe_interval_ms),
+            ("settings.directory_poll_ms", s.directory_poll_ms),
+            ("settings.directory_timeout_ms", s.directory_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("field `{field}`: must be > 0")));
+            }
+        }
+        Ok(def)
+    }
+
+    pub fn router(&self, id: u64) -> Option<&RouterDef> {
+        self.routers.iter().find(|r| r.id == id)
+    }
+}
+
+/// Everything one router process needs.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub id: u64,
+    pub state_dir: PathBuf,
+    pub static_map: PathBuf,
+    pub directory_endpoints: Vec<String>,
+    pub settings: RouterSettings,
+}
