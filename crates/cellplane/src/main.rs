@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "cellplane", version, about = "A cell-based control plane: etcd-compatible cells of Raft members.")]
+#[command(
+    name = "cellplane",
+    version,
+    about = "A cell-based control plane: etcd-compatible cells of Raft members."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -18,7 +22,7 @@ struct Cli {
 enum Cmd {
     /// Run one member of a cell.
     Node {
-        /// The cell definition, e.g. cells/default.toml.
+        /// The cell definition, e.g. cells/alpha.toml.
         #[arg(long)]
         cell: PathBuf,
         /// This member's id in the cell definition.
@@ -32,8 +36,26 @@ enum Cmd {
         #[arg(long, hide = true)]
         parent_pid: Option<u32>,
     },
+    /// Run one router: forwards each tenant's requests to its cell.
+    Router {
+        /// The routers' definition.
+        #[arg(long, default_value = "cells/routers.toml")]
+        routers: PathBuf,
+        /// This router's id in it.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Where the router keeps its last-known-good map.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, hide = true)]
+        parent_pid: Option<u32>,
+    },
     /// Start the local environment defined in cells/ as child processes on 127.0.0.1.
     Up(cellplane::up::UpArgs),
+    /// Show the map in force and every cell as a router sees it.
+    Status(cellplane::status_cmd::StatusArgs),
+    /// Show or change the cell map in the directory.
+    Map(cellplane::map_cmd::MapArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,12 +76,25 @@ fn main() -> anyhow::Result<()> {
                 data_dir,
                 parent_pid,
             } => node(cell, id, data_dir, parent_pid).await,
+            Cmd::Router {
+                routers,
+                id,
+                state_dir,
+                parent_pid,
+            } => router(routers, id, state_dir, parent_pid).await,
             Cmd::Up(args) => cellplane::up::run(args).await,
+            Cmd::Status(args) => cellplane::status_cmd::run(args).await,
+            Cmd::Map(args) => cellplane::map_cmd::run(args).await,
         }
     })
 }
 
-async fn node(cell: PathBuf, id: u64, data_dir: PathBuf, parent_pid: Option<u32>) -> anyhow::Result<()> {
+async fn node(
+    cell: PathBuf,
+    id: u64,
+    data_dir: PathBuf,
+    parent_pid: Option<u32>,
+) -> anyhow::Result<()> {
     let cell = cellplane_cell::CellDef::load(&cell)?;
     if cell.member(id).is_none() {
         let ids: Vec<String> = cell.members.iter().map(|m| m.id.to_string()).collect();
@@ -74,8 +109,56 @@ async fn node(cell: PathBuf, id: u64, data_dir: PathBuf, parent_pid: Option<u32>
     let shutdown = CancellationToken::new();
     tokio::spawn(cellplane::signals::cancel_on_signal(shutdown.clone()));
     if let Some(parent) = parent_pid {
-        tokio::spawn(cellplane::signals::cancel_when_orphaned(parent, shutdown.clone()));
+        tokio::spawn(cellplane::signals::cancel_when_orphaned(
+            parent,
+            shutdown.clone(),
+        ));
     }
     cellplane_cell::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn router(
+    routers: PathBuf,
+    id: u64,
+    state_dir: PathBuf,
+    parent_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let def = cellplane_router::RoutersDef::load(&routers)?;
+    let me = def
+        .router(id)
+        .with_context(|| format!("--id {id}: {} defines no router {id}", routers.display()))?;
+    let folder = routers.parent().unwrap_or(std::path::Path::new("."));
+    let directory = cellplane_cell::CellDef::load(&folder.join(format!("{}.toml", def.directory)))?;
+    let config = cellplane_router::RouterConfig {
+        id,
+        state_dir,
+        static_map: folder.join(&def.static_map),
+        directory_endpoints: directory
+            .members
+            .iter()
+            .map(|m| m.client.to_string())
+            .collect(),
+        settings: def.settings.clone(),
+    };
+    let bind = |a: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("cannot bind {a}"))
+    };
+    let listeners = cellplane_router::RouterListeners {
+        client: bind(me.client).await?,
+        admin: bind(me.admin).await?,
+        http: bind(me.http).await?,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cellplane::signals::cancel_on_signal(shutdown.clone()));
+    if let Some(parent) = parent_pid {
+        tokio::spawn(cellplane::signals::cancel_when_orphaned(
+            parent,
+            shutdown.clone(),
+        ));
+    }
+    cellplane_router::run(config, listeners, shutdown).await?;
     Ok(())
 }

@@ -1,17 +1,21 @@
-//! `cellplane up`: the local environment. Starts every member of every cell defined
-//! in `cells/` as a child process on 127.0.0.1, waits until each is ready, prints
-//! the endpoints, and stops them all on Ctrl-C or SIGTERM.
+//! `cellplane up`: the local environment. Starts, as child processes on 127.0.0.1,
+//! every member of every cell defined in `cells/` (the directory cell included) and
+//! the routers of `cells/routers.toml`; seeds the directory with the static map
+//! when it holds none; waits until everything is ready; prints the endpoints; and
+//! stops every child on Ctrl-C or SIGTERM.
 //!
-//! It writes `<data-dir>/up.json` (cells, members, pids, endpoints, log files) so
-//! that other tools (the load generator's fault schedule) can find the processes.
+//! It writes `<data-dir>/up.json` (every process: kind, cell, id, pid, endpoints,
+//! log file) so other tools (the load generator's fault schedule) can find them.
 
-use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cellplane_cell::CellDef;
+use cellplane_router::RoutersDef;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -21,20 +25,23 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
-    /// The folder of cell definitions.
+    /// The folder of cell definitions (cells, routers.toml, routing.toml).
     #[arg(long, default_value = "cells")]
     pub cells: PathBuf,
-    /// Where members keep their data and logs.
+    /// Where members and routers keep their data and logs.
     #[arg(long, default_value = ".cellplane")]
     pub data_dir: PathBuf,
     /// Wipe the data directory first.
     #[arg(long)]
     pub fresh: bool,
-    /// Restart a member whose process exits.
+    /// Restart a process that exits.
     #[arg(long)]
     pub restart: bool,
-    /// How long to wait for every member to become ready.
-    #[arg(long, default_value_t = 60)]
+    /// How many of the routers in routers.toml to start.
+    #[arg(long, default_value_t = 1)]
+    pub routers: usize,
+    /// How long to wait for everything to become ready.
+    #[arg(long, default_value_t = 90)]
     pub ready_timeout_secs: u64,
 }
 
@@ -42,74 +49,105 @@ pub struct UpArgs {
 #[derive(Debug, Serialize)]
 pub struct Environment {
     pub supervisor_pid: u32,
-    pub cells: Vec<CellProcesses>,
+    pub directory: String,
+    pub processes: Vec<ProcessEntry>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct CellProcesses {
-    pub name: String,
-    pub definition: PathBuf,
-    pub members: Vec<MemberProcess>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MemberProcess {
+#[derive(Debug, Serialize, Clone)]
+pub struct ProcessEntry {
+    /// "member" or "router".
+    pub kind: &'static str,
+    /// The member's cell (empty for a router).
+    pub cell: String,
     pub id: u64,
+    /// 0 while not running.
     pub pid: u32,
+    /// The etcd API address.
     pub client: String,
-    pub peer: String,
     pub http: String,
-    pub data_dir: PathBuf,
     pub log: PathBuf,
 }
 
-/// Reads every cell definition in `dir` (every `*.toml` but `routing.toml`).
-pub fn load_cells(dir: &Path) -> anyhow::Result<Vec<(PathBuf, CellDef)>> {
-    let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
+/// The environment defined by a `cells/` folder.
+pub struct EnvDef {
+    pub cells: Vec<(PathBuf, CellDef)>,
+    pub routers: RoutersDef,
+    pub routers_path: PathBuf,
+    pub static_map: cellplane_map::CellMap,
+}
+
+/// Reads and cross-checks a `cells/` folder: every `*.toml` but `routers.toml` and
+/// the static map is a cell; the static map must name exactly the defined cells
+/// (the directory aside) with their members' client addresses.
+pub fn load_env(dir: &Path) -> anyhow::Result<EnvDef> {
+    let routers_path = dir.join("routers.toml");
+    let routers = RoutersDef::load(&routers_path)?;
+    let static_path = dir.join(&routers.static_map);
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .filter(|p| p.file_name().is_some_and(|n| n != "routing.toml"))
+        .filter(|p| *p != routers_path && *p != static_path)
         .collect();
     paths.sort();
+    let mut cells = Vec::new();
     for p in paths {
         let def = CellDef::load(&p)?;
-        out.push((p, def));
+        cells.push((p, def));
     }
-    if out.is_empty() {
-        bail!("{} holds no cell definition (*.toml)", dir.display());
+    if !cells.iter().any(|(_, d)| d.name == routers.directory) {
+        bail!(
+            "{}: directory cell `{}` has no definition in {}",
+            routers_path.display(),
+            routers.directory,
+            dir.display()
+        );
     }
-    Ok(out)
+    let static_map = cellplane_router::map_source::read_map_file(&static_path)?;
+    for entry in &static_map.cells {
+        let Some((_, def)) = cells.iter().find(|(_, d)| d.name == entry.name) else {
+            bail!(
+                "{}: cell `{}` has no definition in {}",
+                static_path.display(),
+                entry.name,
+                dir.display()
+            );
+        };
+        let defined: Vec<String> = def.members.iter().map(|m| m.client.to_string()).collect();
+        if defined != entry.endpoints {
+            bail!(
+                "{}: cell `{}` endpoints {:?} differ from its members' client addresses {:?}",
+                static_path.display(),
+                entry.name,
+                entry.endpoints,
+                defined
+            );
+        }
+    }
+    Ok(EnvDef {
+        cells,
+        routers,
+        routers_path,
+        static_map,
+    })
 }
 
 struct Running {
-    cell: String,
-    definition: PathBuf,
-    id: u64,
-    http: std::net::SocketAddr,
-    data_dir: PathBuf,
-    log: PathBuf,
-    child: Child,
-    /// Exited and not restarted.
-    exited: bool,
+    entry: ProcessEntry,
+    http: SocketAddr,
+    args: Vec<OsString>,
+    child: Option<Child>,
 }
 
-fn spawn_member(r: &Path, def_path: &Path, id: u64, data_dir: &Path, log: &Path) -> anyhow::Result<Child> {
+fn spawn(exe: &Path, args: &[OsString], log: &Path) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     let err_file = log_file.try_clone()?;
-    let child = Command::new(r)
-        .arg("node")
-        .arg("--cell")
-        .arg(def_path)
-        .arg("--id")
-        .arg(id.to_string())
-        .arg("--data-dir")
-        .arg(data_dir)
+    Command::new(exe)
+        .args(args)
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .stdin(Stdio::null())
@@ -117,13 +155,20 @@ fn spawn_member(r: &Path, def_path: &Path, id: u64, data_dir: &Path, log: &Path)
         .stderr(err_file)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", r.display()))?;
-    Ok(child)
+        .with_context(|| format!("cannot start {}", exe.display()))
 }
 
 /// Runs the environment until SIGINT or SIGTERM.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let cells = load_cells(&args.cells)?;
+    let env = load_env(&args.cells)?;
+    if args.routers == 0 || args.routers > env.routers.routers.len() {
+        bail!(
+            "--routers {}: {} defines {} router(s)",
+            args.routers,
+            env.routers_path.display(),
+            env.routers.routers.len()
+        );
+    }
     if args.fresh && args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir)
             .with_context(|| format!("--fresh: cannot remove {}", args.data_dir.display()))?;
@@ -131,58 +176,128 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let logs = args.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let exe = std::env::current_exe().context("cannot find the cellplane executable")?;
-
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
 
-    let mut running = Vec::new();
-    for (path, def) in &cells {
+    let mut running: Vec<Running> = Vec::new();
+    for (path, def) in &env.cells {
         for m in &def.members {
             let data_dir = args.data_dir.join(&def.name).join(m.id.to_string());
             let log = logs.join(format!("{}-{}.log", def.name, m.id));
-            let child = spawn_member(&exe, path, m.id, &data_dir, &log)?;
+            let a: Vec<OsString> = vec![
+                "node".into(),
+                "--cell".into(),
+                path.into(),
+                "--id".into(),
+                m.id.to_string().into(),
+                "--data-dir".into(),
+                data_dir.into(),
+            ];
+            let child = spawn(&exe, &a, &log)?;
             running.push(Running {
-                cell: def.name.clone(),
-                definition: path.clone(),
-                id: m.id,
+                entry: ProcessEntry {
+                    kind: "member",
+                    cell: def.name.clone(),
+                    id: m.id,
+                    pid: child.id().unwrap_or(0),
+                    client: m.client.to_string(),
+                    http: m.http.to_string(),
+                    log,
+                },
                 http: m.http,
-                data_dir,
-                log,
-                child,
-                exited: false,
+                args: a,
+                child: Some(child),
             });
         }
     }
-    write_environment(&args.data_dir, &cells, &running)?;
-
+    write_environment(&args.data_dir, &env, &running)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_secs);
+    let started = async {
+        wait_ready(&mut running, deadline).await?;
+        seed_directory(&env).await?;
+        for r in env.routers.routers.iter().take(args.routers) {
+            let log = logs.join(format!("router-{}.log", r.id));
+            let a: Vec<OsString> = vec![
+                "router".into(),
+                "--routers".into(),
+                env.routers_path.clone().into(),
+                "--id".into(),
+                r.id.to_string().into(),
+                "--state-dir".into(),
+                args.data_dir.join(format!("router-{}", r.id)).into(),
+            ];
+            let child = spawn(&exe, &a, &log)?;
+            running.push(Running {
+                entry: ProcessEntry {
+                    kind: "router",
+                    cell: String::new(),
+                    id: r.id,
+                    pid: child.id().unwrap_or(0),
+                    client: r.client.to_string(),
+                    http: r.http.to_string(),
+                    log,
+                },
+                http: r.http,
+                args: a,
+                child: Some(child),
+            });
+        }
+        write_environment(&args.data_dir, &env, &running)?;
+        wait_ready(&mut running, deadline).await
+    };
     let ready = tokio::select! {
-        r = wait_all_ready(&mut running, deadline) => r,
+        r = started => r,
         _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the environment was ready")),
     };
     if let Err(e) = ready {
         stop_all(&mut running).await;
         return Err(e);
     }
-    print_table(&cells);
-    let members: usize = cells.iter().map(|(_, d)| d.members.len()).sum();
+    print_table(&running, &env, args.routers);
     println!(
-        "cellplane is ready: {} cell(s), {members} member(s); data in {}; Ctrl-C stops everything",
-        cells.len(),
+        "cellplane is ready: {} cell(s) ({} the directory), {} router(s); data in {}; Ctrl-C stops everything",
+        env.cells.len(),
+        env.routers.directory,
+        args.routers,
         args.data_dir.display()
     );
-
-    supervise(&mut running, &exe, &args, &cells, shutdown).await;
+    supervise(&mut running, &exe, &args, &env, shutdown).await;
     stop_all(&mut running).await;
     println!("cellplane stopped");
     Ok(())
+}
+
+/// Writes the static map into the directory when it holds none yet.
+async fn seed_directory(env: &EnvDef) -> anyhow::Result<()> {
+    let (_, def) = env
+        .cells
+        .iter()
+        .find(|(_, d)| d.name == env.routers.directory)
+        .context("no directory cell")?;
+    let eps: Vec<String> = def.members.iter().map(|m| m.client.to_string()).collect();
+    let dir = cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3))
+        .map_err(anyhow::Error::msg)?;
+    match dir.read().await {
+        Ok(_) => Ok(()),
+        Err(cellplane_router::directory::DirectoryError::Empty) => {
+            dir.write(&env.static_map, 0)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "seeded the directory with the static map (version {})",
+                env.static_map.version
+            );
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot read the directory: {e}")),
+    }
 }
 
 async fn supervise(
     running: &mut [Running],
     exe: &Path,
     args: &UpArgs,
-    cells: &[(PathBuf, CellDef)],
+    env: &EnvDef,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -192,86 +307,65 @@ async fn supervise(
             _ = tick.tick() => {}
         }
         let mut changed = false;
-        for r in running.iter_mut().filter(|r| !r.exited) {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                eprintln!(
-                    "member {}/{} exited ({status}); log: {}",
-                    r.cell,
-                    r.id,
-                    r.log.display()
-                );
+        for r in running.iter_mut() {
+            let Some(child) = r.child.as_mut() else {
+                continue;
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                let what = describe(&r.entry);
+                eprintln!("{what} exited ({status}); log: {}", r.entry.log.display());
+                r.child = None;
+                r.entry.pid = 0;
+                changed = true;
                 if args.restart {
-                    match spawn_member(exe, &r.definition, r.id, &r.data_dir, &r.log) {
+                    match spawn(exe, &r.args, &r.entry.log) {
                         Ok(c) => {
-                            eprintln!("member {}/{} restarted", r.cell, r.id);
-                            r.child = c;
-                            changed = true;
+                            eprintln!("{what} restarted");
+                            r.entry.pid = c.id().unwrap_or(0);
+                            r.child = Some(c);
                         }
-                        Err(e) => eprintln!("member {}/{} could not restart: {e:#}", r.cell, r.id),
+                        Err(e) => eprintln!("{what} could not restart: {e:#}"),
                     }
-                } else {
-                    // Keep supervising the others; this one stays down.
-                    r.exited = true;
-                    changed = true;
                 }
             }
         }
         if changed {
-            if let Err(e) = write_environment(&args.data_dir, cells, running) {
+            if let Err(e) = write_environment(&args.data_dir, env, running) {
                 eprintln!("cannot update up.json: {e:#}");
             }
         }
     }
 }
 
-fn write_environment(data_dir: &Path, cells: &[(PathBuf, CellDef)], running: &[Running]) -> anyhow::Result<()> {
-    let mut by_cell: BTreeMap<&str, Vec<&Running>> = BTreeMap::new();
-    for r in running {
-        by_cell.entry(r.cell.as_str()).or_default().push(r);
+fn describe(e: &ProcessEntry) -> String {
+    match e.kind {
+        "router" => format!("router {}", e.id),
+        _ => format!("member {}/{}", e.cell, e.id),
     }
-    let env = Environment {
+}
+
+fn write_environment(data_dir: &Path, env: &EnvDef, running: &[Running]) -> anyhow::Result<()> {
+    let doc = Environment {
         supervisor_pid: std::process::id(),
-        cells: cells
-            .iter()
-            .map(|(path, def)| CellProcesses {
-                name: def.name.clone(),
-                definition: path.clone(),
-                members: def
-                    .members
-                    .iter()
-                    .filter_map(|m| {
-                        let r = by_cell.get(def.name.as_str())?.iter().find(|r| r.id == m.id)?;
-                        Some(MemberProcess {
-                            id: m.id,
-                            pid: if r.exited { 0 } else { r.child.id().unwrap_or(0) },
-                            client: m.client.to_string(),
-                            peer: m.peer.to_string(),
-                            http: m.http.to_string(),
-                            data_dir: r.data_dir.clone(),
-                            log: r.log.clone(),
-                        })
-                    })
-                    .collect(),
-            })
-            .collect(),
+        directory: env.routers.directory.clone(),
+        processes: running.iter().map(|r| r.entry.clone()).collect(),
     };
     let path = data_dir.join("up.json");
     let tmp = data_dir.join("up.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&env)?)?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }
 
-async fn wait_all_ready(running: &mut [Running], deadline: tokio::time::Instant) -> anyhow::Result<()> {
+async fn wait_ready(running: &mut [Running], deadline: tokio::time::Instant) -> anyhow::Result<()> {
     for r in running.iter_mut() {
         loop {
-            if let Ok(Some(status)) = r.child.try_wait() {
+            if let Some(Ok(Some(status))) = r.child.as_mut().map(|c| c.try_wait()) {
                 bail!(
-                    "member {}/{} exited during start-up ({status}); its log {} ends with:\n{}",
-                    r.cell,
-                    r.id,
-                    r.log.display(),
-                    tail(&r.log, 20)
+                    "{} exited during start-up ({status}); its log {} ends with:\n{}",
+                    describe(&r.entry),
+                    r.entry.log.display(),
+                    tail(&r.entry.log, 20)
                 );
             }
             if probe_ready(r.http).await {
@@ -279,11 +373,10 @@ async fn wait_all_ready(running: &mut [Running], deadline: tokio::time::Instant)
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
-                    "member {}/{} not ready in time (http://{}/readyz); log: {}",
-                    r.cell,
-                    r.id,
+                    "{} not ready in time (http://{}/readyz); log: {}",
+                    describe(&r.entry),
                     r.http,
-                    r.log.display()
+                    r.entry.log.display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -293,15 +386,20 @@ async fn wait_all_ready(running: &mut [Running], deadline: tokio::time::Instant)
 }
 
 /// GET /readyz; true on a 200.
-pub async fn probe_ready(addr: std::net::SocketAddr) -> bool {
+pub async fn probe_ready(addr: SocketAddr) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         Some(buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200"))
     };
-    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -310,36 +408,73 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn print_table(cells: &[(PathBuf, CellDef)]) {
-    println!("{:<12} {:>3}  {:<22} {:<22} {:<22}", "CELL", "ID", "CLIENT (etcd API)", "PEER", "HTTP");
-    for (_, def) in cells {
-        for m in &def.members {
-            println!(
-                "{:<12} {:>3}  {:<22} {:<22} {:<22}",
-                def.name,
-                m.id,
-                m.client.to_string(),
-                m.peer.to_string(),
-                m.http.to_string()
-            );
-        }
+fn print_table(running: &[Running], env: &EnvDef, routers: usize) {
+    println!(
+        "{:<10} {:<10} {:>3}  {:<22} {:<22}",
+        "KIND", "CELL", "ID", "ETCD API", "HTTP"
+    );
+    for r in running {
+        println!(
+            "{:<10} {:<10} {:>3}  {:<22} {:<22}",
+            r.entry.kind, r.entry.cell, r.entry.id, r.entry.client, r.entry.http
+        );
     }
+    let first = &env.routers.routers[0];
+    println!(
+        "\netcdctl --endpoints={} put /a/hello world    # tenant `a`, routed to its cell",
+        env.routers
+            .routers
+            .iter()
+            .take(routers)
+            .map(|r| r.client.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!(
+        "cellplane status --admin {}                # the router's view of every cell",
+        first.admin
+    );
 }
 
 async fn stop_all(running: &mut [Running]) {
-    for r in running.iter() {
-        if let Some(pid) = r.child.id() {
+    // Routers first (they were started last), then members.
+    for r in running.iter().rev() {
+        if let Some(pid) = r.child.as_ref().and_then(|c| c.id()) {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for r in running.iter_mut() {
-        match tokio::time::timeout_at(deadline, r.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("member {}/{} did not stop in time: killing it", r.cell, r.id);
-                let _ = r.child.kill().await;
+        let what = describe(&r.entry);
+        if let Some(c) = r.child.as_mut() {
+            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
+                eprintln!("{what} did not stop in time: killing it");
+                let _ = c.kill().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_cells_folder_is_consistent() {
+        let env = load_env(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cells")).unwrap();
+        let names: Vec<&str> = env.cells.iter().map(|(_, d)| d.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "beta", "directory", "gamma"]);
+        assert!(
+            env.cells
+                .iter()
+                .filter(|(_, d)| d.name != "directory")
+                .all(|(_, d)| d.members.len() == 3)
+        );
+        let cells: Vec<&str> = ["a", "b", "c"]
+            .iter()
+            .map(|t| env.static_map.cell_for(t).unwrap().name.as_str())
+            .collect();
+        assert_eq!(cells, ["alpha", "beta", "gamma"]);
+        assert_eq!(env.routers.routers.len(), 2);
     }
 }

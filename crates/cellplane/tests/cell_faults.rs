@@ -72,7 +72,12 @@ async fn assert_all_present(cell: &TestCell, acked: &BTreeMap<String, String>) {
             })
             .collect();
         for (k, v) in acked {
-            assert_eq!(got.get(k), Some(v), "member {}: acknowledged {k} lost", m.id);
+            assert_eq!(
+                got.get(k),
+                Some(v),
+                "member {}: acknowledged {k} lost",
+                m.id
+            );
         }
     }
 }
@@ -95,12 +100,19 @@ async fn leader_kill_during_writes_loses_nothing() {
         let killed_at = Instant::now();
         let new = cell.leader(Duration::from_secs(30)).await;
         assert_ne!(new, old, "round {round}: a new leader is elected");
-        eprintln!("round {round}: leader {old} killed, {new} elected after {:?}", killed_at.elapsed());
+        eprintln!(
+            "round {round}: leader {old} killed, {new} elected after {:?}",
+            killed_at.elapsed()
+        );
         w.await.unwrap();
         next += 200;
         // Puts succeed through the survivors.
         let more = writer(
-            endpoints.iter().copied().filter(|a| *a != cell.member(old).client).collect(),
+            endpoints
+                .iter()
+                .copied()
+                .filter(|a| *a != cell.member(old).client)
+                .collect(),
             next,
             20,
             acked.clone(),
@@ -126,14 +138,21 @@ async fn kill_9_every_member_then_restart_keeps_acknowledged_writes() {
     cell.kill_all();
     w.abort();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "some writes were acknowledged: {}", acked.len());
+    assert!(
+        acked.len() > 10,
+        "some writes were acknowledged: {}",
+        acked.len()
+    );
     for id in 1..=3 {
         cell.spawn(id);
     }
     cell.wait_ready(Duration::from_secs(60));
     cell.leader(Duration::from_secs(30)).await;
     assert_all_present(&cell, &acked).await;
-    eprintln!("{} acknowledged writes survived kill -9 of every member", acked.len());
+    eprintln!(
+        "{} acknowledged writes survived kill -9 of every member",
+        acked.len()
+    );
 }
 
 fn metric(text: &str, name: &str) -> u64 {
@@ -174,7 +193,10 @@ async fn follower_behind_a_truncated_log_catches_up_by_snapshot() {
         if purged > lagger_applied + 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "leader never purged its log (purged {purged})");
+        assert!(
+            Instant::now() < deadline,
+            "leader never purged its log (purged {purged})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cell.spawn(lagger);
@@ -198,10 +220,18 @@ async fn follower_behind_a_truncated_log_catches_up_by_snapshot() {
         if r.count as usize == want.len() {
             break;
         }
-        assert!(Instant::now() < deadline, "lagger stuck at {} of {} keys", r.count, want.len());
+        assert!(
+            Instant::now() < deadline,
+            "lagger stuck at {} of {} keys",
+            r.count,
+            want.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, body) = common::http_get(cell.member(lagger).http, "/metrics").unwrap();
-    assert!(metric(&body, "cellplane_raft_snapshot_index") > lagger_applied, "installed a snapshot");
+    assert!(
+        metric(&body, "cellplane_raft_snapshot_index") > lagger_applied,
+        "installed a snapshot"
+    );
     assert_all_present(&cell, &want).await;
 }

@@ -4,15 +4,15 @@
 mod common;
 
 use cellplane_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use cellplane_proto::etcdserverpb::{
-    request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
-    RangeRequest, RequestOp, TxnRequest,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, request_op, response_op,
 };
-use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use common::TestCell;
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
 
 fn put(k: &str, v: &str) -> PutRequest {
     PutRequest {
@@ -40,11 +40,20 @@ fn prefix(p: &str) -> RangeRequest {
 }
 
 fn keys(r: &cellplane_proto::etcdserverpb::RangeResponse) -> Vec<String> {
-    r.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+    r.kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect()
 }
 
 async fn rev(c: &mut KvClient<Channel>) -> i64 {
-    c.range(get("/nothing")).await.unwrap().into_inner().header.unwrap().revision
+    c.range(get("/nothing"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,14 +92,21 @@ async fn kv_semantics_match_etcd() {
     }
     // Nothing above killed a member.
     for id in 1..=3 {
-        assert!(common::http_get(cell.member(id).http, "/healthz").is_some(), "member {id} died");
+        assert!(
+            common::http_get(cell.member(id).http, "/healthz").is_some(),
+            "member {id} died"
+        );
     }
 }
 
 async fn put_semantics(c: &mut KvClient<Channel>) {
     let r0 = rev(c).await;
     let r = c.put(put("/k", "v1")).await.unwrap().into_inner();
-    assert_eq!(r.header.as_ref().unwrap().revision, r0 + 1, "each put is one revision");
+    assert_eq!(
+        r.header.as_ref().unwrap().revision,
+        r0 + 1,
+        "each put is one revision"
+    );
     assert!(r.prev_kv.is_none());
     let mut p = put("/k", "v2");
     p.prev_kv = true;
@@ -148,7 +164,13 @@ async fn put_semantics(c: &mut KvClient<Channel>) {
 
 async fn range_semantics(c: &mut KvClient<Channel>) {
     // /p/a .. /p/e, written in an order that differs from key order.
-    for (k, v) in [("/p/c", "3"), ("/p/a", "5"), ("/p/e", "1"), ("/p/b", "4"), ("/p/d", "2")] {
+    for (k, v) in [
+        ("/p/c", "3"),
+        ("/p/a", "5"),
+        ("/p/e", "1"),
+        ("/p/b", "4"),
+        ("/p/d", "2"),
+    ] {
         c.put(put(k, v)).await.unwrap();
     }
     c.put(put("/p/b", "44")).await.unwrap(); // version 2
@@ -181,7 +203,10 @@ async fn range_semantics(c: &mut KvClient<Channel>) {
         .await
         .unwrap()
         .into_inner();
-    assert!(r.count >= 7 && r.kvs.is_empty(), "count_only returns only the count");
+    assert!(
+        r.count >= 7 && r.kvs.is_empty(),
+        "count_only returns only the count"
+    );
 
     // limit: `more` and the full `count`.
     let mut req = prefix("/p/");
@@ -194,11 +219,18 @@ async fn range_semantics(c: &mut KvClient<Channel>) {
     // Sorting.
     let mut req = prefix("/p/");
     req.sort_order = SortOrder::Descend as i32;
-    assert_eq!(keys(&c.range(req).await.unwrap().into_inner()), ["/p/e", "/p/d", "/p/c", "/p/b", "/p/a"]);
+    assert_eq!(
+        keys(&c.range(req).await.unwrap().into_inner()),
+        ["/p/e", "/p/d", "/p/c", "/p/b", "/p/a"]
+    );
     let mut req = prefix("/p/");
     req.sort_target = SortTarget::Value as i32; // no order given: ascending
     let r = c.range(req).await.unwrap().into_inner();
-    assert_eq!(keys(&r), ["/p/e", "/p/d", "/p/c", "/p/b", "/p/a"], "values 1,2,3,44,5 sort as bytes");
+    assert_eq!(
+        keys(&r),
+        ["/p/e", "/p/d", "/p/c", "/p/b", "/p/a"],
+        "values 1,2,3,44,5 sort as bytes"
+    );
     let mut req = prefix("/p/");
     req.sort_target = SortTarget::Mod as i32;
     req.sort_order = SortOrder::Descend as i32;
@@ -208,7 +240,10 @@ async fn range_semantics(c: &mut KvClient<Channel>) {
     let mut req = prefix("/p/");
     req.sort_target = SortTarget::Create as i32;
     req.sort_order = SortOrder::Ascend as i32;
-    assert_eq!(keys(&c.range(req).await.unwrap().into_inner()), ["/p/c", "/p/a", "/p/e", "/p/b", "/p/d"]);
+    assert_eq!(
+        keys(&c.range(req).await.unwrap().into_inner()),
+        ["/p/c", "/p/a", "/p/e", "/p/b", "/p/d"]
+    );
     let mut req = prefix("/p/");
     req.sort_target = SortTarget::Version as i32;
     req.sort_order = SortOrder::Descend as i32;
@@ -236,7 +271,10 @@ async fn range_semantics(c: &mut KvClient<Channel>) {
     let mut req = prefix("/p/");
     req.min_create_revision = c_kv.create_revision + 1;
     req.max_mod_revision = b.mod_revision - 1;
-    assert_eq!(keys(&c.range(req).await.unwrap().into_inner()), ["/p/a", "/p/d", "/p/e"]);
+    assert_eq!(
+        keys(&c.range(req).await.unwrap().into_inner()),
+        ["/p/a", "/p/d", "/p/e"]
+    );
 
     // A missing key: no kvs, count 0.
     let r = c.range(get("/p/zz")).await.unwrap().into_inner();
@@ -260,7 +298,11 @@ async fn delete_semantics(c: &mut KvClient<Channel>) {
     assert_eq!(r.deleted, 2);
     assert_eq!(r.prev_kvs.len(), 2);
     assert_eq!(r.prev_kvs[0].value, b"/d/1");
-    assert_eq!(r.header.unwrap().revision, before + 1, "one revision for the whole delete");
+    assert_eq!(
+        r.header.unwrap().revision,
+        before + 1,
+        "one revision for the whole delete"
+    );
     // Deleting nothing makes no revision.
     let r = c
         .delete_range(DeleteRangeRequest {
@@ -272,7 +314,10 @@ async fn delete_semantics(c: &mut KvClient<Channel>) {
         .into_inner();
     assert_eq!(r.deleted, 0);
     assert_eq!(r.header.unwrap().revision, before + 1);
-    assert_eq!(keys(&c.range(prefix("/d/")).await.unwrap().into_inner()), ["/d/3"]);
+    assert_eq!(
+        keys(&c.range(prefix("/d/")).await.unwrap().into_inner()),
+        ["/d/3"]
+    );
 }
 
 fn cmp(key: &str, target: CompareTarget, result: CompareResult, u: TargetUnion) -> Compare {
@@ -299,28 +344,93 @@ fn op_get(k: &str) -> RequestOp {
 
 async fn txn_semantics(c: &mut KvClient<Channel>) {
     c.put(put("/t/x", "1")).await.unwrap();
-    let x = c.range(get("/t/x")).await.unwrap().into_inner().kvs.remove(0);
+    let x = c
+        .range(get("/t/x"))
+        .await
+        .unwrap()
+        .into_inner()
+        .kvs
+        .remove(0);
 
     // Every comparison target and operator, each on a case that holds and one that
     // does not.
     use CompareResult::*;
     use CompareTarget::*;
     let cases = [
-        (cmp("/t/x", Value, Equal, TargetUnion::Value("1".into())), true),
-        (cmp("/t/x", Value, Equal, TargetUnion::Value("2".into())), false),
-        (cmp("/t/x", Value, NotEqual, TargetUnion::Value("2".into())), true),
-        (cmp("/t/x", Value, Greater, TargetUnion::Value("0".into())), true),
-        (cmp("/t/x", Value, Less, TargetUnion::Value("0".into())), false),
+        (
+            cmp("/t/x", Value, Equal, TargetUnion::Value("1".into())),
+            true,
+        ),
+        (
+            cmp("/t/x", Value, Equal, TargetUnion::Value("2".into())),
+            false,
+        ),
+        (
+            cmp("/t/x", Value, NotEqual, TargetUnion::Value("2".into())),
+            true,
+        ),
+        (
+            cmp("/t/x", Value, Greater, TargetUnion::Value("0".into())),
+            true,
+        ),
+        (
+            cmp("/t/x", Value, Less, TargetUnion::Value("0".into())),
+            false,
+        ),
         (cmp("/t/x", Version, Equal, TargetUnion::Version(1)), true),
-        (cmp("/t/x", Version, Greater, TargetUnion::Version(1)), false),
-        (cmp("/t/x", Create, Equal, TargetUnion::CreateRevision(x.create_revision)), true),
-        (cmp("/t/x", Create, Less, TargetUnion::CreateRevision(x.create_revision + 1)), true),
-        (cmp("/t/x", Mod, NotEqual, TargetUnion::ModRevision(x.mod_revision)), false),
-        (cmp("/t/x", Mod, Greater, TargetUnion::ModRevision(x.mod_revision - 1)), true),
+        (
+            cmp("/t/x", Version, Greater, TargetUnion::Version(1)),
+            false,
+        ),
+        (
+            cmp(
+                "/t/x",
+                Create,
+                Equal,
+                TargetUnion::CreateRevision(x.create_revision),
+            ),
+            true,
+        ),
+        (
+            cmp(
+                "/t/x",
+                Create,
+                Less,
+                TargetUnion::CreateRevision(x.create_revision + 1),
+            ),
+            true,
+        ),
+        (
+            cmp(
+                "/t/x",
+                Mod,
+                NotEqual,
+                TargetUnion::ModRevision(x.mod_revision),
+            ),
+            false,
+        ),
+        (
+            cmp(
+                "/t/x",
+                Mod,
+                Greater,
+                TargetUnion::ModRevision(x.mod_revision - 1),
+            ),
+            true,
+        ),
         // A missing key: a value compare fails; other targets compare against 0.
-        (cmp("/t/none", Value, NotEqual, TargetUnion::Value("a".into())), false),
-        (cmp("/t/none", Version, Equal, TargetUnion::Version(0)), true),
-        (cmp("/t/none", Create, Equal, TargetUnion::CreateRevision(0)), true),
+        (
+            cmp("/t/none", Value, NotEqual, TargetUnion::Value("a".into())),
+            false,
+        ),
+        (
+            cmp("/t/none", Version, Equal, TargetUnion::Version(0)),
+            true,
+        ),
+        (
+            cmp("/t/none", Create, Equal, TargetUnion::CreateRevision(0)),
+            true,
+        ),
     ];
     for (i, (compare, want)) in cases.into_iter().enumerate() {
         let r = c
@@ -347,15 +457,28 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
         .unwrap()
         .into_inner();
     assert!(r.succeeded);
-    assert_eq!(r.header.unwrap().revision, before + 1, "a txn is one revision");
+    assert_eq!(
+        r.header.unwrap().revision,
+        before + 1,
+        "a txn is one revision"
+    );
     assert_eq!(r.responses.len(), 3);
     match &r.responses[2].response {
         Some(response_op::Response::ResponseRange(rr)) => {
-            assert_eq!(rr.kvs[0].value, b"2", "a read in a txn sees the txn's earlier writes")
+            assert_eq!(
+                rr.kvs[0].value, b"2",
+                "a read in a txn sees the txn's earlier writes"
+            )
         }
         other => panic!("unexpected {other:?}"),
     }
-    let y = c.range(get("/t/y")).await.unwrap().into_inner().kvs.remove(0);
+    let y = c
+        .range(get("/t/y"))
+        .await
+        .unwrap()
+        .into_inner()
+        .kvs
+        .remove(0);
     assert_eq!(y.mod_revision, before + 1);
     // Now the compare fails: the failure branch runs.
     let r = c
@@ -372,7 +495,11 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
         Some(response_op::Response::ResponseRange(rr)) => assert_eq!(rr.kvs[0].value, b"2"),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(rev(c).await, before + 1, "a txn that writes nothing makes no revision");
+    assert_eq!(
+        rev(c).await,
+        before + 1,
+        "a txn that writes nothing makes no revision"
+    );
 
     // A compare over a range holds only if it holds for every key.
     let mut all_small = cmp("/p/", Version, Less, TargetUnion::Version(2));
@@ -396,21 +523,43 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert_eq!(e.message(), "etcdserver: duplicate key given in txn request");
+    assert_eq!(
+        e.message(),
+        "etcdserver: duplicate key given in txn request"
+    );
     // More ops than max_txn_ops (128).
     let e = c
         .txn(TxnRequest {
-            success: (0..129).map(|i| op_put(&format!("/t/many/{i}"), "v")).collect(),
+            success: (0..129)
+                .map(|i| op_put(&format!("/t/many/{i}"), "v"))
+                .collect(),
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert_eq!(e.message(), "etcdserver: too many operations in txn request");
+    assert_eq!(
+        e.message(),
+        "etcdserver: too many operations in txn request"
+    );
 }
 
 async fn revision_and_compaction(c: &mut KvClient<Channel>) {
-    let r1 = c.put(put("/h", "one")).await.unwrap().into_inner().header.unwrap().revision;
-    let r2 = c.put(put("/h", "two")).await.unwrap().into_inner().header.unwrap().revision;
+    let r1 = c
+        .put(put("/h", "one"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    let r2 = c
+        .put(put("/h", "two"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
     let r3 = c
         .delete_range(DeleteRangeRequest {
             key: "/h".into(),
@@ -429,9 +578,19 @@ async fn revision_and_compaction(c: &mut KvClient<Channel>) {
     };
     let v = c.range(at(r1)).await.unwrap().into_inner();
     assert_eq!(v.kvs[0].value, b"one");
-    assert_eq!(v.header.unwrap().revision, r3, "the header carries the newest revision");
-    assert_eq!(c.range(at(r2)).await.unwrap().into_inner().kvs[0].value, b"two");
-    assert!(c.range(at(r3)).await.unwrap().into_inner().kvs.is_empty(), "deleted at r3");
+    assert_eq!(
+        v.header.unwrap().revision,
+        r3,
+        "the header carries the newest revision"
+    );
+    assert_eq!(
+        c.range(at(r2)).await.unwrap().into_inner().kvs[0].value,
+        b"two"
+    );
+    assert!(
+        c.range(at(r3)).await.unwrap().into_inner().kvs.is_empty(),
+        "deleted at r3"
+    );
     // Historical prefix read.
     let mut p = prefix("/h");
     p.revision = r1;
@@ -440,7 +599,10 @@ async fn revision_and_compaction(c: &mut KvClient<Channel>) {
     // A future revision.
     let e = c.range(at(r3 + 1000)).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
-    assert_eq!(e.message(), "etcdserver: mvcc: required revision is a future revision");
+    assert_eq!(
+        e.message(),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
 
     // Compact at r2: r2 still readable, r1 not.
     c.compact(CompactionRequest {
@@ -449,10 +611,16 @@ async fn revision_and_compaction(c: &mut KvClient<Channel>) {
     })
     .await
     .unwrap();
-    assert_eq!(c.range(at(r2)).await.unwrap().into_inner().kvs[0].value, b"two");
+    assert_eq!(
+        c.range(at(r2)).await.unwrap().into_inner().kvs[0].value,
+        b"two"
+    );
     let e = c.range(at(r1)).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
-    assert_eq!(e.message(), "etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        e.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
     // Compacting at or below the compaction again, or into the future: etcd's errors.
     let e = c
         .compact(CompactionRequest {
@@ -461,7 +629,10 @@ async fn revision_and_compaction(c: &mut KvClient<Channel>) {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.message(), "etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        e.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
     let e = c
         .compact(CompactionRequest {
             revision: r3 + 1000,
@@ -469,9 +640,15 @@ async fn revision_and_compaction(c: &mut KvClient<Channel>) {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.message(), "etcdserver: mvcc: required revision is a future revision");
+    assert_eq!(
+        e.message(),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
     // Older keys survive compaction at their newest version.
-    assert_eq!(c.range(get("/p/a")).await.unwrap().into_inner().kvs.len(), 1);
+    assert_eq!(
+        c.range(get("/p/a")).await.unwrap().into_inner().kvs.len(),
+        1
+    );
 }
 
 async fn bad_input(c: &mut KvClient<Channel>) {
@@ -508,7 +685,10 @@ async fn bad_input(c: &mut KvClient<Channel>) {
     let huge = "x".repeat(8 << 20);
     let e = c.put(put("/big", &huge)).await.unwrap_err();
     assert!(
-        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument),
+        matches!(
+            e.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
         "{e:?}"
     );
     let e = c

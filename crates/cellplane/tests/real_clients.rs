@@ -22,7 +22,12 @@ fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> (bool, String
         .spawn()
         .expect("etcdctl is not installed: run scripts/setup.sh (Debian package etcd-client)");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     } else {
         drop(child.stdin.take());
     }
@@ -92,14 +97,21 @@ async fn etcdctl_works_against_a_cell() {
         Some("value(\"foo\") = \"baz\"\n\nput foo x\n\nget foo\n\n"),
     );
     assert!(ok, "{out}");
-    assert!(out.starts_with("FAILURE") && out.contains("cas-won"), "{out}");
+    assert!(
+        out.starts_with("FAILURE") && out.contains("cas-won"),
+        "{out}"
+    );
 
     // endpoint status: one line per member, exactly one leader.
     let (ok, out) = etcdctl(&all, &["endpoint", "status"], None);
     assert!(ok, "{out}");
     let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert_eq!(lines.iter().filter(|l| l.contains(", true, ")).count(), 1, "{out}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(", true, ")).count(),
+        1,
+        "{out}"
+    );
 
     // member list: every member with its URLs.
     let (ok, out) = etcdctl(&all, &["member", "list"], None);
@@ -113,11 +125,16 @@ async fn etcdctl_works_against_a_cell() {
     let (ok, out) = etcdctl(&all, &["compact", &rev.to_string()], None);
     assert!(ok, "{out}");
     let (ok, out) = etcdctl(&all, &["get", "foo", &format!("--rev={}", rev - 1)], None);
-    assert!(!ok && out.contains("required revision has been compacted"), "{out}");
+    assert!(
+        !ok && out.contains("required revision has been compacted"),
+        "{out}"
+    );
 }
 
 fn json_field(json: &str, field: &str) -> i64 {
-    let at = json.find(&format!("\"{field}\":")).unwrap_or_else(|| panic!("{field} in {json}"));
+    let at = json
+        .find(&format!("\"{field}\":"))
+        .unwrap_or_else(|| panic!("{field} in {json}"));
     json[at + field.len() + 3..]
         .chars()
         .take_while(|c| c.is_ascii_digit())
@@ -156,7 +173,13 @@ async fn rust_etcd_client_works_against_a_cell() {
         .await
         .unwrap();
     assert!(r.succeeded());
-    let r = client.delete("/rc/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let r = client
+        .delete(
+            "/rc/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.deleted(), 2);
     let s = client.status().await.unwrap();
     assert!(s.leader() != 0 && s.raft_term() >= 1);

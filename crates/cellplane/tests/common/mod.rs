@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cellplane_proto::etcdserverpb::StatusRequest;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use cellplane_proto::etcdserverpb::StatusRequest;
 use tonic::transport::Channel;
 
 pub struct MemberProc {
@@ -36,7 +36,10 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
     let socks: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind probe port"))
         .collect();
-    socks.iter().map(|s| s.local_addr().expect("local addr")).collect()
+    socks
+        .iter()
+        .map(|s| s.local_addr().expect("local addr"))
+        .collect()
 }
 
 pub fn bin() -> PathBuf {
@@ -51,9 +54,14 @@ impl TestCell {
 
     /// Like `start`, with extra TOML appended to the cell definition.
     pub fn start_with(n: usize, extra_toml: &str) -> TestCell {
+        Self::start_named("test", n, extra_toml)
+    }
+
+    /// A cell with the given name.
+    pub fn start_named(name: &str, n: usize, extra_toml: &str) -> TestCell {
         let dir = tempfile::tempdir().expect("tempdir");
         let addrs = free_addrs(3 * n);
-        let mut toml = String::from("name = \"test\"\n");
+        let mut toml = format!("name = \"{name}\"\n");
         let mut members = Vec::new();
         for i in 0..n {
             let id = (i + 1) as u64;
@@ -72,7 +80,7 @@ impl TestCell {
             });
         }
         toml.push_str(extra_toml);
-        let def_path = dir.path().join("test.toml");
+        let def_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&def_path, toml).expect("write cell definition");
         let mut cell = TestCell {
             dir,
@@ -141,7 +149,10 @@ impl TestCell {
     }
 
     pub fn all_endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://{}", m.client)).collect()
+        self.members
+            .iter()
+            .map(|m| format!("http://{}", m.client))
+            .collect()
     }
 
     pub fn log_of(&self, id: u64) -> String {
@@ -165,7 +176,10 @@ impl TestCell {
                 if let Some(status) = exited {
                     panic!("member {id} exited ({status}):\n{}", self.log_of(id));
                 }
-                if http_get(http, "/readyz").map(|(code, _)| code == 200).unwrap_or(false) {
+                if http_get(http, "/readyz")
+                    .map(|(code, _)| code == 200)
+                    .unwrap_or(false)
+                {
                     break;
                 }
                 if Instant::now() > deadline {
@@ -189,10 +203,16 @@ impl TestCell {
                 }
             }
             let running = self.members.iter().filter(|m| m.child.is_some()).count();
-            if seen.len() == running && !seen.is_empty() && seen.iter().all(|l| *l == seen[0] && *l != 0) {
+            if seen.len() == running
+                && !seen.is_empty()
+                && seen.iter().all(|l| *l == seen[0] && *l != 0)
+            {
                 return seen[0];
             }
-            assert!(Instant::now() < deadline, "no agreed leader in time: {seen:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader in time: {seen:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -220,7 +240,9 @@ pub async fn kv(addr: SocketAddr) -> Result<KvClient<Channel>, tonic::transport:
     Ok(KvClient::new(channel(addr).await?))
 }
 
-pub async fn maintenance(addr: SocketAddr) -> Result<MaintenanceClient<Channel>, tonic::transport::Error> {
+pub async fn maintenance(
+    addr: SocketAddr,
+) -> Result<MaintenanceClient<Channel>, tonic::transport::Error> {
     Ok(MaintenanceClient::new(channel(addr).await?))
 }
 
@@ -239,4 +261,180 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A whole environment: cells, a directory cell and one router, as real processes.
+pub struct TestEnv {
+    pub cells: Vec<TestCell>,
+    pub directory: TestCell,
+    pub folder: tempfile::TempDir,
+    pub router_client: SocketAddr,
+    pub router_admin: SocketAddr,
+    pub router_http: SocketAddr,
+    pub router: Option<Child>,
+}
+
+impl TestEnv {
+    /// Cells `names` of `members` each, plus a 1-member directory and a router.
+    /// The static map pins tenant `a` to the first cell, `b` to the second, and so on.
+    pub fn start(names: &[&str], members: usize) -> TestEnv {
+        let cells: Vec<TestCell> = names
+            .iter()
+            .map(|n| TestCell::start_named(n, members, ""))
+            .collect();
+        let directory = TestCell::start_named("directory", 1, "");
+        let folder = tempfile::tempdir().expect("tempdir");
+        let r = free_addrs(3);
+        std::fs::write(
+            folder.path().join("routers.toml"),
+            format!(
+                "directory = \"directory\"\nstatic_map = \"routing.toml\"\n[[routers]]\nid = 1\nclient = \"{}\"\nadmin = \"{}\"\nhttp = \"{}\"\n[settings]\ndirectory_poll_ms = 200\n[settings.pool]\nrequest_timeout_ms = 3000\nprobe_interval_ms = 200\n",
+                r[0], r[1], r[2]
+            ),
+        )
+        .unwrap();
+        std::fs::copy(&directory.def_path, folder.path().join("directory.toml")).unwrap();
+        let env = TestEnv {
+            cells,
+            directory,
+            folder,
+            router_client: r[0],
+            router_admin: r[1],
+            router_http: r[2],
+            router: None,
+        };
+        std::fs::write(
+            env.folder.path().join("routing.toml"),
+            env.static_map(1, &[]),
+        )
+        .unwrap();
+        env
+    }
+
+    /// The static map text: even buckets over the cells, tenants a, b, c… pinned to
+    /// cells 1, 2, 3…, plus `extra` pins.
+    pub fn static_map(&self, version: u64, extra: &[(&str, &str)]) -> String {
+        let names: Vec<String> = self.cells.iter().map(|c| c.def_name()).collect();
+        let mut t = format!("version = {version}\nbuckets = 4096\n");
+        for c in &self.cells {
+            let eps: Vec<String> = c
+                .members
+                .iter()
+                .map(|m| format!("\"{}\"", m.client))
+                .collect();
+            t.push_str(&format!(
+                "[[cells]]\nname = \"{}\"\nendpoints = [{}]\n",
+                c.def_name(),
+                eps.join(", ")
+            ));
+        }
+        let n = names.len() as u32;
+        let mut from = 0;
+        for (i, name) in names.iter().enumerate() {
+            let share = 4096 / n + u32::from((i as u32) < 4096 % n);
+            t.push_str(&format!(
+                "[[ranges]]\nfrom = {from}\nto = {}\ncell = \"{name}\"\n",
+                from + share - 1
+            ));
+            from += share;
+        }
+        t.push_str("[tenants]\n");
+        for (i, name) in names.iter().enumerate() {
+            let tenant = (b'a' + i as u8) as char;
+            if !extra.iter().any(|(t, _)| *t == tenant.to_string()) {
+                t.push_str(&format!("{tenant} = \"{name}\"\n"));
+            }
+        }
+        for (tenant, cell) in extra {
+            t.push_str(&format!("{tenant} = \"{cell}\"\n"));
+        }
+        t
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.folder.path().join("router-state")
+    }
+
+    pub fn start_router(&mut self) {
+        assert!(self.router.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.folder.path().join("router.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["router", "--routers"])
+            .arg(self.folder.path().join("routers.toml"))
+            .args(["--id", "1", "--state-dir"])
+            .arg(self.state_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.router = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(self.router_http, "/readyz").is_some_and(|(c, _)| c == 200) {
+            assert!(
+                Instant::now() < deadline,
+                "router not ready:\n{}",
+                self.router_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop_router(&mut self) {
+        if let Some(mut c) = self.router.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn router_log(&self) -> String {
+        std::fs::read_to_string(self.folder.path().join("router.log")).unwrap_or_default()
+    }
+
+    pub async fn router_kv(&self) -> KvClient<Channel> {
+        kv(self.router_client).await.expect("connect router")
+    }
+
+    /// Writes a map (TOML text) into the directory as the live map.
+    pub async fn publish_map(&self, toml_text: &str, expected_revision: i64) {
+        let map = cellplane_map::CellMap::from_toml(toml_text).expect("valid map");
+        let eps: Vec<String> = self
+            .directory
+            .members
+            .iter()
+            .map(|m| m.client.to_string())
+            .collect();
+        let dir =
+            cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3)).unwrap();
+        dir.write(&map, expected_revision).await.expect("write map");
+    }
+
+    pub async fn admin_status(&self) -> cellplane_proto::router::RouterStatusResponse {
+        let ch = channel(self.router_admin).await.unwrap();
+        cellplane_proto::router::router_admin_client::RouterAdminClient::new(ch)
+            .status(cellplane_proto::router::RouterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.stop_router();
+    }
+}
+
+impl TestCell {
+    pub fn def_name(&self) -> String {
+        self.def_path
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
 }

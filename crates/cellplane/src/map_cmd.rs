@@ -1,0 +1,194 @@
+//! `cellplane map show | apply <file> | assign <tenant> <cell> | drain <cell>`:
+//! change the cell map in the directory. Every change is validated (as a successor
+//! of the stored map) before it is written, and written with a compare-and-swap on
+//! the stored map's revision. Routers pick it up within their poll interval.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cellplane_map::{CellMap, CellState};
+use cellplane_router::directory::{Directory, DirectoryError};
+
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    /// Directory endpoints (host:port, comma-separated). Default: the members of the
+    /// directory cell named in <cells>/routers.toml.
+    #[arg(long, value_delimiter = ',')]
+    pub directory: Vec<String>,
+    /// The folder of cell definitions.
+    #[arg(long, default_value = "cells")]
+    pub cells: PathBuf,
+    #[command(subcommand)]
+    pub op: MapOp,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum MapOp {
+    /// Print the map in the directory (TOML).
+    Show,
+    /// Replace the map with a file's (TOML or .json); its version must be newer.
+    Apply { file: PathBuf },
+    /// Pin a tenant to a cell.
+    Assign { tenant: String, cell: String },
+    /// Move a cell's buckets to the other active cells and mark it draining. This
+    /// moves routing, not data: keys already written stay in the drained cell.
+    Drain { cell: String },
+}
+
+pub fn directory_endpoints(cells: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let routers = cellplane_router::RoutersDef::load(&cells.join("routers.toml"))?;
+    let def = cellplane_cell::CellDef::load(&cells.join(format!("{}.toml", routers.directory)))?;
+    Ok(def.members.iter().map(|m| m.client.to_string()).collect())
+}
+
+pub async fn run(args: MapArgs) -> anyhow::Result<()> {
+    let endpoints = if args.directory.is_empty() {
+        directory_endpoints(&args.cells)?
+    } else {
+        args.directory.clone()
+    };
+    let dir = Directory::new(&endpoints, Duration::from_secs(3)).map_err(anyhow::Error::msg)?;
+    let stored = match dir.read().await {
+        Ok(m) => Some(m),
+        Err(DirectoryError::Empty) => None,
+        Err(e) => bail!("{e} (endpoints: {})", endpoints.join(",")),
+    };
+    match args.op {
+        MapOp::Show => {
+            let (map, rev) = stored.context("the directory holds no map yet")?;
+            println!(
+                "# cell map version {} (directory revision {rev})",
+                map.version
+            );
+            print!("{}", map.to_toml());
+            Ok(())
+        }
+        MapOp::Apply { file } => {
+            let next = cellplane_router::map_source::read_map_file(&file)?;
+            write(&dir, stored, next).await
+        }
+        MapOp::Assign { tenant, cell } => {
+            let (map, rev) =
+                stored.context("the directory holds no map yet: `map apply` one first")?;
+            let mut next = map.clone();
+            next.version += 1;
+            next.tenants.insert(tenant.clone(), cell.clone());
+            write(&dir, Some((map, rev)), next).await?;
+            println!("tenant {tenant} now routes to cell {cell}");
+            Ok(())
+        }
+        MapOp::Drain { cell } => {
+            let (map, rev) = stored.context("the directory holds no map yet")?;
+            let next = drained(&map, &cell)?;
+            write(&dir, Some((map, rev)), next).await?;
+            println!(
+                "cell {cell} is draining: its buckets now route to the other active cells \
+                 (routing only; its data stays where it is)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The map with `cell`'s buckets spread over the remaining active cells and `cell`
+/// marked draining. Tenants pinned to `cell` stay pinned (an operator's choice).
+pub fn drained(map: &CellMap, cell: &str) -> anyhow::Result<CellMap> {
+    let entry = map
+        .cells
+        .iter()
+        .find(|c| c.name == cell)
+        .with_context(|| format!("no cell {cell} in the map"))?;
+    if entry.state == CellState::Draining {
+        bail!("cell {cell} is already draining");
+    }
+    let others: Vec<&str> = map
+        .cells
+        .iter()
+        .filter(|c| c.name != cell && c.state == CellState::Active)
+        .map(|c| c.name.as_str())
+        .collect();
+    if others.is_empty() {
+        bail!("cell {cell} is the last active cell: nothing to drain it to");
+    }
+    let mut next = map.clone();
+    next.version += 1;
+    let mut ranges = Vec::new();
+    let mut turn = 0;
+    for r in &map.ranges {
+        if r.cell != cell {
+            ranges.push(r.clone());
+            continue;
+        }
+        // Split the range evenly over the other cells.
+        let len = r.to - r.from + 1;
+        let parts = (others.len() as u32).min(len);
+        let mut from = r.from;
+        for k in 0..parts {
+            let share = len / parts + u32::from(k < len % parts);
+            ranges.push(cellplane_map::BucketRange {
+                from,
+                to: from + share - 1,
+                cell: others[(turn + k as usize) % others.len()].to_string(),
+            });
+            from += share;
+        }
+        turn += 1;
+    }
+    ranges.sort_by_key(|r| r.from);
+    next.ranges = ranges;
+    for c in &mut next.cells {
+        if c.name == cell {
+            c.state = CellState::Draining;
+        }
+    }
+    next.validate()?;
+    Ok(next)
+}
+
+async fn write(
+    dir: &Directory,
+    stored: Option<(CellMap, i64)>,
+    next: CellMap,
+) -> anyhow::Result<()> {
+    let expected = match &stored {
+        Some((current, rev)) => {
+            next.validate_successor(current)?;
+            *rev
+        }
+        None => {
+            next.validate()?;
+            0
+        }
+    };
+    dir.write(&next, expected)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!("map version {} written to the directory", next.version);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_moves_every_bucket_off_the_cell() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../cells/routing.toml"
+        ))
+        .unwrap();
+        let map = CellMap::from_toml(&text).unwrap();
+        let next = drained(&map, "beta").unwrap();
+        assert_eq!(next.version, map.version + 1);
+        assert!(next.ranges.iter().all(|r| r.cell != "beta"));
+        assert!(drained(&next, "beta").is_err(), "already draining");
+        let next2 = drained(&next, "alpha").unwrap();
+        assert!(next2.ranges.iter().all(|r| r.cell == "gamma"));
+        assert!(
+            drained(&next2, "gamma").is_err(),
+            "the last active cell cannot drain"
+        );
+    }
+}

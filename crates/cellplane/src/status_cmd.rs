@@ -1,0 +1,56 @@
+//! `cellplane status`: the map in force and every cell as a router sees it.
+
+use anyhow::Context;
+use cellplane_proto::router::RouterStatusRequest;
+use cellplane_proto::router::router_admin_client::RouterAdminClient;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The router's admin address.
+    #[arg(long, default_value = "127.0.0.1:2378")]
+    pub admin: String,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let uri = format!("http://{}", args.admin);
+    let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the router admin at {}", args.admin))?;
+    let s = RouterAdminClient::new(channel)
+        .status(RouterStatusRequest {})
+        .await
+        .context("router status failed")?
+        .into_inner();
+    println!("map version {} (source: {})", s.map_version, s.map_source);
+    println!(
+        "{:<10} {:<9} {:>9} {:>7} {:>9} {:>9} {:>9}  members (healthy)",
+        "CELL", "STATE", "REACHABLE", "LEADER", "REQ/S", "ERR/S", "P99 MS"
+    );
+    for c in &s.cells {
+        let up = c.members.iter().filter(|m| m.healthy).count();
+        let members: Vec<String> = c
+            .members
+            .iter()
+            .map(|m| format!("{}{}", m.endpoint, if m.healthy { "" } else { " (down)" }))
+            .collect();
+        println!(
+            "{:<10} {:<9} {:>9} {:>7} {:>9.1} {:>9.1} {:>9.2}  {}",
+            c.name,
+            c.state,
+            format!("{up}/{}", c.members.len()),
+            if c.leader_id == 0 {
+                "-".to_string()
+            } else {
+                c.leader_id.to_string()
+            },
+            c.requests_per_sec,
+            c.errors_per_sec,
+            c.p99_ms,
+            members.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The router on real processes: tenants land on their cells, a dead cell stays
+//! dead alone, and the map survives a directory outage through last-known-good
+//! and static fallbacks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
+use common::TestEnv;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn put(k: &str, v: &str) -> PutRequest {
+    PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    }
+}
+
+fn get(k: &str) -> RangeRequest {
+    RangeRequest {
+        key: k.into(),
+        ..Default::default()
+    }
+}
+
+/// Puts through the router and returns the cell that served it.
+async fn put_cell(r: &mut KvClient<Channel>, key: &str) -> Result<String, tonic::Status> {
+    let resp = r.put(put(key, "v")).await?;
+    Ok(resp
+        .metadata()
+        .get("cellplane-cell")
+        .expect("cellplane-cell metadata")
+        .to_str()
+        .unwrap()
+        .to_string())
+}
+
+async fn present_in(env: &TestEnv, cell: usize, key: &str) -> bool {
+    let mut c = common::kv(env.cells[cell].members[0].client).await.unwrap();
+    !c.range(get(key)).await.unwrap().into_inner().kvs.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_route_to_their_cells_and_a_dead_cell_stays_alone() {
+    let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
+    env.start_router();
+    let mut r = env.router_kv().await;
+
+    // a, b, c are pinned to alpha, beta, gamma; the key's first segment names the
+    // tenant, with or without a leading slash.
+    for (i, (tenant, cell)) in [("a", "alpha"), ("b", "beta"), ("c", "gamma")]
+        .iter()
+        .enumerate()
+    {
+        let key = format!("/{tenant}/k");
+        assert_eq!(put_cell(&mut r, &key).await.unwrap(), *cell);
+        for j in 0..3 {
+            assert_eq!(present_in(&env, j, &key).await, i == j, "{key} in cell {j}");
+        }
+        assert_eq!(
+            put_cell(&mut r, &format!("{tenant}/plain")).await.unwrap(),
+            *cell
+        );
+    }
+    // The metadata names the tenant explicitly.
+    let mut req = tonic::Request::new(put("settings", "x"));
+    req.metadata_mut()
+        .insert("cellplane-tenant", "b".parse().unwrap());
+    let resp = r.put(req).await.unwrap();
+    assert_eq!(resp.metadata().get("cellplane-cell").unwrap(), "beta");
+    // A prefix range inside one tenant routes; one spanning tenants is refused.
+    let resp = r
+        .range(RangeRequest {
+            key: "/a/".into(),
+            range_end: "/a0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get("cellplane-cell").unwrap(), "alpha");
+    assert_eq!(resp.into_inner().kvs.len(), 1);
+    let e = r
+        .range(RangeRequest {
+            key: "/a/".into(),
+            range_end: "/c0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("isolated"), "{}", e.message());
+    let e = r.put(put("notenant", "v")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Kill every member of beta: a and c see no error, b fails with UNAVAILABLE
+    // naming beta.
+    env.cells[1].kill_all();
+    let mut b_errors = 0;
+    for n in 0..60 {
+        for tenant in ["a", "c"] {
+            put_cell(&mut r, &format!("/{tenant}/after-{n}"))
+                .await
+                .unwrap_or_else(|e| panic!("tenant {tenant} saw {e:?} while beta was down"));
+        }
+        let e = r.put(put(&format!("/b/after-{n}"), "v")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("beta"), "{}", e.message());
+        b_errors += 1;
+    }
+    assert_eq!(b_errors, 60);
+    let status = env.admin_status().await;
+    let beta = status.cells.iter().find(|c| c.name == "beta").unwrap();
+    assert!(
+        beta.members.iter().all(|m| !m.healthy),
+        "router sees beta down: {beta:?}"
+    );
+    assert!(
+        status
+            .cells
+            .iter()
+            .filter(|c| c.name != "beta")
+            .all(|c| c.members.iter().all(|m| m.healthy))
+    );
+}
+
+async fn wait_for_cell(r: &mut KvClient<Channel>, key: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if put_cell(r, key).await.ok().as_deref() == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} never routed to {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_survives_directory_loss_through_last_known_good_and_static() {
+    let mut env = TestEnv::start(&["alpha", "beta"], 1);
+    // The directory holds version 1 (the static map's content).
+    env.publish_map(&env.static_map(1, &[]), 0).await;
+    env.start_router();
+    let mut r = env.router_kv().await;
+    assert_eq!(put_cell(&mut r, "/a/x").await.unwrap(), "alpha");
+    assert_eq!(env.admin_status().await.map_source, "directory");
+
+    // A live change: version 2 moves tenant a to beta.
+    let rev = {
+        let mut d = common::kv(env.directory.members[0].client).await.unwrap();
+        d.range(get("/cellplane/cellmap"))
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs[0]
+            .mod_revision
+    };
+    env.publish_map(&env.static_map(2, &[("a", "beta")]), rev)
+        .await;
+    wait_for_cell(&mut r, "/a/x", "beta").await;
+
+    // The directory goes down: routing continues with the map in force.
+    env.directory.kill_all();
+    for n in 0..20 {
+        assert_eq!(put_cell(&mut r, &format!("/a/{n}")).await.unwrap(), "beta");
+        assert_eq!(put_cell(&mut r, &format!("/b/{n}")).await.unwrap(), "beta");
+    }
+
+    // Restarted while the directory is down: last-known-good (version 2).
+    env.stop_router();
+    env.start_router();
+    let mut r = env.router_kv().await;
+    assert_eq!(put_cell(&mut r, "/a/y").await.unwrap(), "beta");
+    let s = env.admin_status().await;
+    assert_eq!(
+        (s.map_source.as_str(), s.map_version),
+        ("last-known-good", 2)
+    );
+
+    // A corrupt last-known-good is skipped, with a warning: the static map (v1).
+    env.stop_router();
+    let lkg = env.state_dir().join("cellmap.last-known-good.json");
+    std::fs::write(&lkg, b"{ half a file").unwrap();
+    env.start_router();
+    let mut r = env.router_kv().await;
+    assert_eq!(put_cell(&mut r, "/a/z").await.unwrap(), "alpha");
+    let s = env.admin_status().await;
+    assert_eq!((s.map_source.as_str(), s.map_version), ("static", 1));
+    assert!(
+        env.router_log().contains("last-known-good map is unusable"),
+        "{}",
+        env.router_log()
+    );
+
+    // The directory comes back: the router follows it again (version 2).
+    env.directory.spawn(1);
+    env.directory.wait_ready(Duration::from_secs(30));
+    wait_for_cell(&mut r, "/a/w", "beta").await;
+    assert_eq!(env.admin_status().await.map_source, "directory");
+}

@@ -1,0 +1,149 @@
+//! `cellplane up` end to end: starts every member of the cells in a folder, the
+//! directory and a router, reports ready, serves requests through the router, and
+//! on SIGTERM stops every child, leaving no orphan.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
+
+fn pid_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; a zombie still counts, so look at /proc state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_serves_and_stops_without_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let cells = dir.path().join("cells");
+    std::fs::create_dir_all(&cells).unwrap();
+    let socks: Vec<TcpListener> = (0..15)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let a: Vec<_> = socks.iter().map(|s| s.local_addr().unwrap()).collect();
+    drop(socks);
+    let member = |id: usize, base: usize| {
+        format!(
+            "[[members]]\nid = {id}\nclient = \"{}\"\npeer = \"{}\"\nhttp = \"{}\"\n",
+            a[base],
+            a[base + 1],
+            a[base + 2]
+        )
+    };
+    let mut def = String::from("name = \"e2e\"\n");
+    for i in 0..3 {
+        def.push_str(&member(i + 1, 3 * i));
+    }
+    std::fs::write(cells.join("e2e.toml"), def).unwrap();
+    std::fs::write(
+        cells.join("directory.toml"),
+        format!("name = \"directory\"\n{}", member(1, 9)),
+    )
+    .unwrap();
+    std::fs::write(
+        cells.join("routers.toml"),
+        format!(
+            "directory = \"directory\"\n[[routers]]\nid = 1\nclient = \"{}\"\nadmin = \"{}\"\nhttp = \"{}\"\n",
+            a[12], a[13], a[14]
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        cells.join("routing.toml"),
+        format!(
+            "version = 1\n[[cells]]\nname = \"e2e\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n[[ranges]]\nfrom = 0\nto = 4095\ncell = \"e2e\"\n",
+            a[0], a[3], a[6]
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+
+    let mut up = Command::new(common::bin())
+        .arg("up")
+        .arg("--cells")
+        .arg(&cells)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut printed = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!("`up` never said ready; it printed:\n{}", printed.join("\n"))
+            });
+        let ready = line.starts_with("cellplane is ready");
+        printed.push(line);
+        if ready {
+            break;
+        }
+    }
+    let table = printed.join("\n");
+    assert!(
+        table.contains(&a[0].to_string()),
+        "endpoint table:\n{table}"
+    );
+
+    // up.json names every member's pid.
+    let env: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("up.json")).unwrap()).unwrap();
+    let pids: Vec<i32> = env["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 5, "3 members, the directory, a router: {env}");
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+
+    // It serves, through the router.
+    let mut kv = common::kv(a[12]).await.unwrap();
+    kv.put(PutRequest {
+        key: "/e2e/k".into(),
+        value: "v".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = kv
+        .range(RangeRequest {
+            key: "/e2e/k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.kvs[0].value, b"v");
+
+    // SIGTERM: every child stops, then `up` exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "up exited with {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(Instant::now() < deadline, "orphan members left: {pids:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
