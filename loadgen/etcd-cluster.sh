@@ -3,13 +3,13 @@
 # 127.0.0.1) to compare cellplane against in the same run. Installs etcd-server when
 # it is missing.
 #
-#   loadgen/etcd-cluster.sh start [DIR]   # client endpoints on 127.0.0.1:32379,32389,32399
+#   loadgen/etcd-cluster.sh start [DIR]   # client endpoints on 127.0.0.1:42379,42389,42399
 #   loadgen/etcd-cluster.sh stop  [DIR]
 set -euo pipefail
 
 cmd=${1:-}
 dir=${2:-/tmp/cellplane-etcd}
-ports=(32379 32389 32399)
+ports=(42379 42389 42399)
 
 if ! command -v etcd >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo

@@ -19,7 +19,10 @@ use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "Load generator for the etcd v3 API (cellplane or etcd).")]
+#[command(
+    name = "loadgen",
+    about = "Load generator for the etcd v3 API (cellplane or etcd)."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -122,15 +125,28 @@ async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
     }
     let value = Arc::new(vec![b'x'; a.value_size]);
     if a.op != Op::Put {
-        // Reads need keys to read: write the key space once.
-        let mut c = KvClient::new(channels[0].clone());
-        for k in 0..a.key_space.min(100_000) {
-            c.put(PutRequest {
-                key: format!("{}{k:012}", a.prefix).into(),
-                value: value.to_vec(),
-                ..Default::default()
-            })
-            .await?;
+        // Reads need keys to read: write the key space once, 32 writers at a time.
+        let keys = a.key_space.min(100_000);
+        let mut writers = Vec::new();
+        for w in 0..32u64 {
+            let mut c = KvClient::new(channels[w as usize % channels.len()].clone());
+            let (value, prefix) = (value.clone(), a.prefix.clone());
+            writers.push(tokio::spawn(async move {
+                let mut k = w;
+                while k < keys {
+                    c.put(PutRequest {
+                        key: format!("{prefix}{k:012}").into(),
+                        value: value.to_vec(),
+                        ..Default::default()
+                    })
+                    .await?;
+                    k += 32;
+                }
+                Ok::<(), tonic::Status>(())
+            }));
+        }
+        for w in writers {
+            w.await??;
         }
     }
     let start = Instant::now();
@@ -143,7 +159,8 @@ async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
         let prefix = a.prefix.clone();
         let (op, key_space) = (a.op, a.key_space);
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut ok, mut errors) = (0u64, 0u64);
             // Seeded per client: runs are repeatable.
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
@@ -211,7 +228,15 @@ async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
     };
     println!(
         "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
-        s.op, s.clients, s.connections, s.throughput, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, s.errors
+        s.op,
+        s.clients,
+        s.connections,
+        s.throughput,
+        s.p50_ms,
+        s.p99_ms,
+        s.p999_ms,
+        s.max_ms,
+        s.errors
     );
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
