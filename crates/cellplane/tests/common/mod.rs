@@ -190,6 +190,20 @@ impl TestCell {
         }
     }
 
+    /// The id of the member every running member agrees leads, once they agree on
+    /// one other than `not` (survivors report a dead leader until they time out).
+    pub async fn new_leader(&self, not: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let l = self.leader(deadline.saturating_duration_since(Instant::now())).await;
+            if l != not {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "members still follow dead leader {not}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The id of the member every running member agrees leads, once they agree.
     pub async fn leader(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
