@@ -105,10 +105,8 @@ impl Shared {
                     return Ok((resp.data, resp.log_id.leader_id.term));
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(leader) = f.leader_id {
-                        if leader != self.id {
-                            return Err(ProposeError::Forward(leader));
-                        }
+                    if let Some(leader) = f.leader_id.filter(|l| *l != self.id) {
+                        return Err(ProposeError::Forward(leader));
                     }
                     // No leader yet (or this member is only becoming one): wait for
                     // one rather than fail at once, but never past the deadline and
@@ -333,16 +331,14 @@ async fn initialize_once(
         return Ok(());
     }
     for m in config.cell.members.iter().filter(|m| m.id != me.id) {
-        if let Some(term) = peer_term(m.client).await {
-            if term > 0 {
-                tracing::warn!(
-                    peer = m.id,
-                    term,
-                    "store is empty but peer already runs this cell: not initializing; \
-                     this member must be re-added to the cell, not bootstrapped"
-                );
-                return Ok(());
-            }
+        if let Some(term) = peer_term(m.client).await.filter(|t| *t > 0) {
+            tracing::warn!(
+                peer = m.id,
+                term,
+                "store is empty but peer already runs this cell: not initializing; \
+                 this member must be re-added to the cell, not bootstrapped"
+            );
+            return Ok(());
         }
     }
     let members: BTreeMap<NodeId, Member> = config

@@ -218,16 +218,13 @@ impl CellInner {
                 let l = m.leader_id();
                 (m.healthy() && l != 0).then_some(l)
             });
-            if let Some(l) = leader {
-                if let Some(i) = self
-                    .members
+            let at = leader.and_then(|l| {
+                self.members
                     .iter()
                     .position(|m| m.member_id() == l && m.healthy())
-                {
-                    if Some(i) != avoid {
-                        return Some(i);
-                    }
-                }
+            });
+            if let Some(i) = at.filter(|i| Some(*i) != avoid) {
+                return Some(i);
             }
         }
         let n = self.members.len();

@@ -20,9 +20,12 @@ use crate::tenant::{TENANT_METADATA, TenantError, tenant_of};
 /// The response metadata that names the cell that served a request.
 pub const CELL_METADATA: &str = "cellplane-cell";
 
+/// A cell's pool, the endpoints it was built for, and the stop of its prober.
+type PoolEntry = (Vec<String>, CellPool, CancellationToken);
+
 /// The pools of every cell in the map in force, rebuilt when the map changes.
 pub struct Pools {
-    by_cell: RwLock<HashMap<String, (Vec<String>, CellPool, CancellationToken)>>,
+    by_cell: RwLock<HashMap<String, PoolEntry>>,
     settings: PoolSettings,
     max_message_bytes: usize,
     shutdown: CancellationToken,

@@ -73,12 +73,10 @@ fn show(b: &[u8]) -> String {
 /// segment naming another tenant is refused, so metadata cannot be used to read
 /// another tenant's keys in the wrong cell by accident.
 pub fn tenant_of(meta: Option<&str>, key: &[u8], range_end: &[u8]) -> Result<String, TenantError> {
-    if let Some(t) = meta {
-        if t.is_empty() || t.contains('/') {
-            return Err(TenantError::BadMetadata(format!(
-                "{t:?} is not a tenant name"
-            )));
-        }
+    if let Some(t) = meta.filter(|t| t.is_empty() || t.contains('/')) {
+        return Err(TenantError::BadMetadata(format!(
+            "{t:?} is not a tenant name"
+        )));
     }
     let seg = segment(key);
     let (tenant, prefix) = match (meta, seg) {

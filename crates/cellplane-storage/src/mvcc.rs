@@ -52,6 +52,9 @@ pub(crate) struct RevRecord {
     pub kv: Option<KvRecord>,
 }
 
+/// A user key and its newest version.
+pub(crate) type KeyRecord = (Vec<u8>, KvRecord);
+
 /// Limits on requests, applied before anything is proposed.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -198,10 +201,8 @@ fn check_branch_writes(ops: &[RequestOp]) -> Result<(), KvError> {
     let mut deletes = Vec::new();
     for op in ops {
         match &op.request {
-            Some(request_op::Request::RequestPut(p)) => {
-                if !puts.insert(p.key.clone()) {
-                    return Err(KvError::DuplicateKey);
-                }
+            Some(request_op::Request::RequestPut(p)) if !puts.insert(p.key.clone()) => {
+                return Err(KvError::DuplicateKey);
             }
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 deletes.push(KeyRange::new(&d.key, &d.range_end))
@@ -384,7 +385,7 @@ pub(crate) fn scan_current_limited(
     mut opts: ReadOptions,
     kr: &KeyRange,
     keep: Option<usize>,
-) -> Result<(Vec<(Vec<u8>, KvRecord)>, usize), KvError> {
+) -> Result<(Vec<KeyRecord>, usize), KvError> {
     let KeyRange::Span { start, end } = kr else {
         let all = scan_current(store, opts, kr)?;
         let n = all.len();

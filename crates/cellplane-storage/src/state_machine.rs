@@ -157,9 +157,13 @@ struct Applier<'a> {
     overlay: BTreeMap<Vec<u8>, Option<KvRecord>>,
     revision: i64,
     compacted: i64,
-    pending: Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)>,
+    pending: Vec<PendingWrite>,
     undo: Vec<(Vec<u8>, Option<Option<KvRecord>>)>,
 }
+
+/// A write waiting for its command to succeed: column family, key, and the value
+/// (None: delete).
+type PendingWrite = (&'static str, Vec<u8>, Option<Vec<u8>>);
 
 impl Applier<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<KvRecord>, KvError> {
@@ -473,7 +477,7 @@ impl Applier<'_> {
         // Versions at or below `rev` of the key being scanned, oldest first.
         let mut old: Vec<(Vec<u8>, Rev)> = Vec::new();
         let flush = |old: &mut Vec<(Vec<u8>, Rev)>,
-                     pending: &mut Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)>|
+                     pending: &mut Vec<PendingWrite>|
          -> Result<(), KvError> {
             if let Some((newest_hk, newest)) = old.pop() {
                 // The newest old version stays unless it is a tombstone.

@@ -329,10 +329,8 @@ async fn supervise(
                 }
             }
         }
-        if changed {
-            if let Err(e) = write_environment(&args.data_dir, env, running) {
-                eprintln!("cannot update up.json: {e:#}");
-            }
+        if changed && let Err(e) = write_environment(&args.data_dir, env, running) {
+            eprintln!("cannot update up.json: {e:#}");
         }
     }
 }
@@ -446,11 +444,11 @@ async fn stop_all(running: &mut [Running]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for r in running.iter_mut() {
         let what = describe(&r.entry);
-        if let Some(c) = r.child.as_mut() {
-            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
-                eprintln!("{what} did not stop in time: killing it");
-                let _ = c.kill().await;
-            }
+        if let Some(c) = r.child.as_mut()
+            && tokio::time::timeout_at(deadline, c.wait()).await.is_err()
+        {
+            eprintln!("{what} did not stop in time: killing it");
+            let _ = c.kill().await;
         }
     }
 }

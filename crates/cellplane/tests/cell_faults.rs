@@ -119,11 +119,13 @@ async fn leader_kill_during_writes_loses_nothing() {
         .await;
         next += 20;
         assert!(more < 100);
-        assert_all_present(&cell, &acked.lock().unwrap()).await;
+        let snapshot = acked.lock().unwrap().clone();
+        assert_all_present(&cell, &snapshot).await;
         cell.spawn(old);
         cell.wait_ready(Duration::from_secs(60));
     }
-    assert_all_present(&cell, &acked.lock().unwrap()).await;
+    let snapshot = acked.lock().unwrap().clone();
+    assert_all_present(&cell, &snapshot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
 fn pid_alive(pid: i32) -> bool {
     // Signal 0 checks existence; a zombie still counts, so look at /proc state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"),
         Err(_) => false,
     }
 }

@@ -195,11 +195,16 @@ impl TestCell {
     pub async fn new_leader(&self, not: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            let l = self.leader(deadline.saturating_duration_since(Instant::now())).await;
+            let l = self
+                .leader(deadline.saturating_duration_since(Instant::now()))
+                .await;
             if l != not {
                 return l;
             }
-            assert!(Instant::now() < deadline, "members still follow dead leader {not}");
+            assert!(
+                Instant::now() < deadline,
+                "members still follow dead leader {not}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -210,10 +215,10 @@ impl TestCell {
         loop {
             let mut seen = Vec::new();
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                if let Ok(mut c) = maintenance(m.client).await {
-                    if let Ok(r) = c.status(StatusRequest {}).await {
-                        seen.push(r.into_inner().leader);
-                    }
+                if let Ok(mut c) = maintenance(m.client).await
+                    && let Ok(r) = c.status(StatusRequest {}).await
+                {
+                    seen.push(r.into_inner().leader);
                 }
             }
             let running = self.members.iter().filter(|m| m.child.is_some()).count();
@@ -388,7 +393,7 @@ impl TestEnv {
             .unwrap();
         self.router = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !http_get(self.router_http, "/readyz").is_some_and(|(c, _)| c == 200) {
+        while http_get(self.router_http, "/readyz").is_none_or(|(c, _)| c != 200) {
             assert!(
                 Instant::now() < deadline,
                 "router not ready:\n{}",
