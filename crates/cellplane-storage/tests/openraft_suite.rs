@@ -1,6 +1,9 @@
 //! openraft's own storage conformance suite, run on the RocksDB log store and state
 //! machine.
 
+// openraft's `StorageError` is what its test suite returns.
+#![allow(clippy::result_large_err)]
+
 use cellplane_storage::{LogStore, NodeId, StateMachine, TypeConfig};
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
