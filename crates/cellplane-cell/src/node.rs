@@ -270,7 +270,8 @@ pub async fn run(
         );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.client);
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true));
     tasks.spawn(async move {
         if let Err(e) = client_router
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -280,7 +281,8 @@ pub async fn run(
         }
     });
     let stop = shutdown.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.peer);
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.peer).with_nodelay(Some(true));
     tasks.spawn(async move {
         if let Err(e) = peer_router
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

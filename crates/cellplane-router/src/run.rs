@@ -91,7 +91,8 @@ pub async fn run(
         .max_decoding_message_size(s.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
     let stop = shutdown.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.client);
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true));
     tasks.spawn(async move {
         let r = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -103,7 +104,8 @@ pub async fn run(
         }
     });
     let stop = shutdown.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.admin);
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.admin).with_nodelay(Some(true));
     let admin_svc = RouterAdminServer::new(AdminService(admin.clone()));
     tasks.spawn(async move {
         let r = tonic::transport::Server::builder()
