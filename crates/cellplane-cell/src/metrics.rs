@@ -32,6 +32,8 @@ pub struct Metrics {
     pub revision: Gauge,
     pub db_size_bytes: Gauge,
     pub proposals_committed: Counter,
+    pub log_syncs: Gauge,
+    pub log_synced_appends: Gauge,
     pub proposals_failed: Counter,
     pub requests: Family<ResultLabels, Counter>,
     pub request_seconds: Family<MethodLabels, Histogram>,
@@ -51,6 +53,8 @@ impl Metrics {
             revision: Gauge::default(),
             db_size_bytes: Gauge::default(),
             proposals_committed: Counter::default(),
+            log_syncs: Gauge::default(),
+            log_synced_appends: Gauge::default(),
             proposals_failed: Counter::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(|| {
@@ -93,6 +97,16 @@ impl Metrics {
             m.purged_index.clone(),
         );
         registry.register("mvcc_revision", "Current MVCC revision", m.revision.clone());
+        registry.register(
+            "raft_log_syncs",
+            "WAL fsyncs of the Raft log (each covers every append queued behind it)",
+            m.log_syncs.clone(),
+        );
+        registry.register(
+            "raft_log_synced_appends",
+            "Raft log appends made durable; divided by raft_log_syncs: the group-commit factor",
+            m.log_synced_appends.clone(),
+        );
         registry.register(
             "db_size_bytes",
             "RocksDB size (SST files and memtables)",

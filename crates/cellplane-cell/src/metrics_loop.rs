@@ -11,12 +11,16 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut raft = shared.raft.metrics();
     let mut last_leader = None;
     // The DB size is a RocksDB property lookup: refresh it on a timer, not per change.
-    let mut size_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut size_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = size_tick.tick() => {
-                shared.metrics.db_size_bytes.set(shared.store.size_bytes() as i64);
+                let m = &shared.metrics;
+                m.db_size_bytes.set(shared.store.size_bytes() as i64);
+                m.log_syncs.set(shared.sync_stats.syncs.load(std::sync::atomic::Ordering::Relaxed) as i64);
+                m.log_synced_appends
+                    .set(shared.sync_stats.appends.load(std::sync::atomic::Ordering::Relaxed) as i64);
                 continue;
             }
             changed = raft.changed() => if changed.is_err() { return },

@@ -71,6 +71,8 @@ pub struct Shared {
     pub barrier: ReadBarrier,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Group-commit counters of the Raft log.
+    pub sync_stats: Arc<cellplane_storage::SyncStats>,
     /// Bounds the client requests in flight; beyond it requests are shed.
     pub inflight: Semaphore,
     kv_clients: Mutex<HashMap<NodeId, KvClient<Channel>>>,
@@ -198,6 +200,7 @@ pub async fn run(
         .is_fresh()
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let log = LogStore::new(store.clone()).map_err(NodeError::Io)?;
+    let sync_stats = log.sync_stats();
     let sm = StateMachine::new(store.clone()).map_err(|e| NodeError::Storage(e.to_string()))?;
     let reader = sm.reader();
     let applied = sm.subscribe();
@@ -237,6 +240,7 @@ pub async fn run(
         barrier: barrier.clone(),
         limits,
         metrics: Metrics::new(),
+        sync_stats,
         inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
         kv_clients: Mutex::default(),
         config: config.clone(),

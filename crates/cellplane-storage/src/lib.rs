@@ -27,7 +27,7 @@ mod types;
 
 pub use db::{Store, open};
 pub use error::{KvError, OpenError};
-pub use log_store::LogStore;
+pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{KvReader, Limits};
 pub use state_machine::{AppliedState, StateMachine};
 pub use types::{Command, CommandResponse, Member, NodeId, TypeConfig};

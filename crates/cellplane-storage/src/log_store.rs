@@ -10,6 +10,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -36,6 +37,7 @@ type SResult<T> = Result<T, StorageError<NodeId>>;
 pub struct LogStore {
     store: Store,
     syncer: mpsc::Sender<LogFlushed<TypeConfig>>,
+    stats: Arc<SyncStats>,
 }
 
 impl LogStore {
@@ -43,10 +45,21 @@ impl LogStore {
     pub fn new(store: Store) -> std::io::Result<LogStore> {
         let (tx, rx) = mpsc::channel(SYNC_QUEUE);
         let db = store.db.clone();
+        let stats = Arc::new(SyncStats::default());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || sync_loop(db, rx))?;
-        Ok(LogStore { store, syncer: tx })
+            .spawn(move || sync_loop(db, rx, thread_stats))?;
+        Ok(LogStore {
+            store,
+            syncer: tx,
+            stats,
+        })
+    }
+
+    /// The sync thread's counters.
+    pub fn sync_stats(&self) -> Arc<SyncStats> {
+        self.stats.clone()
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> SResult<Option<T>> {
@@ -74,7 +87,16 @@ impl LogStore {
     }
 }
 
-fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+/// Counts of the sync thread's work: appends per fsync is the group-commit factor.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    /// WAL fsyncs done.
+    pub syncs: AtomicU64,
+    /// Appends those fsyncs made durable.
+    pub appends: AtomicU64,
+}
+
+fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>, stats: Arc<SyncStats>) {
     let mut pending = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         pending.push(first);
@@ -82,6 +104,8 @@ fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
             pending.push(more);
         }
         let result = db.flush_wal(true);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.appends.fetch_add(pending.len() as u64, Ordering::Relaxed);
         for cb in pending.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
