@@ -73,6 +73,9 @@ pub struct RaftSettings {
     pub max_peer_message_bytes: usize,
     /// Timeout of one Raft RPC between members.
     pub peer_rpc_timeout_ms: u64,
+    /// Write batches being replicated at once; while they are, new writes queue and
+    /// form the next batch (one log entry, one fsync).
+    pub proposal_batches_in_flight: usize,
 }
 
 impl Default for RaftSettings {
@@ -87,6 +90,7 @@ impl Default for RaftSettings {
             max_entries_per_append: 128,
             max_peer_message_bytes: 256 << 20,
             peer_rpc_timeout_ms: 2_000,
+            proposal_batches_in_flight: 2,
         }
     }
 }
@@ -212,6 +216,9 @@ impl CellDef {
         }
         if r.snapshot_every_entries == 0 {
             return Err(bad("raft.snapshot_every_entries".into(), "must be > 0"));
+        }
+        if r.proposal_batches_in_flight == 0 {
+            return Err(bad("raft.proposal_batches_in_flight".into(), "must be > 0"));
         }
         if r.max_entries_per_append == 0 {
             return Err(bad("raft.max_entries_per_append".into(), "must be > 0"));

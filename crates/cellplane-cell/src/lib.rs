@@ -20,6 +20,7 @@ pub mod metrics;
 mod metrics_loop;
 pub mod network;
 pub mod node;
+pub mod proposer;
 pub mod read_index;
 pub mod service;
 

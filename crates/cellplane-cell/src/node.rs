@@ -17,7 +17,7 @@ use cellplane_storage::{
     AppliedState, Command, CommandResponse, KvReader, Limits, LogStore, Member, NodeId,
     StateMachine, Store,
 };
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::network::{Network, RaftService};
+use crate::proposer::{ProposalError, Proposer};
 use crate::read_index::ReadBarrier;
 use crate::service::{ClusterService, KvService, MaintenanceService};
 
@@ -69,6 +70,7 @@ pub struct Shared {
     pub reader: KvReader,
     pub applied: watch::Receiver<AppliedState>,
     pub barrier: ReadBarrier,
+    pub proposer: Proposer,
     pub limits: Limits,
     pub metrics: Metrics,
     /// Group-commit counters of the Raft log.
@@ -96,18 +98,19 @@ impl Shared {
         }
     }
 
-    /// Proposes `cmd` through Raft if this member leads; otherwise says who does.
-    /// While no leader is known it waits, up to the request timeout, for one.
+    /// Proposes `cmd` through Raft (batched with concurrent writes) if this member
+    /// leads; otherwise says who does. While no leader is known it waits, up to the
+    /// request timeout, for one.
     pub async fn propose(&self, cmd: Command) -> Result<(CommandResponse, u64), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout();
         loop {
-            match self.raft.client_write(cmd.clone()).await {
-                Ok(resp) => {
+            match self.proposer.propose(cmd.clone()).await {
+                Ok(r) => {
                     self.metrics.proposals_committed.inc();
-                    return Ok((resp.data, resp.log_id.leader_id.term));
+                    return Ok(r);
                 }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(leader) = f.leader_id.filter(|l| *l != self.id) {
+                Err(ProposalError::Forward(leader)) => {
+                    if let Some(leader) = leader.filter(|l| *l != self.id) {
                         return Err(ProposeError::Forward(leader));
                     }
                     // No leader yet (or this member is only becoming one): wait for
@@ -121,9 +124,9 @@ impl Shared {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => {
+                Err(ProposalError::Failed(e)) => {
                     self.metrics.proposals_failed.inc();
-                    return Err(ProposeError::Failed(NodeError::Raft(e.to_string())));
+                    return Err(ProposeError::Failed(NodeError::Raft(e)));
                 }
             }
         }
@@ -226,6 +229,12 @@ pub async fn run(
         Duration::from_millis(r.peer_rpc_timeout_ms),
         shutdown.child_token(),
     );
+    let (proposer, proposer_task) = Proposer::start(
+        raft.clone(),
+        config.cell.limits.max_request_bytes,
+        r.proposal_batches_in_flight,
+        shutdown.child_token(),
+    );
     let limits = Limits {
         max_request_bytes: config.cell.limits.max_request_bytes,
         max_txn_ops: config.cell.limits.max_txn_ops,
@@ -238,6 +247,7 @@ pub async fn run(
         reader,
         applied,
         barrier: barrier.clone(),
+        proposer,
         limits,
         metrics: Metrics::new(),
         sync_stats,
@@ -314,6 +324,7 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = raft.shutdown().await;
     let _ = barrier_task.await;
+    let _ = proposer_task.await;
     // Servers drain in-flight requests; give them a bounded grace period.
     let drained = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     if drained.is_err() {

@@ -30,7 +30,7 @@ pub use error::{KvError, OpenError};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{KvReader, Limits};
 pub use state_machine::{AppliedState, StateMachine};
-pub use types::{Command, CommandResponse, Member, NodeId, TypeConfig};
+pub use types::{Batch, BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
 /// Checks of requests made before they are served or proposed.
 pub mod mvcc_check {

@@ -105,7 +105,9 @@ fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>, stats:
         }
         let result = db.flush_wal(true);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
-        stats.appends.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        stats
+            .appends
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
         for cb in pending.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),

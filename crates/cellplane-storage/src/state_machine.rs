@@ -28,7 +28,7 @@ use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
     finish_range, read_i64, scan_current,
 };
-use crate::types::{Command, CommandResponse, Member, NodeId, TypeConfig};
+use crate::types::{BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
 const KEY_APPLIED: &[u8] = b"sm/applied";
 const KEY_MEMBERSHIP: &[u8] = b"sm/membership";
@@ -604,7 +604,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((self.applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<CommandResponse>>
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<BatchResponse>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -626,10 +626,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // so everything before them must be there first. Otherwise how entries
             // happen to be grouped into apply calls (which differs between members)
             // would change their outcome.
-            let reads_history = matches!(
-                &entry.payload,
-                EntryPayload::Normal(Command::Txn(_) | Command::Compact(_))
-            );
+            let reads_history = match &entry.payload {
+                EntryPayload::Normal(batch) => batch.0.iter().any(Command::reads_history),
+                _ => false,
+            };
             if reads_history && !applier.batch.is_empty() {
                 commit_batch(
                     &self.store,
@@ -642,25 +642,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 applier.overlay.clear();
             }
             applied = Some(entry.log_id);
-            let outcome = match &entry.payload {
-                EntryPayload::Blank => None,
+            let mut responses = Vec::new();
+            match &entry.payload {
+                EntryPayload::Blank => {}
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                    None
                 }
-                EntryPayload::Normal(cmd) => {
-                    Some(applier.execute(cmd).map(serde_bytes::ByteBuf::from))
+                EntryPayload::Normal(batch) => {
+                    for cmd in &batch.0 {
+                        let outcome = applier.execute(cmd).map(serde_bytes::ByteBuf::from);
+                        // A local storage failure stops this member (openraft treats
+                        // it as fatal); it is never reported as a request's outcome.
+                        if let Err(KvError::Storage(e)) = &outcome {
+                            return Err(rw(e));
+                        }
+                        responses.push(CommandResponse {
+                            revision: applier.revision,
+                            outcome: Some(outcome),
+                        });
+                    }
                 }
-            };
-            // A local storage failure stops this member (openraft treats it as
-            // fatal); it is never reported as the request's outcome.
-            if let Some(Err(KvError::Storage(e))) = &outcome {
-                return Err(rw(e));
             }
-            out.push(CommandResponse {
-                revision: applier.revision,
-                outcome,
-            });
+            out.push(BatchResponse(responses));
         }
         let Applier {
             batch,

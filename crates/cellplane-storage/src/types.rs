@@ -22,14 +22,24 @@ pub struct Member {
 openraft::declare_raft_types!(
     /// The Raft types of a cell.
     pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
+        D = Batch,
+        R = BatchResponse,
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// One Raft log entry's worth of commands: concurrent client writes proposed
+/// together, so that one log append and one fsync serve them all. Each command is
+/// still applied on its own, with its own revision and outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
+
+/// The outcomes of a [`Batch`], one per command, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResponse(pub Vec<CommandResponse>);
 
 /// A write to the key-value store, as proposed through Raft.
 ///
@@ -46,6 +56,43 @@ pub enum Command {
     Txn(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Compact the history below this revision.
     Compact(i64),
+}
+
+impl Command {
+    /// Whether applying this command reads the stored history (a compaction, or a
+    /// txn with a range at an explicit revision). Such a command is proposed alone
+    /// in its batch, and the state machine writes everything before it to RocksDB
+    /// first, so its outcome never depends on how entries were grouped.
+    pub fn reads_history(&self) -> bool {
+        use cellplane_proto::etcdserverpb::{TxnRequest, request_op};
+        use prost::Message;
+        fn txn_reads_history(t: &TxnRequest) -> bool {
+            t.success
+                .iter()
+                .chain(&t.failure)
+                .any(|op| match &op.request {
+                    Some(request_op::Request::RequestRange(r)) => r.revision > 0,
+                    Some(request_op::Request::RequestTxn(t)) => txn_reads_history(t),
+                    _ => false,
+                })
+        }
+        match self {
+            Command::Compact(_) => true,
+            // An undecodable txn is refused at apply; alone is the safe side.
+            Command::Txn(b) => {
+                TxnRequest::decode(b.as_slice()).map_or(true, |t| txn_reads_history(&t))
+            }
+            Command::Put(_) | Command::DeleteRange(_) => false,
+        }
+    }
+
+    /// Encoded size, for bounding batches.
+    pub fn size(&self) -> usize {
+        match self {
+            Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) => b.len(),
+            Command::Compact(_) => 8,
+        }
+    }
 }
 
 impl std::fmt::Debug for Command {

@@ -2,7 +2,7 @@
 //! command, history across a snapshot, and restart from disk.
 
 use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, request_op};
-use cellplane_storage::{Command, KvError, StateMachine, TypeConfig};
+use cellplane_storage::{Batch, Command, KvError, StateMachine, TypeConfig};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
 use prost::Message;
@@ -10,7 +10,7 @@ use prost::Message;
 fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(cmd),
+        payload: EntryPayload::Normal(Batch(vec![cmd])),
     }
 }
 
@@ -67,6 +67,7 @@ async fn a_txn_that_fails_halfway_leaves_no_trace() {
         .await
         .unwrap();
     assert_eq!(out.len(), 3);
+    let out: Vec<_> = out.into_iter().map(|b| b.0[0].clone()).collect();
     assert_eq!(out[1].outcome, Some(Err(KvError::LeaseNotFound)));
     assert_eq!(out[0].revision, 1);
     assert_eq!(out[1].revision, 1, "a failed command makes no revision");
