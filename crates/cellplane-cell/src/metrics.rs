@@ -25,7 +25,7 @@ pub struct Metrics {
     pub term: Gauge,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
-    pub commit_index: Gauge,
+    pub last_log_index: Gauge,
     pub applied_index: Gauge,
     pub snapshot_index: Gauge,
     pub purged_index: Gauge,
@@ -46,7 +46,7 @@ impl Metrics {
             term: Gauge::default(),
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
-            commit_index: Gauge::default(),
+            last_log_index: Gauge::default(),
             applied_index: Gauge::default(),
             snapshot_index: Gauge::default(),
             purged_index: Gauge::default(),
@@ -77,9 +77,9 @@ impl Metrics {
             m.leader_changes.clone(),
         );
         registry.register(
-            "raft_commit_index",
-            "Last log index known to this member (its log end; committed on the leader)",
-            m.commit_index.clone(),
+            "raft_last_log_index",
+            "Last index in this member's Raft log (openraft 0.9 does not report the commit index of followers)",
+            m.last_log_index.clone(),
         );
         registry.register(
             "raft_applied_index",

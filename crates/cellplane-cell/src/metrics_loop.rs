@@ -35,7 +35,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             last_leader = m.current_leader;
         }
-        met.commit_index.set(m.last_log_index.unwrap_or(0) as i64);
+        met.last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
         met.applied_index
             .set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
         met.snapshot_index

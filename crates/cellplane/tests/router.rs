@@ -201,3 +201,74 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
     wait_for_cell(&mut r, "/a/w", "beta").await;
     assert_eq!(env.admin_status().await.map_source, "directory");
 }
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_change_the_map_with_the_cli_and_routers_follow() {
+    let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
+    env.publish_map(&env.static_map(1, &[]), 0).await;
+    env.start_router();
+    let mut r = env.router_kv().await;
+    let dir = env.directory.members[0].client.to_string();
+    let admin = env.router_admin.to_string();
+
+    let (ok, out) = cli(&["map", "--directory", &dir, "show"]);
+    assert!(ok && out.contains("version 1"), "{out}");
+
+    // assign: tenant c moves from gamma to alpha.
+    assert_eq!(put_cell(&mut r, "/c/k").await.unwrap(), "gamma");
+    let (ok, out) = cli(&["map", "--directory", &dir, "assign", "c", "alpha"]);
+    assert!(ok, "{out}");
+    wait_for_cell(&mut r, "/c/k", "alpha").await;
+    // An unknown cell is refused before anything is written.
+    let (ok, out) = cli(&["map", "--directory", &dir, "assign", "c", "nowhere"]);
+    assert!(!ok && out.contains("nowhere"), "{out}");
+
+    // drain: beta's buckets go to alpha and gamma; a tenant pinned to beta stays.
+    let (ok, out) = cli(&["map", "--directory", &dir, "drain", "beta"]);
+    assert!(ok && out.contains("routing only"), "{out}");
+    let (ok, out) = cli(&["map", "--directory", &dir, "show"]);
+    assert!(
+        ok && out.contains("version 3") && out.contains("draining"),
+        "{out}"
+    );
+    // Routers follow: the status shows version 3 from the directory, beta draining.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = cli(&["status", "--admin", &admin]);
+        assert!(ok, "{out}");
+        if out.contains("map version 3 (source: directory)") {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("beta") && l.contains("draining")),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router never took version 3:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // apply: a map file with an older version is refused and names the versions.
+    let stale = env.folder.path().join("stale.toml");
+    std::fs::write(&stale, env.static_map(2, &[])).unwrap();
+    let (ok, out) = cli(&["map", "--directory", &dir, "apply", stale.to_str().unwrap()]);
+    assert!(!ok && out.contains("not newer"), "{out}");
+}
