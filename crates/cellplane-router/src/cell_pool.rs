@@ -148,6 +148,8 @@ impl MemberState {
 
 /// Request counters and recent latency of one cell.
 pub struct CellStats {
+    /// When counting began (the pool's creation).
+    pub since: Instant,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub shed: AtomicU64,
@@ -166,6 +168,7 @@ impl CellStats {
         let h =
             || hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds");
         CellStats {
+            since: Instant::now(),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             shed: AtomicU64::new(0),

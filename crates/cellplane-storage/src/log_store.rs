@@ -36,8 +36,26 @@ type SResult<T> = Result<T, StorageError<NodeId>>;
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
-    syncer: mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: Arc<SyncThread>,
     stats: Arc<SyncStats>,
+}
+
+/// The sync thread and its queue. Dropping it closes the queue and joins the
+/// thread, so the thread's handle on the database is gone before anyone closes
+/// the database or the process exits (RocksDB must not be used during its own
+/// static teardown).
+struct SyncThread {
+    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SyncThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
@@ -47,12 +65,15 @@ impl LogStore {
         let db = store.db.clone();
         let stats = Arc::new(SyncStats::default());
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-sync".into())
             .spawn(move || sync_loop(db, rx, thread_stats))?;
         Ok(LogStore {
             store,
-            syncer: tx,
+            syncer: Arc::new(SyncThread {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
             stats,
         })
     }
@@ -217,7 +238,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .db
             .write(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.syncer.send(callback).await.map_err(|_| {
+        let tx = self.syncer.tx.as_ref().ok_or_else(|| {
+            StorageIOError::write_logs(&std::io::Error::other("log sync thread stopped"))
+        })?;
+        tx.send(callback).await.map_err(|_| {
             StorageIOError::write_logs(&std::io::Error::other("log sync thread stopped"))
         })?;
         Ok(())

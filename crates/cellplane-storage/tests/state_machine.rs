@@ -116,3 +116,72 @@ async fn snapshot_carries_history_and_state_survives_reopen() {
     assert_eq!(applied.unwrap().index, 50);
     assert_eq!(sm3.reader().revisions().unwrap(), (50, 0));
 }
+
+#[tokio::test]
+async fn commands_in_one_batch_apply_in_order_each_with_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let reader = sm.reader();
+    // A txn in the same batch sees the put before it: compare on its value holds.
+    use cellplane_proto::etcdserverpb::Compare;
+    use cellplane_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+    let cas = TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: "/x".into(),
+            target_union: Some(TargetUnion::Value("1".into())),
+            range_end: vec![],
+        }],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(put("/x", "2"))),
+        }],
+        failure: vec![],
+    };
+    let batch = Batch(vec![
+        Command::Put(put("/x", "1").encode_to_vec()),
+        Command::Put(
+            PutRequest {
+                lease: 5,
+                ..put("/y", "1")
+            }
+            .encode_to_vec(),
+        ),
+        Command::Txn(cas.encode_to_vec()),
+    ]);
+    assert!(
+        !batch.0[2].reads_history(),
+        "a txn without revision reads batches"
+    );
+    let out = sm
+        .apply(vec![Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(batch),
+        }])
+        .await
+        .unwrap();
+    let r = &out[0].0;
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0].revision, 1);
+    assert_eq!(
+        r[1].outcome,
+        Some(Err(KvError::LeaseNotFound)),
+        "one failure, others unaffected"
+    );
+    assert_eq!(r[2].revision, 2);
+    assert_eq!(reader.range(&get("/x")).unwrap().kvs[0].value, b"2");
+
+    // A txn reading at an explicit revision, or a compaction, is marked to be
+    // proposed alone.
+    let at_rev = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                revision: 1,
+                ..get("/x")
+            })),
+        }],
+        ..Default::default()
+    };
+    assert!(Command::Txn(at_rev.encode_to_vec()).reads_history());
+    assert!(Command::Compact(1).reads_history());
+}
