@@ -32,6 +32,32 @@ pub struct CellDef {
     pub raft: RaftSettings,
     #[serde(default)]
     pub limits: LimitSettings,
+    #[serde(default)]
+    pub watch: WatchSettings,
+}
+
+/// Watch limits (see the `watch` module for what happens at each).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchSettings {
+    /// Revisions the in-memory event log keeps; a stream further behind cancels
+    /// its watchers with the revision to resume from.
+    pub event_log_revisions: usize,
+    /// Responses buffered per watch stream; a client that lets it fill has its
+    /// stream ended.
+    pub stream_buffer: usize,
+    /// Interval of progress notifications to watchers that asked for them.
+    pub progress_notify_ms: u64,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            event_log_revisions: 4096,
+            stream_buffer: 1024,
+            progress_notify_ms: 600_000,
+        }
+    }
 }
 
 /// One member of a cell.
@@ -245,6 +271,16 @@ impl CellDef {
         }
         if l.request_timeout_ms == 0 {
             return Err(bad("limits.request_timeout_ms".into(), "must be > 0"));
+        }
+        let w = &self.watch;
+        for (field, v) in [
+            ("watch.event_log_revisions", w.event_log_revisions as u64),
+            ("watch.stream_buffer", w.stream_buffer as u64),
+            ("watch.progress_notify_ms", w.progress_notify_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(field.into(), "must be > 0"));
+            }
         }
         if l.max_inflight_requests == 0 {
             return Err(bad("limits.max_inflight_requests".into(), "must be > 0"));

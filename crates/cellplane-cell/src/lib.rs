@@ -23,6 +23,7 @@ pub mod node;
 pub mod proposer;
 pub mod read_index;
 pub mod service;
+pub mod watch;
 
 /// The Raft handle of a member.
 pub type Raft = openraft::Raft<cellplane_storage::TypeConfig>;

@@ -11,6 +11,7 @@ use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::kv_server::KvServer;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cellplane_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use cellplane_proto::etcdserverpb::watch_server::WatchServer;
 use cellplane_proto::etcdserverpb::{ResponseHeader, StatusRequest};
 use cellplane_proto::raft::raft_server::RaftServer;
 use cellplane_storage::{
@@ -75,6 +76,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Group-commit counters of the Raft log.
     pub sync_stats: Arc<cellplane_storage::SyncStats>,
+    /// The event log the apply path publishes to; watch streams subscribe.
+    pub events: tokio::sync::broadcast::Sender<Arc<cellplane_storage::RevisionEvents>>,
+    /// Cancelled when the member shuts down (ends watch streams).
+    pub shutdown: CancellationToken,
     /// Bounds the client requests in flight; beyond it requests are shed.
     pub inflight: Semaphore,
     kv_clients: Mutex<HashMap<NodeId, KvClient<Channel>>>,
@@ -204,7 +209,9 @@ pub async fn run(
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let log = LogStore::new(store.clone()).map_err(NodeError::Io)?;
     let sync_stats = log.sync_stats();
-    let sm = StateMachine::new(store.clone()).map_err(|e| NodeError::Storage(e.to_string()))?;
+    let sm = StateMachine::open(store.clone(), config.cell.watch.event_log_revisions)
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let events = sm.events();
     let reader = sm.reader();
     let applied = sm.subscribe();
     let r = &config.cell.raft;
@@ -251,6 +258,8 @@ pub async fn run(
         limits,
         metrics: Metrics::new(),
         sync_stats,
+        events,
+        shutdown: shutdown.clone(),
         inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
         kv_clients: Mutex::default(),
         config: config.clone(),
@@ -268,6 +277,11 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(
             KvServer::new(KvService::new(shared.clone()))
+                .max_decoding_message_size(max_req)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(crate::watch::WatchService::new(shared.clone()))
                 .max_decoding_message_size(max_req)
                 .max_encoding_message_size(usize::MAX),
         )

@@ -20,6 +20,7 @@
 mod codec;
 mod db;
 mod error;
+mod events;
 mod log_store;
 mod mvcc;
 mod state_machine;
@@ -27,9 +28,10 @@ mod types;
 
 pub use db::{Store, open};
 pub use error::{KvError, OpenError};
+pub use events::RevisionEvents;
 pub use log_store::{LogStore, SyncStats};
-pub use mvcc::{KvReader, Limits};
-pub use state_machine::{AppliedState, StateMachine};
+pub use mvcc::{KeyRange, KvReader, Limits};
+pub use state_machine::{AppliedState, DEFAULT_EVENT_LOG_REVISIONS, StateMachine};
 pub use types::{Batch, BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
 /// Checks of requests made before they are served or proposed.

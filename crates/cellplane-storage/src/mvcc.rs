@@ -75,7 +75,7 @@ impl Default for Limits {
 
 /// The key interval `[key, range_end)` of a request, as etcd reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum KeyRange {
+pub enum KeyRange {
     /// Exactly one key (`range_end` empty).
     Single(Vec<u8>),
     /// `[start, end)`; `end: None` is unbounded (`range_end` = "\0").
@@ -86,6 +86,7 @@ pub(crate) enum KeyRange {
 }
 
 impl KeyRange {
+    /// The interval of a request's `key` and `range_end`.
     pub fn new(key: &[u8], range_end: &[u8]) -> KeyRange {
         if range_end.is_empty() {
             KeyRange::Single(key.to_vec())

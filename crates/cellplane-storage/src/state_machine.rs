@@ -10,7 +10,8 @@ use cellplane_proto::etcdserverpb::{
     RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
     compare, request_op, response_op,
 };
-use cellplane_proto::mvccpb::KeyValue;
+use cellplane_proto::mvccpb::event::EventType;
+use cellplane_proto::mvccpb::{Event, KeyValue};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -19,11 +20,12 @@ use openraft::{
 use prost::Message;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::codec::{Rev, hist_key, unescape_key};
 use crate::db::{CF_HIST, CF_KV, CF_META, CF_REV, SM_CFS, Store};
 use crate::error::KvError;
+use crate::events::RevisionEvents;
 use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
     finish_range, read_i64, scan_current,
@@ -56,7 +58,12 @@ pub struct StateMachine {
     /// Serializes writes of the stored snapshot: openraft may build one while it
     /// installs another, and an older one must never replace a newer one.
     snapshot_lock: Arc<Mutex<()>>,
+    /// The in-memory event log: the newest revisions' events, for watchers.
+    events_tx: broadcast::Sender<Arc<RevisionEvents>>,
 }
+
+/// Revisions the in-memory event log keeps by default.
+pub const DEFAULT_EVENT_LOG_REVISIONS: usize = 4096;
 
 /// What a snapshot carries besides openraft's meta: the raw state-machine column
 /// families and the two revisions.
@@ -83,8 +90,15 @@ fn rd(e: impl std::fmt::Display) -> StorageError<NodeId> {
 }
 
 impl StateMachine {
-    /// Loads the state machine from `store`.
+    /// Loads the state machine from `store`, with the default event log.
     pub fn new(store: Store) -> SResult<StateMachine> {
+        Self::open(store, DEFAULT_EVENT_LOG_REVISIONS)
+    }
+
+    /// Loads the state machine from `store`; the event log keeps the newest
+    /// `event_log_revisions` revisions (a watcher further behind is canceled and
+    /// resumes from RocksDB).
+    pub fn open(store: Store, event_log_revisions: usize) -> SResult<StateMachine> {
         let opts = ReadOptions::default();
         let get = |key: &[u8]| store.db.get_cf(store.cf(CF_META), key).map_err(rd);
         let applied = match get(KEY_APPLIED)? {
@@ -110,7 +124,13 @@ impl StateMachine {
             compacted,
             published,
             snapshot_lock: Arc::default(),
+            events_tx: broadcast::channel(event_log_revisions.max(1)).0,
         })
+    }
+
+    /// Follows the event log from now on.
+    pub fn events(&self) -> broadcast::Sender<Arc<RevisionEvents>> {
+        self.events_tx.clone()
     }
 
     /// A reader over the same store.
@@ -159,6 +179,11 @@ struct Applier<'a> {
     compacted: i64,
     pending: Vec<PendingWrite>,
     undo: Vec<(Vec<u8>, Option<Option<KvRecord>>)>,
+    /// Watch events of the command being executed.
+    pending_events: Vec<Event>,
+    /// Watch events of the commands applied, one entry per revision, published
+    /// once the batch holding them is written.
+    events: Vec<Arc<RevisionEvents>>,
 }
 
 /// A write waiting for its command to succeed: column family, key, and the value
@@ -196,7 +221,31 @@ impl Applier<'_> {
         Ok(merged.into_iter().collect())
     }
 
-    fn write(&mut self, key: &[u8], kv: Option<KvRecord>, rev: Rev) -> Result<(), KvError> {
+    /// Records a new version of `key` (`kv: None` deletes it); `prev` is the version
+    /// it replaces, for the watch event.
+    fn write(
+        &mut self,
+        key: &[u8],
+        kv: Option<KvRecord>,
+        prev: Option<&KvRecord>,
+        rev: Rev,
+    ) -> Result<(), KvError> {
+        self.pending_events.push(Event {
+            r#type: if kv.is_some() {
+                EventType::Put
+            } else {
+                EventType::Delete
+            } as i32,
+            kv: Some(match &kv {
+                Some(r) => r.to_kv(key),
+                None => KeyValue {
+                    key: key.to_vec(),
+                    mod_revision: rev.main,
+                    ..Default::default()
+                },
+            }),
+            prev_kv: prev.map(|p| p.to_kv(key)),
+        });
         let rec = RevRecord {
             key: key.to_vec(),
             kv: kv.clone(),
@@ -229,8 +278,15 @@ impl Applier<'_> {
                 }
             }
             self.undo.clear();
+            if !self.pending_events.is_empty() {
+                self.events.push(Arc::new(RevisionEvents {
+                    revision: self.revision,
+                    events: std::mem::take(&mut self.pending_events),
+                }));
+            }
         } else {
             self.pending.clear();
+            self.pending_events.clear();
             for (key, before) in self.undo.drain(..).rev() {
                 match before {
                     Some(v) => self.overlay.insert(key, v),
@@ -310,7 +366,7 @@ impl Applier<'_> {
                 _ => req.value.clone(),
             },
         };
-        self.write(&req.key, Some(rec), rev)?;
+        self.write(&req.key, Some(rec), prev.as_ref(), rev)?;
         Ok(PutResponse {
             header: None,
             prev_kv: if req.prev_kv {
@@ -330,7 +386,7 @@ impl Applier<'_> {
         let victims = self.scan(&KeyRange::new(&req.key, &req.range_end))?;
         let mut prev_kvs = Vec::new();
         for (key, rec) in &victims {
-            self.write(key, None, Rev { main, sub: *sub })?;
+            self.write(key, None, Some(rec), Rev { main, sub: *sub })?;
             *sub += 1;
             if req.prev_kv {
                 prev_kvs.push(rec.to_kv(key));
@@ -617,6 +673,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             compacted: self.compacted,
             pending: Vec::new(),
             undo: Vec::new(),
+            pending_events: Vec::new(),
+            events: Vec::new(),
         };
         let mut out = Vec::new();
         let mut applied = self.applied;
@@ -640,6 +698,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     applier.compacted,
                 )?;
                 applier.overlay.clear();
+                for e in applier.events.drain(..) {
+                    // No receiver is fine; a full ring drops the oldest: the apply
+                    // path never waits for a watcher.
+                    let _ = self.events_tx.send(e);
+                }
             }
             applied = Some(entry.log_id);
             let mut responses = Vec::new();
@@ -669,6 +732,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch,
             revision,
             compacted,
+            events,
             ..
         } = applier;
         commit_batch(
@@ -679,6 +743,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             revision,
             compacted,
         )?;
+        for e in events {
+            let _ = self.events_tx.send(e);
+        }
         self.applied = applied;
         if let Some(m) = membership {
             self.membership = m;

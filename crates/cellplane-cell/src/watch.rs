@@ -1,0 +1,349 @@
+//! The etcd Watch API of a member.
+//!
+//! The apply path publishes every revision's events into a bounded in-memory event
+//! log (a broadcast ring, `watch.event_log_revisions` long) and never waits for a
+//! watcher. Each watch stream follows the ring with one receiver and matches every
+//! revision against its watchers; a watcher that starts behind reads the history
+//! from a RocksDB snapshot first. Limits, and what happens at them:
+//!
+//! - a stream whose receiver falls more than the ring's length behind (the ring
+//!   overwrote what it had not read) cancels its watchers, each with the revision
+//!   to resume from in `cancel_reason`;
+//! - a stream whose client does not read fills its bounded response buffer
+//!   (`watch.stream_buffer` responses); the member then ends that stream, saying
+//!   from which revision to resume, and frees everything it held.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellplane_proto::etcdserverpb::watch_create_request::FilterType;
+use cellplane_proto::etcdserverpb::watch_server::Watch;
+use cellplane_proto::etcdserverpb::{
+    WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
+};
+use cellplane_proto::mvccpb::event::EventType;
+use cellplane_storage::{KeyRange, KvError, RevisionEvents};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::Shared;
+
+/// The watch id etcd uses for responses that belong to no watcher (progress).
+const NO_WATCH: i64 = -1;
+
+pub struct WatchService {
+    shared: Arc<Shared>,
+}
+
+impl WatchService {
+    pub fn new(shared: Arc<Shared>) -> WatchService {
+        WatchService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.shared.config.cell.watch.stream_buffer);
+        let stream = WatchStream {
+            shared: self.shared.clone(),
+            events: self.shared.events.subscribe(),
+            tx,
+            watchers: BTreeMap::new(),
+            next_id: 0,
+        };
+        tokio::spawn(stream.run(inbound, self.shared.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Watcher {
+    range: KeyRange,
+    /// The first revision not yet delivered.
+    next: i64,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+}
+
+struct WatchStream {
+    shared: Arc<Shared>,
+    events: broadcast::Receiver<Arc<RevisionEvents>>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: BTreeMap<i64, Watcher>,
+    next_id: i64,
+}
+
+/// Why a stream stopped.
+enum Stop {
+    /// The client went away or the member shuts down.
+    Done,
+    /// The client stopped reading.
+    Stalled,
+}
+
+impl WatchStream {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<WatchRequest>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let every = Duration::from_millis(self.shared.config.cell.watch.progress_notify_ms);
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.cancelled() => Err(Stop::Done),
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.handle(req).await,
+                    _ => Err(Stop::Done),
+                },
+                ev = self.events.recv() => match ev {
+                    Ok(revision) => self.deliver(&revision),
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.cancel_all_behind(),
+                    Err(broadcast::error::RecvError::Closed) => Err(Stop::Done),
+                },
+                _ = progress.tick() => self.notify_progress(),
+            };
+            match step {
+                Ok(()) => {}
+                Err(Stop::Done) => return,
+                Err(Stop::Stalled) => {
+                    let resume = self.watchers.values().map(|w| w.next).min().unwrap_or(0);
+                    tracing::warn!(
+                        resume,
+                        watchers = self.watchers.len(),
+                        "watch stream not read by its client: ending it"
+                    );
+                    // Best effort: the buffer is full, so this only lands if the
+                    // client reads again soon. Either way the stream's memory goes.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        self.tx.send(Err(Status::resource_exhausted(format!(
+                            "watch stream fell behind its client by {} responses; \
+                             watch again from revision {resume}",
+                            self.shared.config.cell.watch.stream_buffer
+                        )))),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<cellplane_proto::etcdserverpb::ResponseHeader> {
+        Some(self.shared.header(revision))
+    }
+
+    fn current_revision(&self) -> i64 {
+        self.shared.applied.borrow().revision
+    }
+
+    /// Queues a response; a full buffer means the client is not reading.
+    fn send(&self, resp: WatchResponse) -> Result<(), Stop> {
+        match self.tx.try_send(Ok(resp)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Stop::Stalled),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Done),
+        }
+    }
+
+    async fn handle(&mut self, req: WatchRequest) -> Result<(), Stop> {
+        match req.request_union {
+            Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(watch_request::RequestUnion::CancelRequest(c)) => {
+                let existed = self.watchers.remove(&c.watch_id).is_some();
+                self.send(WatchResponse {
+                    header: self.header(self.current_revision()),
+                    watch_id: c.watch_id,
+                    canceled: true,
+                    cancel_reason: if existed {
+                        String::new()
+                    } else {
+                        "no such watch".into()
+                    },
+                    ..Default::default()
+                })
+            }
+            Some(watch_request::RequestUnion::ProgressRequest(_)) => self.send(WatchResponse {
+                header: self.header(self.current_revision()),
+                watch_id: NO_WATCH,
+                ..Default::default()
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> Result<(), Stop> {
+        let id = if c.watch_id != 0 {
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id
+        };
+        let refuse = |reason: String| WatchResponse {
+            header: self.header(self.current_revision()),
+            watch_id: id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..Default::default()
+        };
+        if self.watchers.contains_key(&id) {
+            return self.send(refuse(format!(
+                "etcdserver: watch id {id} is already in use on this stream"
+            )));
+        }
+        if c.key.is_empty() && c.range_end != [0] {
+            return self.send(refuse("etcdserver: key is not provided".into()));
+        }
+        let current = self.current_revision();
+        let start = if c.start_revision > 0 {
+            c.start_revision
+        } else {
+            current + 1
+        };
+        let mut w = Watcher {
+            range: KeyRange::new(&c.key, &c.range_end),
+            next: start,
+            prev_kv: c.prev_kv,
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            progress_notify: c.progress_notify,
+        };
+        // Catch up from the stored history before following the event log.
+        let history = if start <= current {
+            match self.shared.reader.history(start, current) {
+                Ok(h) => h,
+                Err(KvError::Compacted { compacted }) => {
+                    self.send(WatchResponse {
+                        header: self.header(current),
+                        watch_id: id,
+                        created: true,
+                        ..Default::default()
+                    })?;
+                    return self.send(WatchResponse {
+                        header: self.header(current),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision: compacted,
+                        cancel_reason: "etcdserver: mvcc: required revision has been compacted"
+                            .into(),
+                        ..Default::default()
+                    });
+                }
+                Err(e) => return self.send(refuse(e.to_string())),
+            }
+        } else {
+            Vec::new()
+        };
+        self.send(WatchResponse {
+            header: self.header(current),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })?;
+        self.next_id = self.next_id.max(id + 1);
+        for rev in &history {
+            if let Some(resp) = self.matching(id, &w, rev) {
+                self.send(resp)?;
+            }
+        }
+        w.next = w.next.max(current + 1);
+        self.watchers.insert(id, w);
+        Ok(())
+    }
+
+    /// The response a watcher gets for one revision, if any event matches.
+    fn matching(&self, id: i64, w: &Watcher, rev: &RevisionEvents) -> Option<WatchResponse> {
+        if rev.revision < w.next {
+            return None;
+        }
+        let events: Vec<_> = rev
+            .events
+            .iter()
+            .filter(|e| {
+                let put = e.r#type == EventType::Put as i32;
+                !(put && w.no_put || !put && w.no_delete)
+                    && e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key))
+            })
+            .map(|e| {
+                let mut e = e.clone();
+                if !w.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            })
+            .collect();
+        if events.is_empty() {
+            return None;
+        }
+        Some(WatchResponse {
+            header: self.header(rev.revision),
+            watch_id: id,
+            events,
+            ..Default::default()
+        })
+    }
+
+    fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
+        let mut out = Vec::new();
+        for (id, w) in &self.watchers {
+            if let Some(resp) = self.matching(*id, w, rev) {
+                out.push(resp);
+            }
+        }
+        for w in self.watchers.values_mut() {
+            w.next = w.next.max(rev.revision + 1);
+        }
+        for resp in out {
+            self.send(resp)?;
+        }
+        Ok(())
+    }
+
+    /// The ring overwrote revisions this stream had not read: its watchers can no
+    /// longer be told every event in order, so each is canceled with the revision
+    /// to watch again from.
+    fn cancel_all_behind(&mut self) -> Result<(), Stop> {
+        let watchers = std::mem::take(&mut self.watchers);
+        for (id, w) in watchers {
+            self.send(WatchResponse {
+                header: self.header(self.current_revision()),
+                watch_id: id,
+                canceled: true,
+                cancel_reason: format!(
+                    "watcher fell more than {} revisions behind; watch again from revision {}",
+                    self.shared.config.cell.watch.event_log_revisions, w.next
+                ),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    }
+
+    fn notify_progress(&self) -> Result<(), Stop> {
+        let current = self.current_revision();
+        for (id, w) in &self.watchers {
+            if w.progress_notify {
+                self.send(WatchResponse {
+                    header: self.header(current),
+                    watch_id: *id,
+                    ..Default::default()
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
