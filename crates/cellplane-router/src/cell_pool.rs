@@ -468,6 +468,14 @@ impl CellPool {
         result
     }
 
+    /// A connection to a healthy member, for long-lived streams (watches), which
+    /// do not go through the request stack.
+    pub fn stream_channel(&self) -> Option<Channel> {
+        self.inner
+            .pick(false, None)
+            .map(|i| self.inner.members[i].channel.clone())
+    }
+
     /// Probes every member until `shutdown`: Status tells health, id and leader.
     pub async fn probe_loop(self, shutdown: CancellationToken) {
         let mut tick =

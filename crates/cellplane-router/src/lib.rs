@@ -16,6 +16,7 @@ pub mod map_source;
 pub mod run;
 pub mod server;
 pub mod tenant;
+pub mod watch_proxy;
 
 pub use config::{RouterConfig, RoutersDef};
 pub use run::{RouterListeners, run};

@@ -90,6 +90,9 @@ pub async fn run(
     let kv = KvServer::new(RouterKv::new(holder.clone(), pools.clone()))
         .max_decoding_message_size(s.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
+    let watch = cellplane_proto::etcdserverpb::watch_server::WatchServer::new(
+        crate::watch_proxy::RouterWatch::new(holder.clone(), pools.clone()),
+    );
     let stop = shutdown.clone();
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true));
@@ -97,6 +100,7 @@ pub async fn run(
         let r = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(kv)
+            .add_service(watch)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(e) = r {

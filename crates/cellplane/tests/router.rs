@@ -272,3 +272,89 @@ async fn operators_change_the_map_with_the_cli_and_routers_follow() {
     let (ok, out) = cli(&["map", "--directory", &dir, "apply", stale.to_str().unwrap()]);
     assert!(!ok && out.contains("not newer"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_through_the_router_follow_their_cells_and_fail_alone() {
+    use cellplane_proto::etcdserverpb::watch_client::WatchClient;
+    use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+    let mut env = TestEnv::start(&["alpha", "beta"], 1);
+    env.start_router();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut responses = WatchClient::new(common::channel(env.router_client).await.unwrap())
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for t in ["a", "b"] {
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: format!("/{t}/").into(),
+                    range_end: format!("/{t}0").into(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    }
+    let (ca, cb) = (
+        next_resp(&mut responses).await,
+        next_resp(&mut responses).await,
+    );
+    assert!(ca.created && cb.created && ca.watch_id != cb.watch_id);
+    // A watch spanning tenants is refused, as a canceled create.
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: "/a/".into(),
+                range_end: vec![0],
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let refused = next_resp(&mut responses).await;
+    assert!(
+        refused.canceled && refused.cancel_reason.contains("isolated"),
+        "{refused:?}"
+    );
+
+    let mut r = env.router_kv().await;
+    put_cell(&mut r, "/a/1").await.unwrap();
+    put_cell(&mut r, "/b/1").await.unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let resp = next_resp(&mut responses).await;
+        got.insert(
+            resp.watch_id,
+            String::from_utf8_lossy(&resp.events[0].kv.as_ref().unwrap().key).into_owned(),
+        );
+    }
+    assert_eq!(got[&ca.watch_id], "/a/1");
+    assert_eq!(got[&cb.watch_id], "/b/1");
+
+    // Beta dies: b's watch is canceled with where to resume; a's goes on.
+    env.cells[1].kill_all();
+    let canceled = next_resp(&mut responses).await;
+    assert_eq!(canceled.watch_id, cb.watch_id);
+    assert!(
+        canceled.canceled && canceled.cancel_reason.contains("watch again from revision"),
+        "{canceled:?}"
+    );
+    put_cell(&mut r, "/a/2").await.unwrap();
+    let resp = next_resp(&mut responses).await;
+    assert_eq!(resp.watch_id, ca.watch_id);
+    assert_eq!(resp.events[0].kv.as_ref().unwrap().key, b"/a/2");
+}
+
+async fn next_resp(
+    s: &mut tonic::Streaming<cellplane_proto::etcdserverpb::WatchResponse>,
+) -> cellplane_proto::etcdserverpb::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("response in time")
+        .unwrap()
+        .expect("stream open")
+}
