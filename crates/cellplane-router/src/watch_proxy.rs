@@ -146,7 +146,7 @@ impl Proxy {
                 let cell = self.owner.remove(&c.watch_id);
                 let up = cell.and_then(|cell| self.upstreams.get(&cell).map(|u| u.tx.clone()));
                 let forward = WatchRequest {
-                    request_union: Some(watch_request::RequestUnion::CancelRequest(c.clone())),
+                    request_union: Some(watch_request::RequestUnion::CancelRequest(c)),
                 };
                 match up {
                     Some(up) if up.send(forward).await.is_ok() => Ok(()),
