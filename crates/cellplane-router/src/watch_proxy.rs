@@ -166,9 +166,7 @@ impl Proxy {
                     let _ = up
                         .tx
                         .send(WatchRequest {
-                            request_union: Some(watch_request::RequestUnion::ProgressRequest(
-                                p.clone(),
-                            )),
+                            request_union: Some(watch_request::RequestUnion::ProgressRequest(p)),
                         })
                         .await;
                 }
