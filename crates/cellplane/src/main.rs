@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -106,14 +105,7 @@ async fn node(
     }
     let config = cellplane_cell::NodeConfig { cell, id, data_dir };
     let listeners = cellplane_cell::Listeners::bind(&config).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cellplane::signals::cancel_on_signal(shutdown.clone()));
-    if let Some(parent) = parent_pid {
-        tokio::spawn(cellplane::signals::cancel_when_orphaned(
-            parent,
-            shutdown.clone(),
-        ));
-    }
+    let shutdown = cellplane::signals::process_shutdown(parent_pid);
     cellplane_cell::run(config, listeners, shutdown).await?;
     Ok(())
 }
@@ -151,14 +143,7 @@ async fn router(
         admin: bind(me.admin).await?,
         http: bind(me.http).await?,
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cellplane::signals::cancel_on_signal(shutdown.clone()));
-    if let Some(parent) = parent_pid {
-        tokio::spawn(cellplane::signals::cancel_when_orphaned(
-            parent,
-            shutdown.clone(),
-        ));
-    }
+    let shutdown = cellplane::signals::process_shutdown(parent_pid);
     cellplane_router::run(config, listeners, shutdown).await?;
     Ok(())
 }

@@ -36,3 +36,15 @@ pub async fn cancel_when_orphaned(parent: u32, token: CancellationToken) {
         }
     }
 }
+
+/// The shutdown token of a long-running process: cancelled on SIGINT or SIGTERM,
+/// and, when `parent` is given (a child of `cellplane up`), once that parent is
+/// gone.
+pub fn process_shutdown(parent: Option<u32>) -> CancellationToken {
+    let token = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(token.clone()));
+    if let Some(parent) = parent {
+        tokio::spawn(cancel_when_orphaned(parent, token.clone()));
+    }
+    token
+}
