@@ -74,6 +74,115 @@ struct ClosedArgs {
     /// Print the result as JSON too.
     #[arg(long)]
     json: bool,
+    /// Watchers opened before the load starts (see --watch-mode).
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
+    /// idle: watch keys nobody writes; stalled: watch the written keys and never
+    /// read the stream; active: watch the written keys and read every event.
+    #[arg(long, value_enum, default_value = "idle")]
+    watch_mode: WatchMode,
+    /// Connections the watchers use, apart from the writers' connections.
+    #[arg(long, default_value_t = 16)]
+    watch_connections: usize,
+    /// Watches per watch stream (idle mode; stalled and active use one each).
+    #[arg(long, default_value_t = 100)]
+    watches_per_stream: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum WatchMode {
+    Idle,
+    Stalled,
+    Active,
+}
+
+/// Holds the watchers open for the run; active ones count the events they read.
+struct Watchers {
+    _streams: Vec<tonic::Streaming<cellplane_proto::etcdserverpb::WatchResponse>>,
+    _senders: Vec<tokio::sync::mpsc::Sender<cellplane_proto::etcdserverpb::WatchRequest>>,
+    events: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn open_watchers(a: &ClosedArgs) -> anyhow::Result<Watchers> {
+    use cellplane_proto::etcdserverpb::watch_client::WatchClient;
+    use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+    let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut streams = Vec::new();
+    let mut senders = Vec::new();
+    if a.watchers == 0 {
+        return Ok(Watchers {
+            _streams: streams,
+            _senders: senders,
+            events,
+        });
+    }
+    let mut channels = Vec::new();
+    for i in 0..a.watch_connections.max(1) {
+        channels.push(connect(&a.endpoints[i % a.endpoints.len()]).await?);
+    }
+    let per_stream = if a.watch_mode == WatchMode::Idle {
+        a.watches_per_stream.max(1)
+    } else {
+        1
+    };
+    let mut opened = 0;
+    let mut n = 0;
+    while opened < a.watchers {
+        let (tx, rx) = tokio::sync::mpsc::channel(per_stream + 1);
+        let mut client = WatchClient::new(channels[n % channels.len()].clone());
+        n += 1;
+        let mut stream = client
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let here = per_stream.min(a.watchers - opened);
+        for k in 0..here {
+            let (key, range_end) = match a.watch_mode {
+                WatchMode::Idle => (format!("/idle-watch/{}", opened + k).into_bytes(), vec![]),
+                _ => {
+                    let mut end = a.prefix.as_bytes().to_vec();
+                    if let Some(last) = end.last_mut() {
+                        *last += 1;
+                    }
+                    (a.prefix.clone().into_bytes(), end)
+                }
+            };
+            tx.send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(
+                    WatchCreateRequest {
+                        key,
+                        range_end,
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await?;
+        }
+        // Wait for the creates to be acknowledged, so the load starts with every
+        // watcher in place.
+        for _ in 0..here {
+            stream.message().await?;
+        }
+        opened += here;
+        senders.push(tx);
+        match a.watch_mode {
+            WatchMode::Stalled => streams.push(stream),
+            _ => {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(r)) = stream.message().await {
+                        events
+                            .fetch_add(r.events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    }
+    Ok(Watchers {
+        _streams: streams,
+        _senders: senders,
+        events,
+    })
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -149,6 +258,7 @@ async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
             w.await??;
         }
     }
+    let watchers = open_watchers(&a).await?;
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(a.warmup);
     let stop_at = measure_from + Duration::from_secs(a.duration);
@@ -226,6 +336,14 @@ async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
     };
+    if a.watchers > 0 {
+        print!(
+            "[{} {:?} watchers, {} events read] ",
+            a.watchers,
+            a.watch_mode,
+            watchers.events.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     println!(
         "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
         s.op,

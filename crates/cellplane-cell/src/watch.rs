@@ -13,7 +13,7 @@
 //!   (`watch.stream_buffer` responses); the member then ends that stream, saying
 //!   from which revision to resume, and frees everything it held.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ impl Watch for WatchService {
             events: self.shared.events.subscribe(),
             tx,
             watchers: BTreeMap::new(),
+            by_key: HashMap::new(),
+            spans: BTreeSet::new(),
+            seen: 0,
             next_id: 0,
         };
         tokio::spawn(stream.run(inbound, self.shared.shutdown.clone()));
@@ -80,6 +83,13 @@ struct WatchStream {
     events: broadcast::Receiver<Arc<RevisionEvents>>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
+    /// Single-key watchers by key, so a revision costs a lookup per event, not a
+    /// look at every watcher (10,000 idle watchers must cost nearly nothing).
+    by_key: HashMap<Vec<u8>, BTreeSet<i64>>,
+    /// Range watchers: checked against every event.
+    spans: BTreeSet<i64>,
+    /// The newest revision this stream has taken from the event log.
+    seen: i64,
     next_id: i64,
 }
 
@@ -117,7 +127,12 @@ impl WatchStream {
                 Ok(()) => {}
                 Err(Stop::Done) => return,
                 Err(Stop::Stalled) => {
-                    let resume = self.watchers.values().map(|w| w.next).min().unwrap_or(0);
+                    let resume = self
+                        .watchers
+                        .values()
+                        .map(|w| w.next.max(self.seen + 1))
+                        .min()
+                        .unwrap_or(self.seen + 1);
                     tracing::warn!(
                         resume,
                         watchers = self.watchers.len(),
@@ -161,7 +176,7 @@ impl WatchStream {
         match req.request_union {
             Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(watch_request::RequestUnion::CancelRequest(c)) => {
-                let existed = self.watchers.remove(&c.watch_id).is_some();
+                let existed = self.remove(c.watch_id);
                 self.send(WatchResponse {
                     header: self.header(self.current_revision()),
                     watch_id: c.watch_id,
@@ -261,8 +276,37 @@ impl WatchStream {
             }
         }
         w.next = w.next.max(current + 1);
+        match &w.range {
+            KeyRange::Single(k) => {
+                self.by_key.entry(k.clone()).or_default().insert(id);
+            }
+            KeyRange::Span { .. } => {
+                self.spans.insert(id);
+            }
+        }
         self.watchers.insert(id, w);
         Ok(())
+    }
+
+    /// Drops watcher `id` and its index entries; false if there was none.
+    fn remove(&mut self, id: i64) -> bool {
+        let Some(w) = self.watchers.remove(&id) else {
+            return false;
+        };
+        match &w.range {
+            KeyRange::Single(k) => {
+                if let Some(ids) = self.by_key.get_mut(k) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_key.remove(k);
+                    }
+                }
+            }
+            KeyRange::Span { .. } => {
+                self.spans.remove(&id);
+            }
+        }
+        true
     }
 
     /// The response a watcher gets for one revision, if any event matches.
@@ -298,17 +342,23 @@ impl WatchStream {
     }
 
     fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
-        let mut out = Vec::new();
-        for (id, w) in &self.watchers {
-            if let Some(resp) = self.matching(*id, w, rev) {
-                out.push(resp);
+        // Revisions arrive in order, so a watcher's `next` only matters for the
+        // revisions its catch-up already covered.
+        self.seen = rev.revision;
+        let mut candidates: BTreeSet<i64> = self.spans.clone();
+        for e in &rev.events {
+            if let Some(ids) = e.kv.as_ref().and_then(|kv| self.by_key.get(&kv.key)) {
+                candidates.extend(ids.iter().copied());
             }
         }
-        for w in self.watchers.values_mut() {
-            w.next = w.next.max(rev.revision + 1);
-        }
-        for resp in out {
-            self.send(resp)?;
+        for id in candidates {
+            if let Some(resp) = self
+                .watchers
+                .get(&id)
+                .and_then(|w| self.matching(id, w, rev))
+            {
+                self.send(resp)?;
+            }
         }
         Ok(())
     }
@@ -318,6 +368,9 @@ impl WatchStream {
     /// to watch again from.
     fn cancel_all_behind(&mut self) -> Result<(), Stop> {
         let watchers = std::mem::take(&mut self.watchers);
+        self.by_key.clear();
+        self.spans.clear();
+        let seen = self.seen;
         for (id, w) in watchers {
             self.send(WatchResponse {
                 header: self.header(self.current_revision()),
@@ -325,7 +378,8 @@ impl WatchStream {
                 canceled: true,
                 cancel_reason: format!(
                     "watcher fell more than {} revisions behind; watch again from revision {}",
-                    self.shared.config.cell.watch.event_log_revisions, w.next
+                    self.shared.config.cell.watch.event_log_revisions,
+                    w.next.max(seen + 1)
                 ),
                 ..Default::default()
             })?;
