@@ -129,13 +129,10 @@ async fn open_watchers(a: &ClosedArgs) -> anyhow::Result<Watchers> {
     let mut n = 0;
     while opened < a.watchers {
         let (tx, rx) = tokio::sync::mpsc::channel(per_stream + 1);
-        let mut client = WatchClient::new(channels[n % channels.len()].clone());
-        n += 1;
-        let mut stream = client
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
         let here = per_stream.min(a.watchers - opened);
+        // Queue the creates before the call: a gRPC server may send its response
+        // headers only with the first response (etcd does), and the call returns
+        // only after the headers.
         for k in 0..here {
             let (key, range_end) = match a.watch_mode {
                 WatchMode::Idle => (format!("/idle-watch/{}", opened + k).into_bytes(), vec![]),
@@ -158,6 +155,12 @@ async fn open_watchers(a: &ClosedArgs) -> anyhow::Result<Watchers> {
             })
             .await?;
         }
+        let mut client = WatchClient::new(channels[n % channels.len()].clone());
+        n += 1;
+        let mut stream = client
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         // Wait for the creates to be acknowledged, so the load starts with every
         // watcher in place.
         for _ in 0..here {
