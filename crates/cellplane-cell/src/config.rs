@@ -54,7 +54,7 @@ impl Default for WatchSettings {
     fn default() -> Self {
         WatchSettings {
             event_log_revisions: 4096,
-            stream_buffer: 1024,
+            stream_buffer: 128,
             progress_notify_ms: 600_000,
         }
     }
