@@ -3,31 +3,18 @@
 
 mod common;
 
+use common::{get, put};
+
 use cellplane_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use cellplane_proto::etcdserverpb::{
-    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, request_op, response_op,
+    CompactionRequest, Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest,
+    request_op, response_op,
 };
 use common::TestCell;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn put(k: &str, v: &str) -> PutRequest {
-    PutRequest {
-        key: k.into(),
-        value: v.into(),
-        ..Default::default()
-    }
-}
-
-fn get(k: &str) -> RangeRequest {
-    RangeRequest {
-        key: k.into(),
-        ..Default::default()
-    }
-}
 
 fn prefix(p: &str) -> RangeRequest {
     let mut end = p.as_bytes().to_vec();

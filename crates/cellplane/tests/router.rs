@@ -4,28 +4,15 @@
 
 mod common;
 
+use common::{get, put};
+
 use std::time::{Duration, Instant};
 
+use cellplane_proto::etcdserverpb::RangeRequest;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
-use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
 use common::TestEnv;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn put(k: &str, v: &str) -> PutRequest {
-    PutRequest {
-        key: k.into(),
-        value: v.into(),
-        ..Default::default()
-    }
-}
-
-fn get(k: &str) -> RangeRequest {
-    RangeRequest {
-        key: k.into(),
-        ..Default::default()
-    }
-}
 
 /// Puts through the router and returns the cell that served it.
 async fn put_cell(r: &mut KvClient<Channel>, key: &str) -> Result<String, tonic::Status> {

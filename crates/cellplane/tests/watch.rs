@@ -4,26 +4,20 @@
 
 mod common;
 
+use common::put;
+
 use std::time::Duration;
 
 use cellplane_proto::etcdserverpb::watch_client::WatchClient;
 use cellplane_proto::etcdserverpb::watch_create_request::FilterType;
 use cellplane_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCancelRequest,
+    CompactionRequest, DeleteRangeRequest, RequestOp, TxnRequest, WatchCancelRequest,
     WatchCreateRequest, WatchRequest, WatchResponse, request_op, watch_request,
 };
 use common::TestCell;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-
-fn put(k: &str, v: &str) -> PutRequest {
-    PutRequest {
-        key: k.into(),
-        value: v.into(),
-        ..Default::default()
-    }
-}
 
 fn create(w: WatchCreateRequest) -> WatchRequest {
     WatchRequest {

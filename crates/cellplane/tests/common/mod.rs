@@ -457,3 +457,20 @@ impl TestCell {
             .into_owned()
     }
 }
+
+/// A Put of `k` = `v`.
+pub fn put(k: &str, v: &str) -> cellplane_proto::etcdserverpb::PutRequest {
+    cellplane_proto::etcdserverpb::PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    }
+}
+
+/// A Range of the single key `k`.
+pub fn get(k: &str) -> cellplane_proto::etcdserverpb::RangeRequest {
+    cellplane_proto::etcdserverpb::RangeRequest {
+        key: k.into(),
+        ..Default::default()
+    }
+}
