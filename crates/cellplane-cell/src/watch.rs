@@ -237,17 +237,18 @@ impl WatchStream {
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             progress_notify: c.progress_notify,
         };
+        let created = WatchResponse {
+            header: self.header(current),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        };
         // Catch up from the stored history before following the event log.
         let history = if start <= current {
             match self.shared.reader.history(start, current) {
                 Ok(h) => h,
                 Err(KvError::Compacted { compacted }) => {
-                    self.send(WatchResponse {
-                        header: self.header(current),
-                        watch_id: id,
-                        created: true,
-                        ..Default::default()
-                    })?;
+                    self.send(created)?;
                     return self.send(WatchResponse {
                         header: self.header(current),
                         watch_id: id,
@@ -263,12 +264,7 @@ impl WatchStream {
         } else {
             Vec::new()
         };
-        self.send(WatchResponse {
-            header: self.header(current),
-            watch_id: id,
-            created: true,
-            ..Default::default()
-        })?;
+        self.send(created)?;
         self.next_id = self.next_id.max(id + 1);
         for rev in &history {
             if let Some(resp) = self.matching(id, &w, rev) {

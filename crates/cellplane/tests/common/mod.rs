@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -136,18 +136,6 @@ impl TestCell {
         }
     }
 
-    pub fn is_running(&self, id: u64) -> bool {
-        self.member(id).child.is_some()
-    }
-
-    pub fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}", m.client))
-            .collect()
-    }
-
     pub fn all_endpoints(&self) -> Vec<String> {
         self.members
             .iter()
@@ -276,10 +264,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Some((code, body))
-}
-
-pub fn path_str(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// A whole environment: cells, a directory cell and one router, as real processes.
