@@ -285,10 +285,15 @@ async fn watches_through_the_router_follow_their_cells_and_fail_alone() {
         .await
         .unwrap();
     }
-    let (ca, cb) = (
+    // The two cells answer independently, so the created responses may come in
+    // either order; the router hands out ids in the order of the creates, so the
+    // lower id is tenant a's.
+    let mut created = [
         next_resp(&mut responses).await,
         next_resp(&mut responses).await,
-    );
+    ];
+    created.sort_by_key(|r| r.watch_id);
+    let [ca, cb] = created;
     assert!(ca.created && cb.created && ca.watch_id != cb.watch_id);
     // A watch spanning tenants is refused, as a canceled create.
     tx.send(WatchRequest {
