@@ -1,0 +1,275 @@
+//! The Kubernetes manifests (`deploy/k8s/`), for `kubectl apply -f deploy/k8s/`.
+//!
+//! - `cells.yaml`: the ConfigMap `cellplane-cells`, the `cells/` folder with
+//!   Kubernetes addresses (cell files, routers, the static map), mounted in every
+//!   pod at [`CELLS_MOUNT`](super::CELLS_MOUNT).
+//! - `cell-<name>.yaml`, per cell: a headless Service, a StatefulSet and a
+//!   PodDisruptionBudget, all named `cellplane-<name>`. Pod `cellplane-alpha-0`
+//!   is member 1 (`--id-from-hostname`) and is reached by its peers, the routers
+//!   and clients at `cellplane-alpha-0.cellplane-alpha:2379`, a name the headless
+//!   Service keeps while the pod's IP changes. The Service publishes pods that are
+//!   not ready yet (`publishNotReadyAddresses`) and the pods start in parallel: a
+//!   member is ready only once its cell has a leader, which needs its peers first.
+//!   The budget keeps a quorum: at most a minority of a cell is evicted at once.
+//! - `router.yaml`: the Deployment, Service and PodDisruptionBudget
+//!   `cellplane-router`. Routers are interchangeable: every replica runs router 1
+//!   of the rendered `routers.toml`, listening on every interface.
+//!
+//! Names are relative (`cellplane-alpha-0.cellplane-alpha`), so the manifests work
+//! in whichever namespace they are applied to. Readiness is `/readyz` and liveness
+//! `/healthz` on each process's http port.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cellplane_router::config::RouterDef;
+use serde_json::{Value, json};
+
+use super::{CELLS_MOUNT, IMAGE, MEMBER_PORTS, Placement, ROUTER_PORTS, Rendered};
+use crate::up::EnvDef;
+
+/// The ConfigMap holding the rendered `cells/` folder.
+pub const CONFIG_MAP: &str = "cellplane-cells";
+
+const HEADER: &str = "# Rendered by `cellplane deploy render k8s` from cells/: do not edit,\n\
+                      # change cells/ and render again.\n";
+
+/// StatefulSet, headless Service and PodDisruptionBudget of a cell.
+pub fn cell_object(cell: &str) -> String {
+    format!("cellplane-{cell}")
+}
+
+/// The stable DNS name of member `id`: pod `<statefulset>-<id - 1>` under the
+/// headless Service of the same name.
+pub fn member_host(cell: &str, id: u64) -> String {
+    let set = cell_object(cell);
+    format!("{set}-{}.{set}", id.saturating_sub(1))
+}
+
+pub const ROUTER_OBJECT: &str = "cellplane-router";
+
+fn member_labels(cell: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "cellplane",
+        "app.kubernetes.io/component": "member",
+        "cellplane.io/cell": cell,
+    })
+}
+
+fn router_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": "cellplane",
+        "app.kubernetes.io/component": "router",
+    })
+}
+
+fn cells_volume() -> Value {
+    json!({ "name": "cells", "configMap": { "name": CONFIG_MAP } })
+}
+
+fn cells_mount() -> Value {
+    json!({ "name": "cells", "mountPath": CELLS_MOUNT, "readOnly": true })
+}
+
+fn probes() -> (Value, Value) {
+    (
+        json!({
+            "httpGet": { "path": "/readyz", "port": "http" },
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        }),
+        json!({
+            "httpGet": { "path": "/healthz", "port": "http" },
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        }),
+    )
+}
+
+pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
+    for (_, def) in &env.cells {
+        super::check_member_ids(def)?;
+    }
+    let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let placement = Placement {
+        member_host: &member_host,
+        routers: vec![RouterDef {
+            id: 1,
+            client: any(ROUTER_PORTS.client),
+            admin: any(ROUTER_PORTS.peer),
+            http: any(ROUTER_PORTS.http),
+        }],
+        header: HEADER,
+    };
+    let cells = super::deployed_cells(env, &placement)?;
+    let data: BTreeMap<String, String> = cells
+        .iter()
+        .map(|(p, t)| (p.display().to_string(), t.clone()))
+        .collect();
+    let mut files = Rendered::new();
+    files.insert(
+        PathBuf::from("cells.yaml"),
+        documents(&[json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": { "name": CONFIG_MAP, "labels": { "app.kubernetes.io/name": "cellplane" } },
+            "data": data,
+        })])?,
+    );
+    let (readiness, liveness) = probes();
+    for (_, def) in &env.cells {
+        let name = cell_object(&def.name);
+        let labels = member_labels(&def.name);
+        let n = def.members.len();
+        let service = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": true,
+                "selector": labels,
+                "ports": [
+                    { "name": "client", "port": MEMBER_PORTS.client, "targetPort": "client" },
+                    { "name": "peer", "port": MEMBER_PORTS.peer, "targetPort": "peer" },
+                    { "name": "http", "port": MEMBER_PORTS.http, "targetPort": "http" },
+                ],
+            },
+        });
+        let set = json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "serviceName": name,
+                "replicas": n,
+                "podManagementPolicy": "Parallel",
+                "selector": { "matchLabels": labels },
+                "template": {
+                    "metadata": { "labels": labels },
+                    "spec": {
+                        "terminationGracePeriodSeconds": 30,
+                        "containers": [{
+                            "name": "member",
+                            "image": IMAGE,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": [
+                                "node",
+                                "--cell", format!("{CELLS_MOUNT}/{}.toml", def.name),
+                                "--id-from-hostname",
+                                "--data-dir", "/data",
+                            ],
+                            "ports": [
+                                { "name": "client", "containerPort": MEMBER_PORTS.client },
+                                { "name": "peer", "containerPort": MEMBER_PORTS.peer },
+                                { "name": "http", "containerPort": MEMBER_PORTS.http },
+                            ],
+                            "readinessProbe": readiness,
+                            "livenessProbe": liveness,
+                            "volumeMounts": [
+                                cells_mount(),
+                                { "name": "data", "mountPath": "/data" },
+                            ],
+                        }],
+                        "volumes": [cells_volume()],
+                    },
+                },
+                "volumeClaimTemplates": [{
+                    "metadata": { "name": "data" },
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": { "requests": { "storage": "1Gi" } },
+                    },
+                }],
+            },
+        });
+        // A quorum stays up through voluntary evictions (node drains); a 1-member
+        // cell (the local directory) therefore blocks them until it is grown.
+        let budget = json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": { "name": name, "labels": labels },
+            "spec": { "minAvailable": n / 2 + 1, "selector": { "matchLabels": labels } },
+        });
+        files.insert(
+            PathBuf::from(format!("cell-{}.yaml", def.name)),
+            documents(&[service, set, budget])?,
+        );
+    }
+
+    let labels = router_labels();
+    let replicas = env.routers.routers.len();
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": ROUTER_OBJECT, "labels": labels },
+        "spec": {
+            "selector": labels,
+            "ports": [
+                { "name": "client", "port": ROUTER_PORTS.client, "targetPort": "client" },
+                { "name": "admin", "port": ROUTER_PORTS.peer, "targetPort": "admin" },
+            ],
+        },
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": ROUTER_OBJECT, "labels": labels },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": labels },
+            "template": {
+                "metadata": { "labels": labels },
+                "spec": {
+                    "terminationGracePeriodSeconds": 15,
+                    "containers": [{
+                        "name": "router",
+                        "image": IMAGE,
+                        "imagePullPolicy": "IfNotPresent",
+                        "args": [
+                            "router",
+                            "--routers", format!("{CELLS_MOUNT}/routers.toml"),
+                            "--id", "1",
+                            "--state-dir", "/state",
+                        ],
+                        "ports": [
+                            { "name": "client", "containerPort": ROUTER_PORTS.client },
+                            { "name": "admin", "containerPort": ROUTER_PORTS.peer },
+                            { "name": "http", "containerPort": ROUTER_PORTS.http },
+                        ],
+                        "readinessProbe": readiness,
+                        "livenessProbe": liveness,
+                        "volumeMounts": [
+                            cells_mount(),
+                            { "name": "state", "mountPath": "/state" },
+                        ],
+                    }],
+                    "volumes": [cells_volume(), { "name": "state", "emptyDir": {} }],
+                },
+            },
+        },
+    });
+    let budget = json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": { "name": ROUTER_OBJECT, "labels": labels },
+        "spec": { "maxUnavailable": 1, "selector": { "matchLabels": labels } },
+    });
+    files.insert(
+        PathBuf::from("router.yaml"),
+        documents(&[service, deployment, budget])?,
+    );
+    Ok(files)
+}
+
+/// YAML documents, one after another, under the header.
+fn documents(docs: &[Value]) -> anyhow::Result<String> {
+    let mut out = String::from(HEADER);
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(d).context("cannot encode a manifest")?);
+    }
+    Ok(out)
+}

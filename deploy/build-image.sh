@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds the `cellplane:local` image from the release binary and the shared
+# libraries it needs, on `FROM scratch` (no registry is reachable, so there is no
+# base image to pull).
+#
+#   deploy/build-image.sh                 # builds the binary first if it is missing
+#   CELLPLANE_BIN=path/to/cellplane deploy/build-image.sh
+#   CELLPLANE_IMAGE=cellplane:dev deploy/build-image.sh
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target=${CARGO_TARGET_DIR:-/var/tmp/cellplane-target}
+bin=${CELLPLANE_BIN:-$target/release/cellplane}
+tag=${CELLPLANE_IMAGE:-cellplane:local}
+
+if [[ ! -x $bin ]]; then
+    echo "build-image: $bin is missing; building it (release profile)" >&2
+    (cd "$repo" && CARGO_TARGET_DIR=$target cargo build --release -p cellplane --bin cellplane)
+fi
+
+ctx=$(mktemp -d "${TMPDIR:-/tmp}/cellplane-image.XXXXXX")
+trap 'rm -rf "$ctx"' EXIT
+root=$ctx/rootfs
+mkdir -p "$root/etc" "$root/tmp"
+chmod 1777 "$root/tmp"
+cp "$bin" "$root/cellplane"
+
+# Every library ldd resolves ("libx.so => /path (addr)") and the loader
+# ("/lib64/ld-linux-x86-64.so.2 (addr)"); the vDSO has no file and is skipped.
+libs=$(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+if ldd "$bin" | grep -q 'not found'; then
+    echo "build-image: a library of $bin is missing:" >&2
+    ldd "$bin" >&2
+    exit 1
+fi
+for lib in $libs; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+# glibc resolves host names (Kubernetes members are DNS names) through NSS; say
+# where to look rather than rely on its built-in default.
+printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
+cp "$repo/deploy/Dockerfile" "$ctx/Dockerfile"
+
+# The legacy builder warns on stderr that it is deprecated: show its output only
+# when the build fails.
+if ! docker build --quiet --tag "$tag" "$ctx" >"$ctx/build.log" 2>&1; then
+    cat "$ctx/build.log" >&2
+    exit 1
+fi
+echo "build-image: built $tag from $bin ($(echo "$libs" | wc -w) shared libraries)"
