@@ -1,27 +1,28 @@
-//! `loadgen`: drives a cellplane cell (or router, or an etcd cluster) through the
-//! etcd v3 API and reports throughput and latency from HDR histograms.
+//! The `loadgen` command: parses options and calls the library.
 //!
-//! This first version runs closed-loop workloads (N clients, each as fast as its
-//! responses come back, spread over a separate number of connections). Open-loop
-//! schedules, scenarios, fault schedules and reports are tracked by the loadgen
-//! issue.
+//! - `loadgen run SCENARIO [--target router|cell|etcd|map] [--endpoints …] [--up DIR]`
+//! - `loadgen compare SCENARIO --etcd EPS [--cellplane EPS] [--router EPS] [--rounds N]`
+//! - `loadgen validate SCENARIO…`, `loadgen render REPORT.json`
+//! - `loadgen closed …`: the first version's flags, kept for the benchmark scripts.
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
-use cellplane_proto::etcdserverpb::kv_client::KvClient;
-use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use hdrhistogram::Histogram;
-use tonic::transport::{Channel, Endpoint};
+use loadgen::compare::{CompareConfig, System, compare};
+use loadgen::env::UpEnvironment;
+use loadgen::scenario::{Consistency, Model, Op as ScenarioOp, Scenario, Secs, WatchMode as Wm};
+use loadgen::target::{Target, TargetKind};
+use loadgen::{Report, RunConfig, html, run, write_report};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
     name = "loadgen",
-    about = "Load generator for the etcd v3 API (cellplane or etcd)."
+    about = "Load generator for the etcd v3 API: cellplane routers, cells, or etcd."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -30,8 +31,98 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Closed-loop load: each client sends its next request when the last returns.
+    /// Run a scenario file against a target; print a summary, write JSON and HTML.
+    Run(RunArgs),
+    /// Run a scenario against cellplane and etcd, alternated, and print the ratios.
+    Compare(CompareArgs),
+    /// Check scenario files (every error names its field).
+    Validate {
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+    },
+    /// Render the HTML report of a JSON report again.
+    Render {
+        json: PathBuf,
+        /// Default: the JSON's path with .html.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Closed-loop load from flags (the first version's interface).
     Closed(ClosedArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// What the endpoints are.
+    #[arg(long, value_enum, default_value = "router")]
+    target: TargetKind,
+    /// Comma-separated endpoints (host:port). Default: from --up's up.json (the
+    /// routers, or the members of --cell).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// The cell (--target cell): its name in reports, and its members from --up.
+    #[arg(long)]
+    cell: Option<String>,
+    /// Data directory of a `cellplane up` environment (its up.json): default
+    /// endpoints, and the processes a fault schedule acts on.
+    #[arg(long)]
+    up: Option<PathBuf>,
+    /// A cell map (e.g. cells/routing.toml): routes --target map, and charges
+    /// router requests that fail before naming their cell to the tenant's cell.
+    #[arg(long)]
+    map: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    scenario: PathBuf,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Override a scenario field: --set load.clients=256 (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
+    /// Folder for report.json and report.html. Default:
+    /// <up dir or .cellplane>/loadgen/<scenario>-<unix time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The JSON report's path (instead of <out>/report.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The HTML report's path (instead of <out>/report.html).
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    scenario: PathBuf,
+    /// Endpoints of a cellplane cell's members (compared directly).
+    #[arg(long, value_delimiter = ',')]
+    cellplane: Vec<String>,
+    /// The cell's name in the output.
+    #[arg(long, default_value = "cellplane")]
+    cell_name: String,
+    /// Endpoints of cellplane routers (compared through the router).
+    #[arg(long, value_delimiter = ',')]
+    router: Vec<String>,
+    /// Endpoints of an etcd cluster: the baseline of the ratios.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Seconds of rest between two runs.
+    #[arg(long, default_value_t = 2.0)]
+    pause: f64,
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
+    /// Write the comparison as JSON (schema in loadgen/REPORT.md).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -42,6 +133,13 @@ enum Op {
     Get,
     /// Serializable get of random keys.
     SerializableGet,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum WatchMode {
+    Idle,
+    Stalled,
+    Active,
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,278 +187,264 @@ struct ClosedArgs {
     watches_per_stream: usize,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum WatchMode {
-    Idle,
-    Stalled,
-    Active,
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let result = rt.block_on(async {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: finishing the report");
+                s.cancel();
+            }
+        });
+        match cli.cmd {
+            Cmd::Run(a) => cmd_run(a, shutdown).await,
+            Cmd::Compare(a) => cmd_compare(a, shutdown).await,
+            Cmd::Validate { scenarios } => validate(&scenarios),
+            Cmd::Render { json, html } => render(&json, html),
+            Cmd::Closed(a) => closed(a, shutdown).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-/// Holds the watchers open for the run; active ones count the events they read.
-struct Watchers {
-    _streams: Vec<tonic::Streaming<cellplane_proto::etcdserverpb::WatchResponse>>,
-    _senders: Vec<tokio::sync::mpsc::Sender<cellplane_proto::etcdserverpb::WatchRequest>>,
-    events: Arc<std::sync::atomic::AtomicU64>,
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-async fn open_watchers(a: &ClosedArgs) -> anyhow::Result<Watchers> {
-    use cellplane_proto::etcdserverpb::watch_client::WatchClient;
-    use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
-    let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut streams = Vec::new();
-    let mut senders = Vec::new();
-    if a.watchers == 0 {
-        return Ok(Watchers {
-            _streams: streams,
-            _senders: senders,
-            events,
+fn read_map(path: &Path) -> anyhow::Result<cellplane_map::CellMap> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    cellplane_map::CellMap::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn resolve_target(a: &TargetArgs) -> anyhow::Result<Target> {
+    let env = a.up.as_deref().map(UpEnvironment::read).transpose()?;
+    let map = a.map.as_deref().map(read_map).transpose()?;
+    let endpoints = if a.endpoints.is_empty() && a.up.is_none() && a.target == TargetKind::Router {
+        vec!["127.0.0.1:2379".to_string()]
+    } else {
+        a.endpoints.clone()
+    };
+    Target::resolve(a.target, endpoints, a.cell.clone(), env.as_ref(), map)
+}
+
+async fn cmd_run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let scenario = Scenario::load(&a.scenario, &a.set)?;
+    let target = resolve_target(&a.target)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.target
+            .up
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".cellplane"))
+            .join("loadgen")
+            .join(format!("{}-{}", scenario.name, unix_secs()))
+    });
+    let json = a.json.clone().unwrap_or_else(|| out.join("report.json"));
+    let html = a.html.clone().unwrap_or_else(|| out.join("report.html"));
+    eprintln!(
+        "{}: {} against {}",
+        scenario.name,
+        loadgen::report::load_label(&scenario),
+        target.label()
+    );
+    let result = run(
+        RunConfig {
+            scenario,
+            scenario_file: Some(a.scenario.display().to_string()),
+            target,
+            up_dir: a.target.up.clone(),
+            progress: !a.no_progress,
+            log_faults: true,
+        },
+        shutdown,
+    )
+    .await?;
+    print!("{}", result.report.summary());
+    let (j, h) = write_report(&result.report, &json, &html)
+        .with_context(|| format!("cannot write the reports to {}", out.display()))?;
+    println!("report: {} and {}", j.display(), h.display());
+    Ok(())
+}
+
+async fn cmd_compare(a: CompareArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let scenario = Scenario::load(&a.scenario, &a.set)?;
+    anyhow::ensure!(
+        scenario.faults.is_empty(),
+        "{}: compare runs no fault schedule; use a scenario without [[faults]]",
+        a.scenario.display()
+    );
+    let mut systems = Vec::new();
+    if !a.cellplane.is_empty() {
+        systems.push(System {
+            name: format!("{} (direct)", a.cell_name),
+            target: Target::cell(&a.cell_name, a.cellplane.clone()),
         });
     }
-    let mut channels = Vec::new();
-    for i in 0..a.watch_connections.max(1) {
-        channels.push(connect(&a.endpoints[i % a.endpoints.len()]).await?);
+    if !a.router.is_empty() {
+        systems.push(System {
+            name: "router".into(),
+            target: Target::router(a.router.clone()),
+        });
     }
-    let per_stream = if a.watch_mode == WatchMode::Idle {
-        a.watches_per_stream.max(1)
-    } else {
-        1
+    if !a.etcd.is_empty() {
+        systems.push(System {
+            name: "etcd".into(),
+            target: Target::etcd(a.etcd.clone()),
+        });
+    }
+    anyhow::ensure!(
+        systems.len() >= 2,
+        "give at least two of --cellplane, --router and --etcd"
+    );
+    let cfg = CompareConfig {
+        scenario,
+        scenario_file: Some(a.scenario.display().to_string()),
+        systems,
+        rounds: a.rounds,
+        pause: Duration::from_secs_f64(a.pause.max(0.0)),
+        progress: !a.no_progress,
     };
-    let mut opened = 0;
-    let mut n = 0;
-    while opened < a.watchers {
-        let (tx, rx) = tokio::sync::mpsc::channel(per_stream + 1);
-        let here = per_stream.min(a.watchers - opened);
-        // Queue the creates before the call: a gRPC server may send its response
-        // headers only with the first response (etcd does), and the call returns
-        // only after the headers.
-        for k in 0..here {
-            let (key, range_end) = match a.watch_mode {
-                WatchMode::Idle => (format!("/idle-watch/{}", opened + k).into_bytes(), vec![]),
-                _ => {
-                    let mut end = a.prefix.as_bytes().to_vec();
-                    if let Some(last) = end.last_mut() {
-                        *last += 1;
-                    }
-                    (a.prefix.clone().into_bytes(), end)
-                }
-            };
-            tx.send(WatchRequest {
-                request_union: Some(watch_request::RequestUnion::CreateRequest(
-                    WatchCreateRequest {
-                        key,
-                        range_end,
-                        ..Default::default()
-                    },
-                )),
-            })
-            .await?;
-        }
-        let mut client = WatchClient::new(channels[n % channels.len()].clone());
-        n += 1;
-        let mut stream = client
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        // Wait for the creates to be acknowledged, so the load starts with every
-        // watcher in place.
-        for _ in 0..here {
-            stream.message().await?;
-        }
-        opened += here;
-        senders.push(tx);
-        match a.watch_mode {
-            WatchMode::Stalled => streams.push(stream),
-            _ => {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    while let Ok(Some(r)) = stream.message().await {
-                        events
-                            .fetch_add(r.events.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
+    let report = compare(&cfg, shutdown, |line| println!("{line}")).await?;
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("comparison: {}", path.display());
+    }
+    Ok(())
+}
+
+fn validate(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut bad = 0;
+    for f in files {
+        match Scenario::load(f, &[]) {
+            Ok(s) => println!(
+                "{}: ok ({}; {})",
+                f.display(),
+                s.name,
+                loadgen::report::load_label(&s)
+            ),
+            Err(e) => {
+                eprintln!("{e}");
+                bad += 1;
             }
         }
     }
-    Ok(Watchers {
-        _streams: streams,
-        _senders: senders,
-        events,
-    })
+    anyhow::ensure!(bad == 0, "{bad} scenario(s) refused");
+    Ok(())
 }
 
-#[derive(Debug, serde::Serialize)]
-struct Summary {
-    op: String,
-    clients: usize,
-    connections: usize,
-    seconds: f64,
-    ok: u64,
-    errors: u64,
-    throughput: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
+fn render(json: &Path, html_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("cannot read {}", json.display()))?;
+    let report =
+        Report::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))?;
+    let out = html_path.unwrap_or_else(|| json.with_extension("html"));
+    std::fs::write(&out, html::render(&report))
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}", out.display());
+    Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Closed(a) => closed(a).await,
-        }
-    })
-}
-
-async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    let uri = if endpoint.starts_with("http") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// The first version's interface, on the scenario engine. Prints the same line.
+async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut s = Scenario {
+        name: "closed".into(),
+        ..Scenario::default()
     };
-    Endpoint::from_shared(uri.clone())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {uri}"))
-}
-
-async fn closed(a: ClosedArgs) -> anyhow::Result<()> {
-    if a.clients == 0 || a.connections == 0 || a.key_space == 0 {
-        bail!("--clients, --connections and --key-space must be > 0");
-    }
-    let mut channels = Vec::new();
-    for i in 0..a.connections {
-        channels.push(connect(&a.endpoints[i % a.endpoints.len()]).await?);
-    }
-    let value = Arc::new(vec![b'x'; a.value_size]);
-    if a.op != Op::Put {
-        // Reads need keys to read: write the key space once, 32 writers at a time.
-        let keys = a.key_space.min(100_000);
-        let mut writers = Vec::new();
-        for w in 0..32u64 {
-            let mut c = KvClient::new(channels[w as usize % channels.len()].clone());
-            let (value, prefix) = (value.clone(), a.prefix.clone());
-            writers.push(tokio::spawn(async move {
-                let mut k = w;
-                while k < keys {
-                    c.put(PutRequest {
-                        key: format!("{prefix}{k:012}").into(),
-                        value: value.to_vec(),
-                        ..Default::default()
-                    })
-                    .await?;
-                    k += 32;
-                }
-                Ok::<(), tonic::Status>(())
-            }));
-        }
-        for w in writers {
-            w.await??;
-        }
-    }
-    let watchers = open_watchers(&a).await?;
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(a.warmup);
-    let stop_at = measure_from + Duration::from_secs(a.duration);
-    let mut tasks = Vec::new();
-    for i in 0..a.clients {
-        let mut client = KvClient::new(channels[i % channels.len()].clone());
-        let value = value.clone();
-        let prefix = a.prefix.clone();
-        let (op, key_space) = (a.op, a.key_space);
-        tasks.push(tokio::spawn(async move {
-            let mut hist =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            let (mut ok, mut errors) = (0u64, 0u64);
-            // Seeded per client: runs are repeatable.
-            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
-            loop {
-                let now = Instant::now();
-                if now >= stop_at {
-                    break;
-                }
-                let k: u64 = rand::RngExt::random_range(&mut rng, 0..key_space);
-                let key = format!("{prefix}{k:012}").into_bytes();
-                let result = match op {
-                    Op::Put => client
-                        .put(PutRequest {
-                            key,
-                            value: value.to_vec(),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ()),
-                    Op::Get | Op::SerializableGet => client
-                        .range(RangeRequest {
-                            key,
-                            serializable: op == Op::SerializableGet,
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ()),
-                };
-                if now >= measure_from {
-                    let us = now.elapsed().as_micros() as u64;
-                    match result {
-                        Ok(()) => {
-                            ok += 1;
-                            let _ = hist.record(us.max(1));
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-            }
-            (hist, ok, errors)
-        }));
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut errors) = (0, 0);
-    for t in tasks {
-        let (h, o, e) = t.await?;
-        hist.add(&h)?;
-        ok += o;
-        errors += e;
-    }
-    let seconds = a.duration as f64;
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    let s = Summary {
-        op: format!("{:?}", a.op).to_lowercase(),
-        clients: a.clients,
-        connections: a.connections,
-        seconds,
-        ok,
-        errors,
-        throughput: ok as f64 / seconds,
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
+    s.load.model = Model::Closed;
+    s.load.clients = a.clients;
+    s.load.connections = a.connections;
+    s.load.duration = Some(Secs(a.duration as f64));
+    s.load.warmup = Secs(a.warmup as f64);
+    s.keys.space = a.key_space;
+    s.keys.value_size = a.value_size;
+    s.keys.prefix = a.prefix.clone();
+    s.workload.op = match a.op {
+        Op::Put => ScenarioOp::Put,
+        Op::Get | Op::SerializableGet => ScenarioOp::Get,
     };
-    if a.watchers > 0 {
+    if a.op == Op::SerializableGet {
+        s.workload.consistency = Consistency::Serializable;
+    }
+    s.watch.watchers = a.watchers;
+    s.watch.mode = match a.watch_mode {
+        WatchMode::Idle => Wm::Idle,
+        WatchMode::Stalled => Wm::Stalled,
+        WatchMode::Active => Wm::Active,
+    };
+    s.watch.connections = a.watch_connections;
+    s.watch.watches_per_stream = a.watches_per_stream;
+    s.validate()
+        .map_err(|(field, msg)| anyhow::anyhow!("{field}: {msg}"))?;
+    let result = run(
+        RunConfig {
+            scenario: s,
+            scenario_file: None,
+            target: Target::cell("target", a.endpoints.clone()),
+            up_dir: None,
+            progress: false,
+            log_faults: false,
+        },
+        shutdown,
+    )
+    .await?;
+    let r = &result.report;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let op = format!("{:?}", a.op).to_lowercase();
+    if let Some(w) = &r.watch {
         print!(
             "[{} {:?} watchers, {} events read] ",
-            a.watchers,
-            a.watch_mode,
-            watchers.events.load(std::sync::atomic::Ordering::Relaxed)
+            w.watchers, a.watch_mode, w.events
         );
     }
+    let t = &r.totals;
     println!(
         "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
-        s.op,
-        s.clients,
-        s.connections,
-        s.throughput,
-        s.p50_ms,
-        s.p99_ms,
-        s.p999_ms,
-        s.max_ms,
-        s.errors
+        op,
+        a.clients,
+        a.connections,
+        t.throughput,
+        ms(t.latency.p50_us),
+        ms(t.latency.p99_us),
+        ms(t.latency.p999_us),
+        ms(t.latency.max_us),
+        t.errors
     );
     if a.json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!(
+            "{}",
+            serde_json::json!({
+                "op": op,
+                "clients": a.clients,
+                "connections": a.connections,
+                "seconds": r.measured_s,
+                "ok": t.ok,
+                "errors": t.errors,
+                "throughput": t.throughput,
+                "p50_ms": ms(t.latency.p50_us),
+                "p99_ms": ms(t.latency.p99_us),
+                "p999_ms": ms(t.latency.p999_us),
+                "max_ms": ms(t.latency.max_us),
+            })
+        );
     }
     Ok(())
 }
