@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/etcdserverpb/rpc.proto",
         "cellplane/raft/v1/raft.proto",
         "cellplane/router/v1/admin.proto",
+        "cellplane/discovery/v1/discovery.proto",
+        "cellplane/discovery/v1/health.proto",
     ]
     .iter()
     .map(|f| root.join(f))

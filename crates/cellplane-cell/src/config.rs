@@ -10,12 +10,17 @@
 //! http = "127.0.0.1:2381"     # /metrics, /healthz, /readyz
 //! ```
 //!
+//! Addresses are `host:port`, the host an IP literal or a DNS name (in Kubernetes a
+//! member is `alpha-0.alpha:2379`: pod IPs change, names do not); see [`HostPort`].
+//!
 //! Every tuning field has a default; unknown fields are refused, so a typo is an
 //! error that names the field, not a setting silently ignored.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +51,14 @@ pub struct WatchSettings {
     /// Responses buffered per watch stream; a client that lets it fill has its
     /// stream ended.
     pub stream_buffer: usize,
+    /// Bytes of responses buffered per watch stream, whatever their number; a
+    /// client that lets it fill has its stream ended. With `stream_buffer`, this
+    /// bounds what a stalled client can make a member hold.
+    pub stream_buffer_bytes: usize,
+    /// A revision whose events are larger than this is kept in the event log
+    /// without them; watchers read it from RocksDB. Bounds the event log's memory
+    /// to `event_log_revisions` times this.
+    pub event_log_max_revision_bytes: usize,
     /// Interval of progress notifications to watchers that asked for them.
     pub progress_notify_ms: u64,
 }
@@ -55,6 +68,8 @@ impl Default for WatchSettings {
         WatchSettings {
             event_log_revisions: 4096,
             stream_buffer: 128,
+            stream_buffer_bytes: 4 << 20,
+            event_log_max_revision_bytes: 64 << 10,
             progress_notify_ms: 600_000,
         }
     }
@@ -70,11 +85,158 @@ pub struct MemberDef {
     #[serde(default)]
     pub name: Option<String>,
     /// The etcd-compatible client API address.
-    pub client: SocketAddr,
+    pub client: HostPort,
     /// The member-to-member Raft address.
-    pub peer: SocketAddr,
+    pub peer: HostPort,
     /// The HTTP address for /metrics, /healthz and /readyz.
-    pub http: SocketAddr,
+    pub http: HostPort,
+}
+
+/// A member address as the cell file writes it: `host:port`, where the host is an
+/// IP literal (`127.0.0.1`, `[::1]`) or a DNS name (`alpha-0.alpha`). Peers and
+/// clients dial it as written, so a name is resolved when connecting, not at load
+/// (a pod's name resolves only once the pod exists). The port is required.
+///
+/// A member binds an IP literal as is, and a name as `0.0.0.0:port` (its own name
+/// points at one of its interfaces, and resolving it at boot could race the DNS
+/// record); `cellplane node --listen-*` overrides either.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    /// An IP literal (without brackets) or a DNS name.
+    host: String,
+    port: u16,
+}
+
+/// Why a string is not a `host:port` address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}` is not a host:port address: {reason}")]
+pub struct AddrError {
+    value: String,
+    reason: &'static str,
+}
+
+impl HostPort {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+
+    /// Where a process listens for this address: an IP literal as is, a name on
+    /// every IPv4 interface.
+    pub fn bind_addr(&self) -> SocketAddr {
+        self.socket_addr().unwrap_or(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            self.port,
+        ))
+    }
+
+    /// `http://host:port`, for a gRPC channel.
+    pub fn url(&self) -> String {
+        format!("http://{self}")
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = AddrError;
+
+    fn from_str(value: &str) -> Result<HostPort, AddrError> {
+        let bad = |reason| AddrError {
+            value: value.to_string(),
+            reason,
+        };
+        if let Ok(a) = value.parse::<SocketAddr>() {
+            return Ok(HostPort {
+                host: a.ip().to_string(),
+                port: a.port(),
+            });
+        }
+        let Some((host, port)) = value.rsplit_once(':') else {
+            return Err(bad("the port is missing"));
+        };
+        if port.is_empty() {
+            return Err(bad("the port is missing"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port must be a number from 0 to 65535"))?;
+        if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+            // An IPv6 literal that SocketAddr refused: unbracketed or malformed.
+            return Err(bad("write an IPv6 address in brackets: [::1]:2379"));
+        }
+        if !is_dns_name(host) {
+            return Err(bad(
+                "the host must be an IP address or a DNS name (letters, digits, '-' and '.')",
+            ));
+        }
+        Ok(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// RFC 1123 host name: dot-separated labels of 1-63 letters, digits or '-', not
+/// starting or ending with '-'; at most 253 characters; a trailing dot allowed. The
+/// last label is not all digits (RFC 3696), so `10.0.0:2379`, a mistyped IP, is
+/// refused rather than looked up as a name.
+fn is_dns_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = AddrError;
+
+    fn try_from(value: String) -> Result<HostPort, AddrError> {
+        value.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(a: HostPort) -> String {
+        a.to_string()
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(a: SocketAddr) -> HostPort {
+        HostPort {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Raft timing and log retention.
@@ -218,7 +380,7 @@ impl CellDef {
                     &format!("id {} is used twice", m.id),
                 ));
             }
-            for (f, a) in [("client", m.client), ("peer", m.peer), ("http", m.http)] {
+            for (f, a) in [("client", &m.client), ("peer", &m.peer), ("http", &m.http)] {
                 if !addrs.insert(a) {
                     return Err(bad(
                         format!("members[{i}].{f}"),
@@ -276,6 +438,11 @@ impl CellDef {
         for (field, v) in [
             ("watch.event_log_revisions", w.event_log_revisions as u64),
             ("watch.stream_buffer", w.stream_buffer as u64),
+            ("watch.stream_buffer_bytes", w.stream_buffer_bytes as u64),
+            (
+                "watch.event_log_max_revision_bytes",
+                w.event_log_max_revision_bytes as u64,
+            ),
             ("watch.progress_notify_ms", w.progress_notify_ms),
         ] {
             if v == 0 {
@@ -379,9 +546,79 @@ http = "127.0.0.1:6"
         assert!(e.contains("members[1].client"), "{e}");
         let e = err(&GOOD.replace("peer = \"127.0.0.1:2\"", "peer = \"nowhere\""));
         assert!(e.contains("cells/a.toml") && e.contains("peer"), "{e}");
+        let e = err(&GOOD.replace("peer = \"127.0.0.1:5\"", "peer = \"alpha-1.alpha\""));
+        assert!(
+            e.contains("peer = \"alpha-1.alpha\"") && e.contains("the port is missing"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("127.0.0.1:6", "alpha-1.alpha:"));
+        assert!(
+            e.contains("http = ") && e.contains("the port is missing"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("127.0.0.1:6", "alpha_1:2381"));
+        assert!(e.contains("http = ") && e.contains("DNS name"), "{e}");
+        let e = err(&GOOD
+            .replace("127.0.0.1:4", "a:1")
+            .replace("127.0.0.1:1", "A:1"));
+        assert!(e.contains("members[1].client") && e.contains("a:1"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\nmax_txn_opz = 3\n"));
         assert!(e.contains("max_txn_opz"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\nmax_txn_ops = 0\n"));
         assert!(e.contains("limits.max_txn_ops"), "{e}");
+    }
+
+    #[test]
+    fn members_may_be_named_by_dns() {
+        let text = GOOD
+            .replace("127.0.0.1:1", "alpha-0.alpha:2379")
+            .replace(
+                "127.0.0.1:2",
+                "alpha-0.alpha.default.svc.cluster.local.:2380",
+            )
+            .replace("127.0.0.1:3", "[::1]:2381");
+        let def = CellDef::parse(&text, Path::new("x")).unwrap();
+        let m = def.member(1).unwrap();
+        assert_eq!(m.client.to_string(), "alpha-0.alpha:2379");
+        assert_eq!(m.client.url(), "http://alpha-0.alpha:2379");
+        assert_eq!(m.client.socket_addr(), None);
+        assert_eq!(m.client.bind_addr(), "0.0.0.0:2379".parse().unwrap());
+        assert_eq!(m.peer.host(), "alpha-0.alpha.default.svc.cluster.local.");
+        assert_eq!(m.http.to_string(), "[::1]:2381");
+        assert_eq!(m.http.bind_addr(), "[::1]:2381".parse().unwrap());
+        let two = def.member(2).unwrap();
+        assert_eq!(two.client.bind_addr(), "127.0.0.1:4".parse().unwrap());
+        // What is loaded is what is written back.
+        let again = CellDef::parse(&toml::to_string(&def).unwrap(), Path::new("x")).unwrap();
+        assert_eq!(again, def);
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        let ok = |s: &str| s.parse::<HostPort>().map(|a| a.to_string());
+        assert_eq!(ok("127.0.0.1:2379").unwrap(), "127.0.0.1:2379");
+        assert_eq!(ok("Alpha-0.ALPHA:1").unwrap(), "alpha-0.alpha:1");
+        assert_eq!(ok("localhost:65535").unwrap(), "localhost:65535");
+        for bad in [
+            "localhost",
+            "localhost:",
+            "localhost:65536",
+            "localhost:x",
+            ":2379",
+            "::1:2379",
+            "[::1:2379",
+            "10.0.0:2379",
+            "-a:1",
+            "a..b:1",
+            "a b:1",
+            "http://a:1",
+        ] {
+            assert!(bad.parse::<HostPort>().is_err(), "{bad} accepted");
+        }
+        let e = "nowhere".parse::<HostPort>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "`nowhere` is not a host:port address: the port is missing"
+        );
     }
 }

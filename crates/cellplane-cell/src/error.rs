@@ -38,6 +38,8 @@ pub fn kv_status(e: KvError) -> Status {
             Status::out_of_range(e.to_string())
         }
         KvError::LeaseNotFound => Status::not_found(e.to_string()),
+        KvError::LeaseExists => Status::failed_precondition(e.to_string()),
+        KvError::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::EmptyKey
         | KvError::KeyNotFound

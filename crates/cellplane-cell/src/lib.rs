@@ -1,21 +1,26 @@
 //! One member of a cell: a Raft group member (openraft) on the RocksDB store of
-//! `cellplane-storage`, serving the etcd v3 KV API, `Maintenance.Status` and
-//! `Cluster.MemberList` to clients, Raft to its peers, and `/metrics`, `/healthz`,
-//! `/readyz` over HTTP.
+//! `cellplane-storage`, serving the etcd v3 KV, Watch and Lease APIs,
+//! `Maintenance.Status` and `Cluster.MemberList` and service discovery to clients,
+//! Raft to its peers, and `/metrics`, `/healthz`, `/readyz` over HTTP.
 //!
 //! Main types: [`config::CellDef`] (a cell as defined in `cells/`), [`node::run`]
-//! (run one member until shut down), [`service::KvService`] (the etcd API),
+//! (run one member until shut down), [`service::KvService`] (the etcd KV API),
+//! [`watch::WatchService`] (watches from the in-memory event log),
+//! [`lease::LeaseService`] and [`lease::Lessor`] (leases; expiry on the leader),
 //! [`network::Network`] (Raft over gRPC), [`read_index::ReadBarrier`] (batched
 //! linearizable reads).
 //!
-//! Depends on `cellplane-proto` and `cellplane-storage`; never on the router or any
-//! other cell: a cell shares nothing with another.
+//! Depends on `cellplane-proto`, `cellplane-storage`, `cellplane-map` (only for
+//! the lease-ID tag that lets routers find a lease's cell) and
+//! `cellplane-discovery` (hosted here, talking to this member over the etcd API);
+//! never on the router or any other cell: a cell shares nothing with another.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 mod metrics_loop;
 pub mod network;
@@ -28,5 +33,5 @@ pub mod watch;
 /// The Raft handle of a member.
 pub type Raft = openraft::Raft<cellplane_storage::TypeConfig>;
 
-pub use config::{CellDef, NodeConfig};
+pub use config::{CellDef, HostPort, NodeConfig};
 pub use node::{Listeners, run};

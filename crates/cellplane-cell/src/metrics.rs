@@ -35,6 +35,7 @@ pub struct Metrics {
     pub log_syncs: Gauge,
     pub log_synced_appends: Gauge,
     pub proposals_failed: Counter,
+    pub leases_expired: Counter,
     pub requests: Family<ResultLabels, Counter>,
     pub request_seconds: Family<MethodLabels, Histogram>,
 }
@@ -56,6 +57,7 @@ impl Metrics {
             log_syncs: Gauge::default(),
             log_synced_appends: Gauge::default(),
             proposals_failed: Counter::default(),
+            leases_expired: Counter::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(|| {
                 // 100 µs .. ~6.5 s
@@ -121,6 +123,11 @@ impl Metrics {
             "proposals_failed",
             "Proposals that failed",
             m.proposals_failed.clone(),
+        );
+        registry.register(
+            "leases_expired",
+            "Leases this member, as leader, found expired and revoked",
+            m.leases_expired.clone(),
         );
         registry.register(
             "grpc_requests",

@@ -1,4 +1,6 @@
-//! Raft between the members of one cell, over gRPC (`cellplane.raft.v1.Raft`).
+//! Raft between the members of one cell, over gRPC (`cellplane.raft.v1.Raft`),
+//! with the two calls a follower makes to its leader: ReadIndex and Propose
+//! (batches of forwarded writes, see `proposer`).
 //!
 //! openraft's RPC types travel as postcard-encoded bytes: the schema is the Rust
 //! type, and both ends always run the same binary within a cell's upgrade window.
@@ -25,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::Raft;
+use crate::proposer::{ProposeRequest, serve_forwarded};
 use crate::read_index::{ReadBarrier, ReadIndexReply};
 
 /// Encoding of payloads.
@@ -186,11 +189,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub struct RaftService {
     raft: Raft,
     barrier: ReadBarrier,
+    /// The batch limit forwarded batches are held to (the proposer's).
+    max_batch_bytes: usize,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, barrier: ReadBarrier) -> RaftService {
-        RaftService { raft, barrier }
+    pub fn new(raft: Raft, barrier: ReadBarrier, max_batch_bytes: usize) -> RaftService {
+        RaftService {
+            raft,
+            barrier,
+            max_batch_bytes,
+        }
     }
 }
 
@@ -234,6 +243,12 @@ impl RaftRpc for RaftService {
         } else {
             self.barrier.read_index().await.map_err(|e| e.to_string())
         };
+        Ok(Response::new(encode(&reply)?))
+    }
+
+    async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: ProposeRequest = decode(req.get_ref())?;
+        let reply = serve_forwarded(&self.raft, rpc, self.max_batch_bytes).await;
         Ok(Response::new(encode(&reply)?))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use cellplane_proto::etcdserverpb::cluster_server::ClusterServer;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::kv_server::KvServer;
+use cellplane_proto::etcdserverpb::lease_server::LeaseServer;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cellplane_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use cellplane_proto::etcdserverpb::watch_server::WatchServer;
@@ -54,9 +55,9 @@ impl Listeners {
                 .map_err(|source| NodeError::Bind { addr, source })
         };
         Ok(Listeners {
-            client: bind(me.client).await?,
-            peer: bind(me.peer).await?,
-            http: bind(me.http).await?,
+            client: bind(me.client.bind_addr()).await?,
+            peer: bind(me.peer.bind_addr()).await?,
+            http: bind(me.http.bind_addr()).await?,
         })
     }
 }
@@ -82,7 +83,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bounds the client requests in flight; beyond it requests are shed.
     pub inflight: Semaphore,
-    kv_clients: Mutex<HashMap<NodeId, KvClient<Channel>>>,
+    /// Lease deadlines, kept while this member leads.
+    pub lessor: crate::lease::Lessor,
+    /// Client-API channels to the other members, for forwarding to the leader.
+    channels: Mutex<HashMap<NodeId, Channel>>,
 }
 
 /// Why a proposal did not produce a result here.
@@ -107,9 +111,22 @@ impl Shared {
     /// leads; otherwise says who does. While no leader is known it waits, up to the
     /// request timeout, for one.
     pub async fn propose(&self, cmd: Command) -> Result<(CommandResponse, u64), ProposeError> {
+        self.propose_with(cmd, false).await
+    }
+
+    /// As [`Shared::propose`]; a `forwardable` command proposed on a follower is
+    /// sent to the leader in a batch over the peer transport (one hop: the leader
+    /// never passes it on) and its outcome returned as if proposed here.
+    /// `ProposeError::Forward` then only means the leader was known not to have
+    /// applied it (it had stepped down, or does not serve batches).
+    pub async fn propose_with(
+        &self,
+        cmd: Command,
+        forwardable: bool,
+    ) -> Result<(CommandResponse, u64), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout();
         loop {
-            match self.proposer.propose(cmd.clone()).await {
+            match self.proposer.propose(cmd.clone(), forwardable).await {
                 Ok(r) => {
                     self.metrics.proposals_committed.inc();
                     return Ok(r);
@@ -150,7 +167,16 @@ impl Shared {
 
     /// A KV client to member `id`, for forwarding writes to the leader.
     pub fn kv_client(&self, id: NodeId) -> Result<KvClient<Channel>, NodeError> {
-        let mut map = self.kv_clients.lock().unwrap_or_else(|p| p.into_inner());
+        let max = self.limits.max_request_bytes + (1 << 20);
+        Ok(KvClient::new(self.channel(id)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(max))
+    }
+
+    /// A channel to member `id`'s client API (one per member, shared by every
+    /// forwarded request: HTTP/2 multiplexes them).
+    pub fn channel(&self, id: NodeId) -> Result<Channel, NodeError> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&id) {
             return Ok(c.clone());
         }
@@ -159,17 +185,13 @@ impl Shared {
             .cell
             .member(id)
             .ok_or(NodeError::UnknownMember(id))?;
-        let channel = Endpoint::from_shared(format!("http://{}", member.client))
+        let channel = Endpoint::from_shared(member.client.url())
             .map_err(|e| NodeError::Raft(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
-        let max = self.limits.max_request_bytes + (1 << 20);
-        let client = KvClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(max);
-        map.insert(id, client.clone());
-        Ok(client)
+        map.insert(id, channel.clone());
+        Ok(channel)
     }
 }
 
@@ -209,7 +231,11 @@ pub async fn run(
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let log = LogStore::new(store.clone()).map_err(NodeError::Io)?;
     let sync_stats = log.sync_stats();
-    let sm = StateMachine::open(store.clone(), config.cell.watch.event_log_revisions)
+    let log_limits = cellplane_storage::EventLogLimits {
+        revisions: config.cell.watch.event_log_revisions,
+        revision_bytes: config.cell.watch.event_log_max_revision_bytes,
+    };
+    let sm = StateMachine::open(store.clone(), log_limits)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let events = sm.events();
     let reader = sm.reader();
@@ -238,6 +264,11 @@ pub async fn run(
     );
     let (proposer, proposer_task) = Proposer::start(
         raft.clone(),
+        crate::proposer::ForwardSettings {
+            me: config.id,
+            network: network.clone(),
+            timeout: config.request_timeout(),
+        },
         config.cell.limits.max_request_bytes,
         r.proposal_batches_in_flight,
         shutdown.child_token(),
@@ -261,7 +292,8 @@ pub async fn run(
         events,
         shutdown: shutdown.clone(),
         inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
-        kv_clients: Mutex::default(),
+        lessor: crate::lease::Lessor::default(),
+        channels: Mutex::default(),
         config: config.clone(),
     });
 
@@ -269,6 +301,28 @@ pub async fn run(
         shared.clone(),
         shutdown.child_token(),
     ));
+    tasks.spawn(crate::lease::run_lessor(
+        shared.clone(),
+        shutdown.child_token(),
+    ));
+
+    // Service discovery, served here over this member's own etcd API; its health
+    // checker runs while this member leads.
+    let my_id = config.id;
+    let (leads, leader_task) = cellplane_discovery::leader_flag(
+        raft.metrics(),
+        move |m| m.current_leader == Some(my_id),
+        shutdown.child_token(),
+    );
+    tasks.spawn(leader_task);
+    let (discovery, checker) = cellplane_discovery::host(
+        cellplane_discovery::Settings::default(),
+        listeners.client.local_addr().map_err(NodeError::Io)?,
+        leads,
+        shutdown.child_token(),
+    )
+    .map_err(|e| NodeError::Config(e.to_string()))?;
+    tasks.spawn(checker);
 
     // Servers.
     let max_req = config.cell.limits.max_request_bytes + (512 << 10);
@@ -285,16 +339,26 @@ pub async fn run(
                 .max_decoding_message_size(max_req)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_service(LeaseServer::new(crate::lease::LeaseService::new(
+            shared.clone(),
+        )))
         .add_service(MaintenanceServer::new(MaintenanceService::new(
             shared.clone(),
         )))
-        .add_service(ClusterServer::new(ClusterService::new(shared.clone())));
+        .add_service(ClusterServer::new(ClusterService::new(shared.clone())))
+        .add_service(discovery);
     let peer_router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            RaftServer::new(RaftService::new(raft.clone(), barrier))
-                .max_decoding_message_size(r.max_peer_message_bytes)
-                .max_encoding_message_size(r.max_peer_message_bytes),
+            RaftServer::new(RaftService::new(
+                raft.clone(),
+                barrier,
+                config.cell.limits.max_request_bytes,
+            ))
+            .max_decoding_message_size(r.max_peer_message_bytes)
+            // The outcomes of a forwarded batch (a txn's range results) may be
+            // larger than any request; every other answer is small.
+            .max_encoding_message_size(usize::MAX),
         );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();
@@ -362,7 +426,7 @@ async fn initialize_once(
         return Ok(());
     }
     for m in config.cell.members.iter().filter(|m| m.id != me.id) {
-        if let Some(term) = peer_term(m.client).await.filter(|t| *t > 0) {
+        if let Some(term) = peer_term(&m.client).await.filter(|t| *t > 0) {
             tracing::warn!(
                 peer = m.id,
                 term,
@@ -401,8 +465,8 @@ async fn initialize_once(
 }
 
 /// The Raft term a peer reports, if it answers quickly.
-async fn peer_term(addr: SocketAddr) -> Option<u64> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+async fn peer_term(addr: &crate::config::HostPort) -> Option<u64> {
+    let channel = Endpoint::from_shared(addr.url())
         .ok()?
         .connect_timeout(Duration::from_millis(300))
         .timeout(Duration::from_millis(500))

@@ -2,7 +2,9 @@
 //! Cluster.MemberList.
 //!
 //! Any member serves any request. Writes are proposed through Raft on the leader: a
-//! follower forwards them to the leader's client API. Linearizable reads (the
+//! follower sends them to the leader in batches over the peer transport (see
+//! `proposer`), or, when the leader is known not to have applied a batch, forwards
+//! the request to the leader's client API. Linearizable reads (the
 //! default) wait on the read barrier and are served from the local state machine;
 //! serializable reads are served locally at once.
 
@@ -39,37 +41,50 @@ impl KvService {
         KvService { shared }
     }
 
-    /// Runs one request under the member's admission limit, deadline and metrics.
     async fn serve<T, F>(&self, method: &'static str, fut: F) -> Result<Response<T>, Status>
     where
         F: std::future::Future<Output = Result<T, Status>>,
     {
-        let s = &self.shared;
-        let started = Instant::now();
-        let result = match s.inflight.try_acquire() {
-            Err(_) => Err(Status::unavailable(
-                "etcdserver: too many requests in flight on this member; retry with backoff",
-            )),
-            Ok(_permit) => match tokio::time::timeout(s.config.request_timeout(), fut).await {
-                Ok(r) => r,
-                Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
-            },
-        };
-        s.metrics
-            .request_seconds
-            .get_or_create(&crate::metrics::MethodLabels { method })
-            .observe(started.elapsed().as_secs_f64());
-        let code = match &result {
-            Ok(_) => "OK".to_string(),
-            Err(st) => format!("{:?}", st.code()),
-        };
-        s.metrics
-            .requests
-            .get_or_create(&crate::metrics::ResultLabels { method, code })
-            .inc();
-        result.map(Response::new)
+        serve_request(&self.shared, method, fut).await
     }
+}
 
+/// Runs one client request under the member's admission limit, deadline and
+/// metrics.
+pub(crate) async fn serve_request<T, F>(
+    s: &Shared,
+    method: &'static str,
+    fut: F,
+) -> Result<Response<T>, Status>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    let started = Instant::now();
+    let result = match s.inflight.try_acquire() {
+        Err(_) => Err(Status::unavailable(
+            "etcdserver: too many requests in flight on this member; retry with backoff",
+        )),
+        Ok(_permit) => match tokio::time::timeout(s.config.request_timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+        },
+    };
+    s.metrics
+        .request_seconds
+        .get_or_create(&crate::metrics::MethodLabels { method })
+        .observe(started.elapsed().as_secs_f64());
+    let code = match &result {
+        Ok(_) => "OK".to_string(),
+        Err(st) => format!("{:?}", st.code()),
+    };
+    s.metrics
+        .requests
+        .get_or_create(&crate::metrics::ResultLabels { method, code })
+        .inc();
+    result.map(Response::new)
+}
+
+impl KvService {
     fn check_size<M: Message>(&self, m: &M) -> Result<(), Status> {
         let max = self.shared.limits.max_request_bytes;
         if m.encoded_len() > max {
@@ -88,7 +103,9 @@ impl KvService {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let s = &self.shared;
-        match s.propose(cmd).await {
+        // A follower hands the write to the leader in a batch (never a request
+        // that already travelled its one hop).
+        match s.propose_with(cmd, !forwarded).await {
             Ok((resp, term)) => {
                 let body = match resp.outcome {
                     Some(Ok(bytes)) => T::decode(bytes.as_slice()).map_err(|e| {
@@ -139,14 +156,14 @@ has_header!(
     CompactionResponse
 );
 
-fn forwarded_request<T>(inner: T) -> Request<T> {
+pub(crate) fn forwarded_request<T>(inner: T) -> Request<T> {
     let mut r = Request::new(inner);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     r
 }
 
-fn is_forwarded<T>(r: &Request<T>) -> bool {
+pub(crate) fn is_forwarded<T>(r: &Request<T>) -> bool {
     r.metadata().contains_key(FORWARDED)
 }
 

@@ -10,11 +10,17 @@
 //!   overwrote what it had not read) cancels its watchers, each with the revision
 //!   to resume from in `cancel_reason`;
 //! - a stream whose client does not read fills its bounded response buffer
-//!   (`watch.stream_buffer` responses); the member then ends that stream, saying
-//!   from which revision to resume, and frees everything it held.
+//!   (`watch.stream_buffer` responses or `watch.stream_buffer_bytes` bytes,
+//!   whichever comes first); the member then ends that stream, saying from which
+//!   revision to resume, and frees everything it held;
+//! - a revision with more than `watch.event_log_max_revision_bytes` of keys and
+//!   values enters the event log without its events; streams that need it read it
+//!   from RocksDB. So the log holds at most `event_log_revisions` times that.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cellplane_proto::etcdserverpb::watch_create_request::FilterType;
@@ -24,7 +30,9 @@ use cellplane_proto::etcdserverpb::{
 };
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_storage::{KeyRange, KvError, RevisionEvents};
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -45,7 +53,8 @@ impl WatchService {
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
 
     async fn watch(
         &self,
@@ -53,7 +62,9 @@ impl Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.shared.config.cell.watch.stream_buffer);
+        let queued = Arc::new(AtomicUsize::new(0));
         let stream = WatchStream {
+            queued: queued.clone(),
             shared: self.shared.clone(),
             events: self.shared.events.subscribe(),
             tx,
@@ -64,7 +75,14 @@ impl Watch for WatchService {
             next_id: 0,
         };
         tokio::spawn(stream.run(inbound, self.shared.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // What the client has taken leaves the byte count.
+        let out = ReceiverStream::new(rx).map(move |item| {
+            if let Ok(r) = &item {
+                queued.fetch_sub(r.encoded_len(), Ordering::Relaxed);
+            }
+            item
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
@@ -82,6 +100,8 @@ struct WatchStream {
     shared: Arc<Shared>,
     events: broadcast::Receiver<Arc<RevisionEvents>>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    /// Encoded bytes of the responses in `tx` not yet taken by the client.
+    queued: Arc<AtomicUsize>,
     watchers: BTreeMap<i64, Watcher>,
     /// Single-key watchers by key, so a revision costs a lookup per event, not a
     /// look at every watcher (10,000 idle watchers must cost nearly nothing).
@@ -143,9 +163,10 @@ impl WatchStream {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(1),
                         self.tx.send(Err(Status::resource_exhausted(format!(
-                            "watch stream fell behind its client by {} responses; \
+                            "watch stream fell behind its client by {} responses or {} bytes; \
                              watch again from revision {resume}",
-                            self.shared.config.cell.watch.stream_buffer
+                            self.shared.config.cell.watch.stream_buffer,
+                            self.shared.config.cell.watch.stream_buffer_bytes
                         )))),
                     )
                     .await;
@@ -163,10 +184,20 @@ impl WatchStream {
         self.shared.applied.borrow().revision
     }
 
-    /// Queues a response; a full buffer means the client is not reading.
+    /// Queues a response; a full buffer (in responses or in bytes) means the
+    /// client is not reading. One response larger than the byte bound still goes
+    /// when nothing else is queued.
     fn send(&self, resp: WatchResponse) -> Result<(), Stop> {
+        let size = resp.encoded_len();
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued + size > self.shared.config.cell.watch.stream_buffer_bytes {
+            return Err(Stop::Stalled);
+        }
         match self.tx.try_send(Ok(resp)) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.queued.fetch_add(size, Ordering::Relaxed);
+                Ok(())
+            }
             Err(mpsc::error::TrySendError::Full(_)) => Err(Stop::Stalled),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Done),
         }
@@ -338,6 +369,25 @@ impl WatchStream {
     }
 
     fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
+        if rev.elided {
+            // Too large for the in-memory log: read this revision from RocksDB.
+            return match self.shared.reader.history(rev.revision, rev.revision) {
+                Ok(stored) => {
+                    for r in &stored {
+                        self.deliver_events(r)?;
+                    }
+                    self.seen = rev.revision;
+                    Ok(())
+                }
+                // Compacted away already: the watchers resume from a revision
+                // they can read.
+                Err(_) => self.cancel_all_behind(),
+            };
+        }
+        self.deliver_events(rev)
+    }
+
+    fn deliver_events(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
         // Revisions arrive in order, so a watcher's `next` only matters for the
         // revisions its catch-up already covered.
         self.seen = rev.revision;

@@ -96,6 +96,22 @@ pub enum MapError {
     NotNewer { offered: u64, current: u64 },
 }
 
+/// Bits of a lease ID that name the cell holding the lease: a lease lives in one
+/// cell, and a router must send KeepAlive, TimeToLive and Revoke (which carry only
+/// the ID) to that cell. IDs a cell chooses are `tag << LEASE_TAG_SHIFT | random`.
+pub const LEASE_TAG_SHIFT: u32 = 48;
+
+/// The 15-bit tag of `cell` carried in the lease IDs it chooses (bit 63 stays
+/// clear: lease IDs are positive).
+pub fn lease_tag(cell: &str) -> u64 {
+    xxhash_rust::xxh64::xxh64(cell.as_bytes(), 1) & 0x7fff
+}
+
+/// The tag a lease ID carries (see [`lease_tag`]).
+pub fn lease_tag_of(id: i64) -> u64 {
+    (id as u64 >> LEASE_TAG_SHIFT) & 0x7fff
+}
+
 /// The bucket of `tenant`: xxHash64 with seed 0 over the tenant's UTF-8 bytes,
 /// modulo `buckets`.
 pub fn bucket_of(tenant: &str, buckets: u32) -> u32 {
@@ -140,7 +156,18 @@ impl CellMap {
             return Err(invalid("cells", "the map needs at least one cell"));
         }
         let mut names = BTreeMap::new();
+        let mut tags = BTreeMap::new();
         for (i, c) in self.cells.iter().enumerate() {
+            if let Some(other) = tags.insert(lease_tag(&c.name), c.name.as_str()) {
+                return Err(invalid(
+                    &format!("cells[{i}].name"),
+                    &format!(
+                        "cells `{other}` and `{}` share a lease tag, so a router could not tell \
+                         their leases apart; rename one",
+                        c.name
+                    ),
+                ));
+            }
             if c.name.is_empty() {
                 return Err(invalid(&format!("cells[{i}].name"), "must not be empty"));
             }

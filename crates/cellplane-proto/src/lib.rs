@@ -4,6 +4,8 @@
 //!   serves, so `etcdctl` and every etcd v3 client work unchanged.
 //! - [`raft`]: the member-to-member Raft transport inside one cell.
 //! - [`router`]: the router's admin service.
+//! - [`discovery`]: service discovery; [`grpc_health`]: the standard gRPC health
+//!   protocol its active checks speak.
 //!
 //! This crate depends on no other cellplane crate; everything else depends on it.
 
@@ -23,4 +25,12 @@ pub mod raft {
 
 pub mod router {
     tonic::include_proto!("cellplane.router.v1");
+}
+
+pub mod discovery {
+    tonic::include_proto!("cellplane.discovery.v1");
+}
+
+pub mod grpc_health {
+    tonic::include_proto!("grpc.health.v1");
 }

@@ -20,10 +20,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::lease_client::LeaseClient;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cellplane_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, StatusRequest, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, StatusRequest, TxnRequest, TxnResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -72,6 +76,13 @@ pub enum KvCall {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(CompactionRequest),
+    LeaseGrant(LeaseGrantRequest),
+    LeaseRevoke(LeaseRevokeRequest),
+    /// One keep-alive, sent on a stream of its own (the router renews each lease in
+    /// the cell that holds it, whatever stream the client used).
+    LeaseKeepAlive(LeaseKeepAliveRequest),
+    LeaseTimeToLive(LeaseTimeToLiveRequest),
+    LeaseLeases(LeaseLeasesRequest),
 }
 
 /// The cell's answer.
@@ -82,6 +93,11 @@ pub enum KvReply {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    LeaseKeepAlive(LeaseKeepAliveResponse),
+    LeaseTimeToLive(LeaseTimeToLiveResponse),
+    LeaseLeases(LeaseLeasesResponse),
 }
 
 impl KvCall {
@@ -89,12 +105,28 @@ impl KvCall {
     /// even when its answer was lost, so it is sent again only when it certainly
     /// never left (see [`never_sent`]).
     fn read_only(&self) -> bool {
-        matches!(self, KvCall::Range(_))
+        // A keep-alive renews to the same deadline however often it is sent.
+        matches!(
+            self,
+            KvCall::Range(_)
+                | KvCall::LeaseKeepAlive(_)
+                | KvCall::LeaseTimeToLive(_)
+                | KvCall::LeaseLeases(_)
+        )
     }
 
     fn wants_leader(&self) -> bool {
         !matches!(self, KvCall::Range(r) if r.serializable)
     }
+}
+
+/// True when the member gave no answer of its own: UNAVAILABLE, or any status
+/// tonic built here from a transport error (it carries that error as its source;
+/// a member's answer arrives without one). A connection that dies with requests
+/// in flight, as when a cell's members are killed, surfaces as UNKNOWN
+/// ("transport error") or CANCELLED, which must not reach the client as such.
+fn unreachable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
 }
 
 /// True when the call failed before the request could reach the member
@@ -297,9 +329,28 @@ impl Service<Attempt> for Picker {
                     .map(|x| KvReply::DeleteRange(x.into_inner())),
                 KvCall::Txn(r) => c.txn(r).await.map(|x| KvReply::Txn(x.into_inner())),
                 KvCall::Compact(r) => c.compact(r).await.map(|x| KvReply::Compact(x.into_inner())),
+                KvCall::LeaseGrant(r) => lease(m)
+                    .lease_grant(r)
+                    .await
+                    .map(|x| KvReply::LeaseGrant(x.into_inner())),
+                KvCall::LeaseRevoke(r) => lease(m)
+                    .lease_revoke(r)
+                    .await
+                    .map(|x| KvReply::LeaseRevoke(x.into_inner())),
+                KvCall::LeaseTimeToLive(r) => lease(m)
+                    .lease_time_to_live(r)
+                    .await
+                    .map(|x| KvReply::LeaseTimeToLive(x.into_inner())),
+                KvCall::LeaseLeases(r) => lease(m)
+                    .lease_leases(r)
+                    .await
+                    .map(|x| KvReply::LeaseLeases(x.into_inner())),
+                KvCall::LeaseKeepAlive(r) => {
+                    keep_alive_once(m, r).await.map(KvReply::LeaseKeepAlive)
+                }
             };
             r.map_err(|status| {
-                if status.code() == tonic::Code::Unavailable {
+                if unreachable(&status) {
                     // Passive health: stop choosing this member until a probe says
                     // it is well again.
                     m.healthy.store(false, Ordering::Relaxed);
@@ -308,6 +359,26 @@ impl Service<Attempt> for Picker {
             })
         })
     }
+}
+
+fn lease(m: &MemberState) -> LeaseClient<Channel> {
+    LeaseClient::new(m.channel.clone())
+}
+
+/// One keep-alive on a stream of its own: the member answers it and the stream
+/// ends when the request stream does.
+async fn keep_alive_once(
+    m: &MemberState,
+    r: LeaseKeepAliveRequest,
+) -> Result<LeaseKeepAliveResponse, tonic::Status> {
+    let mut responses = lease(m)
+        .lease_keep_alive(tokio_stream::once(r))
+        .await?
+        .into_inner();
+    responses
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unavailable("the member ended the keep-alive unanswered"))
 }
 
 /// Retry policy: one more member, within the cell's budget, only when safe.
@@ -332,8 +403,8 @@ impl tower::retry::Policy<Attempt, KvReply, BoxError> for RetryPolicy {
             }
             Err(e) => {
                 let me = e.downcast_ref::<MemberError>()?;
-                let safe = (req.call.read_only() && me.status.code() == tonic::Code::Unavailable)
-                    || never_sent(&me.status);
+                let safe =
+                    (req.call.read_only() && unreachable(&me.status)) || never_sent(&me.status);
                 if !safe || self.attempts_left == 0 || !self.budget.withdraw() {
                     return None;
                 }
@@ -455,7 +526,7 @@ impl CellPool {
                     // The cell's own answer (an etcd error such as a compacted
                     // revision) goes back as the cell sent it; transport failures
                     // name the cell.
-                    Ok(me) if me.status.code() == tonic::Code::Unavailable => {
+                    Ok(me) if unreachable(&me.status) => {
                         tonic::Status::unavailable(format!("cell {name}: {}", me.status.message()))
                     }
                     Ok(me) => me.status,

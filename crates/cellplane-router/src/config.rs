@@ -36,6 +36,9 @@ fn default_static_map() -> PathBuf {
     PathBuf::from("routing.toml")
 }
 
+/// One router. Its addresses are only where it listens (nothing dials a router by
+/// this file, unlike a cell member, which peers find by its `host:port`), so they
+/// are IP socket addresses: `0.0.0.0:2379` in a container.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouterDef {
@@ -50,7 +53,8 @@ pub struct RouterDef {
 #[serde(deny_unknown_fields, default)]
 pub struct RouterSettings {
     pub pool: PoolSettings,
-    /// How often the directory is read.
+    /// How often the directory is read again while its map cannot be watched
+    /// (the directory is down or the watch broke).
     pub directory_poll_ms: u64,
     /// Deadline of one directory read (also bounds the wait at boot).
     pub directory_timeout_ms: u64,

@@ -1,7 +1,9 @@
 //! Follows the directory: a normal cellplane cell holding the cell map as JSON under
-//! [`MAP_KEY`]. Polls with the revision it last saw (until etcd Watch lands in the
-//! cells) and offers every newer map to the [`MapHolder`]. A directory outage only
-//! freezes the map: the request path never waits on this task.
+//! [`MAP_KEY`]. Reads the map, then watches the key from the next revision and
+//! offers every newer map to the [`MapHolder`]; when the watch breaks (the
+//! directory member died, the stream was cut), it goes back to reading every
+//! `directory_poll_ms` until a read succeeds and a new watch starts. A directory
+//! outage only freezes the map: the request path never waits on this task.
 
 use std::time::Duration;
 
@@ -20,6 +22,9 @@ pub const MAP_KEY: &str = "/cellplane/cellmap";
 #[derive(Clone)]
 pub struct Directory {
     channels: Vec<Channel>,
+    /// The same members without a per-request deadline, for the watch stream;
+    /// HTTP/2 keep-alives notice a member that went silent.
+    stream_channels: Vec<Channel>,
     timeout: Duration,
 }
 
@@ -36,6 +41,7 @@ pub enum DirectoryError {
 impl Directory {
     pub fn new(endpoints: &[String], timeout: Duration) -> Result<Directory, String> {
         let mut channels = Vec::new();
+        let mut stream_channels = Vec::new();
         for ep in endpoints {
             let uri = if ep.starts_with("http") {
                 ep.clone()
@@ -43,17 +49,29 @@ impl Directory {
                 format!("http://{ep}")
             };
             channels.push(
-                Endpoint::from_shared(uri)
+                Endpoint::from_shared(uri.clone())
                     .map_err(|e| format!("bad directory endpoint {ep}: {e}"))?
                     .connect_timeout(timeout)
                     .timeout(timeout)
+                    .connect_lazy(),
+            );
+            stream_channels.push(
+                Endpoint::from_shared(uri)
+                    .map_err(|e| format!("bad directory endpoint {ep}: {e}"))?
+                    .connect_timeout(timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy(),
             );
         }
         if channels.is_empty() {
             return Err("the directory has no endpoints".into());
         }
-        Ok(Directory { channels, timeout })
+        Ok(Directory {
+            channels,
+            stream_channels,
+            timeout,
+        })
     }
 
     /// Reads the map (linearizable), trying each member in turn. Returns the map and
@@ -119,7 +137,89 @@ impl Directory {
     }
 }
 
-/// Polls the directory until `shutdown`, offering newer maps to `holder`.
+/// What ended a watch of the map key.
+enum WatchEnd {
+    Shutdown,
+    /// The watch could not start or broke; the message says why.
+    Broken(String),
+}
+
+impl Directory {
+    /// Watches the map key from `start` (a revision just read), calling `on_map`
+    /// for every new version, until the watch breaks or `shutdown`.
+    async fn watch_from(
+        &self,
+        start: i64,
+        shutdown: &CancellationToken,
+        mut on_map: impl FnMut(Result<CellMap, DirectoryError>, i64),
+    ) -> WatchEnd {
+        use cellplane_proto::etcdserverpb::watch_client::WatchClient;
+        use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+        use cellplane_proto::mvccpb::event::EventType;
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: MAP_KEY.into(),
+                    start_revision: start,
+                    ..Default::default()
+                },
+            )),
+        };
+        let mut last = String::from("no directory member");
+        for ch in &self.stream_channels {
+            // The request side stays open for the life of the watch (closing it
+            // ends the watch); one message only, so a buffer of one suffices.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            if tx.send(create.clone()).await.is_err() {
+                continue;
+            }
+            let opened = tokio::time::timeout(
+                self.timeout,
+                WatchClient::new(ch.clone()).watch(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            )
+            .await;
+            let mut stream = match opened {
+                Ok(Ok(s)) => s.into_inner(),
+                Ok(Err(e)) => {
+                    last = e.message().to_string();
+                    continue;
+                }
+                Err(_) => {
+                    last = "timed out opening the watch".into();
+                    continue;
+                }
+            };
+            tracing::info!(from_revision = start, "watching the directory's map");
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return WatchEnd::Shutdown,
+                    m = stream.message() => m,
+                };
+                let resp = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return WatchEnd::Broken("the directory ended the watch".into()),
+                    Err(e) => return WatchEnd::Broken(e.message().to_string()),
+                };
+                if resp.canceled {
+                    return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason));
+                }
+                for e in resp.events {
+                    let Some(kv) = e.kv else { continue };
+                    if e.r#type == EventType::Delete as i32 {
+                        on_map(Err(DirectoryError::Empty), kv.mod_revision);
+                    } else {
+                        let map = CellMap::from_json(&kv.value).map_err(DirectoryError::from);
+                        on_map(map, kv.mod_revision);
+                    }
+                }
+            }
+        }
+        WatchEnd::Broken(last)
+    }
+}
+
+/// Follows the directory until `shutdown`: read, then watch; on failure, read
+/// again every `every`. Offers newer maps to `holder`.
 pub async fn follow(
     dir: Directory,
     holder: MapHolder,
@@ -128,27 +228,36 @@ pub async fn follow(
 ) {
     let mut seen_revision = 0;
     let mut was_down = false;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    let offer = |map: CellMap, rev: i64, seen: &mut i64| {
+        if rev == *seen && holder.current().source == crate::map_source::MapSource::Directory {
+            return;
         }
+        *seen = rev;
+        if let Err(e) = holder.offer(map) {
+            tracing::warn!(error = %e, revision = rev, "refused the directory's map");
+        }
+    };
+    loop {
         match dir.read().await {
             Ok((map, rev)) => {
                 if was_down {
                     tracing::info!("directory reachable again");
                     was_down = false;
                 }
-                if rev == seen_revision
-                    && holder.current().source == crate::map_source::MapSource::Directory
-                {
-                    continue;
-                }
-                seen_revision = rev;
-                if let Err(e) = holder.offer(map) {
-                    tracing::warn!(error = %e, revision = rev, "refused the directory's map");
+                offer(map, rev, &mut seen_revision);
+                let end = dir
+                    .watch_from(rev + 1, &shutdown, |map, rev| match map {
+                        Ok(map) => offer(map, rev, &mut seen_revision),
+                        Err(e) => {
+                            tracing::warn!(error = %e, revision = rev, "ignored a map change")
+                        }
+                    })
+                    .await;
+                match end {
+                    WatchEnd::Shutdown => return,
+                    WatchEnd::Broken(why) => {
+                        tracing::warn!(reason = %why, "directory watch ended: reading again");
+                    }
                 }
             }
             Err(e) => {
@@ -157,6 +266,10 @@ pub async fn follow(
                     was_down = true;
                 }
             }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

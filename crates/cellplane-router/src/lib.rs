@@ -12,6 +12,8 @@ pub mod admin;
 pub mod cell_pool;
 pub mod config;
 pub mod directory;
+pub mod discovery_proxy;
+pub mod lease_proxy;
 pub mod map_source;
 pub mod run;
 pub mod server;

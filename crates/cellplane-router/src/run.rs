@@ -93,6 +93,16 @@ pub async fn run(
     let watch = cellplane_proto::etcdserverpb::watch_server::WatchServer::new(
         crate::watch_proxy::RouterWatch::new(holder.clone(), pools.clone()),
     );
+    let lease = cellplane_proto::etcdserverpb::lease_server::LeaseServer::new(
+        crate::lease_proxy::RouterLease::new(holder.clone(), pools.clone()),
+    );
+    let discovery = cellplane_proto::discovery::discovery_server::DiscoveryServer::new(
+        crate::discovery_proxy::RouterDiscovery::new(
+            holder.clone(),
+            pools.clone(),
+            Duration::from_millis(s.pool.request_timeout_ms),
+        ),
+    );
     let stop = shutdown.clone();
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true));
@@ -101,6 +111,8 @@ pub async fn run(
             .tcp_nodelay(true)
             .add_service(kv)
             .add_service(watch)
+            .add_service(discovery)
+            .add_service(lease)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(e) = r {

@@ -81,6 +81,11 @@ impl Pools {
         }
     }
 
+    /// Cancelled when the router shuts down (ends long-lived streams).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     pub fn get(&self, cell: &str) -> Option<CellPool> {
         let by_cell = self.by_cell.read().unwrap_or_else(|p| p.into_inner());
         by_cell.get(cell).map(|(_, p, _)| p.clone())
@@ -95,8 +100,8 @@ impl Pools {
 }
 
 pub struct RouterKv {
-    maps: MapHolder,
-    pools: Arc<Pools>,
+    pub(crate) maps: MapHolder,
+    pub(crate) pools: Arc<Pools>,
 }
 
 impl RouterKv {
@@ -105,7 +110,11 @@ impl RouterKv {
     }
 
     /// The cell pool for a request touching `ranges`.
-    fn route(&self, meta: &MetadataMap, ranges: &[(&[u8], &[u8])]) -> Result<CellPool, Status> {
+    pub(crate) fn route(
+        &self,
+        meta: &MetadataMap,
+        ranges: &[(&[u8], &[u8])],
+    ) -> Result<CellPool, Status> {
         let explicit = match meta.get(TENANT_METADATA) {
             Some(v) => Some(v.to_str().map_err(|_| {
                 Status::invalid_argument("`cellplane-tenant` metadata must be ASCII")
@@ -149,7 +158,11 @@ impl RouterKv {
         })
     }
 
-    async fn forward(&self, pool: CellPool, call: KvCall) -> Result<(KvReply, String), Status> {
+    pub(crate) async fn forward(
+        &self,
+        pool: CellPool,
+        call: KvCall,
+    ) -> Result<(KvReply, String), Status> {
         let name = pool.inner.name.clone();
         let reply = pool.call(call).await.map_err(|mut s| {
             if let Ok(v) = MetadataValue::try_from(name.as_str()) {
@@ -170,7 +183,7 @@ fn tenant_status(e: TenantError) -> Status {
     }
 }
 
-fn with_cell<T>(body: T, cell: &str) -> Response<T> {
+pub(crate) fn with_cell<T>(body: T, cell: &str) -> Response<T> {
     let mut r = Response::new(body);
     if let Ok(v) = MetadataValue::try_from(cell) {
         r.metadata_mut().insert(CELL_METADATA, v);
@@ -202,7 +215,7 @@ fn op_ranges(op: &RequestOp, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
     }
 }
 
-fn unexpected() -> Status {
+pub(crate) fn unexpected() -> Status {
     Status::internal("the cell answered with a response of another kind")
 }
 

@@ -12,9 +12,13 @@ pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_REV: &str = "rev";
 pub(crate) const CF_HIST: &str = "hist";
+pub(crate) const CF_LEASE: &str = "lease";
 
 /// Column families that hold the state machine (everything a snapshot carries).
-pub(crate) const SM_CFS: [&str; 3] = [CF_KV, CF_REV, CF_HIST];
+pub(crate) const SM_CFS: [&str; 4] = [CF_KV, CF_REV, CF_HIST, CF_LEASE];
+
+/// Every column family.
+const ALL_CFS: [&str; 6] = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE];
 
 /// One member's database. Cheap to clone.
 ///
@@ -26,6 +30,9 @@ pub(crate) const SM_CFS: [&str; 3] = [CF_KV, CF_REV, CF_HIST];
 ///   newest revision).
 /// - `rev`: every version and tombstone since the last compaction, by revision.
 /// - `hist`: (key, revision) index into `rev`, for reads at a past revision.
+/// - `lease`: leases (`l` + id → granted TTL) and the keys attached to each
+///   (`k` + id + key), so that revoking or expiring a lease finds its keys without
+///   a scan.
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: Arc<DB>,
@@ -52,7 +59,7 @@ pub fn open(dir: &Path) -> Result<Store, OpenError> {
     // Small members: keep RocksDB's own memory and background work modest.
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
-    let cfs = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST].map(|name| {
+    let cfs = ALL_CFS.map(|name| {
         let mut cf = Options::default();
         cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
         ColumnFamilyDescriptor::new(name, cf)
@@ -77,7 +84,7 @@ impl Store {
     /// family.
     pub fn size_bytes(&self) -> u64 {
         let mut total = 0;
-        for name in [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST] {
+        for name in ALL_CFS {
             for prop in [
                 rocksdb::properties::TOTAL_SST_FILES_SIZE,
                 rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES,

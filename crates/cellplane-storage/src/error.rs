@@ -25,6 +25,10 @@ pub enum KvError {
     LeaseProvided,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps { max: usize },
     #[error("etcdserver: duplicate key given in txn request")]

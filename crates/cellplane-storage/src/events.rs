@@ -16,6 +16,26 @@ use crate::mvcc::{KvReader, RevRecord, decode_record};
 pub struct RevisionEvents {
     pub revision: i64,
     pub events: Vec<Event>,
+    /// The events were too large to keep in the in-memory log (`events` is empty):
+    /// read them with [`KvReader::history`]`(revision, revision)`.
+    pub elided: bool,
+}
+
+impl RevisionEvents {
+    /// Bytes of keys and values the events hold (what keeping them costs).
+    pub fn payload_bytes(&self) -> usize {
+        self.events
+            .iter()
+            .map(|e| {
+                let kv = e.kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
+                let prev = e
+                    .prev_kv
+                    .as_ref()
+                    .map_or(0, |p| p.key.len() + p.value.len());
+                kv + prev
+            })
+            .sum()
+    }
 }
 
 impl KvReader {
@@ -69,6 +89,7 @@ impl KvReader {
             match out.last_mut() {
                 Some(last) if last.revision == rev.main => last.events.push(event),
                 _ => out.push(RevisionEvents {
+                    elided: false,
                     revision: rev.main,
                     events: vec![event],
                 }),

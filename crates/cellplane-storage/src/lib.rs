@@ -4,7 +4,8 @@
 //!   Appends are group-committed: many appends share one WAL fsync, and openraft is
 //!   told an entry is durable only after that fsync.
 //! - [`StateMachine`]: the MVCC key-value store with etcd's semantics (one global
-//!   revision; per-key create/mod revision, version and lease), applied from the log.
+//!   revision; per-key create/mod revision, version and lease), applied from the log,
+//!   and the leases with the keys attached to each.
 //! - [`KvReader`]: the read path (ranges at the newest or a past revision), which
 //!   never blocks the apply path: it reads from RocksDB snapshots.
 //!
@@ -21,6 +22,7 @@ mod codec;
 mod db;
 mod error;
 mod events;
+mod lease;
 mod log_store;
 mod mvcc;
 mod state_machine;
@@ -29,9 +31,10 @@ mod types;
 pub use db::{Store, open};
 pub use error::{KvError, OpenError};
 pub use events::RevisionEvents;
+pub use lease::{LeaseRecord, MAX_LEASE_TTL};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{KeyRange, KvReader, Limits};
-pub use state_machine::{AppliedState, DEFAULT_EVENT_LOG_REVISIONS, StateMachine};
+pub use state_machine::{AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, StateMachine};
 pub use types::{Batch, BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
 /// Checks of requests made before they are served or proposed.

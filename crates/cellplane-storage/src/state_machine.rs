@@ -6,9 +6,9 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
 use cellplane_proto::etcdserverpb::{
-    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
-    compare, request_op, response_op,
+    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse,
+    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse, compare, request_op, response_op,
 };
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_proto::mvccpb::{Event, KeyValue};
@@ -23,9 +23,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::codec::{Rev, hist_key, unescape_key};
-use crate::db::{CF_HIST, CF_KV, CF_META, CF_REV, SM_CFS, Store};
+use crate::db::{CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, SM_CFS, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
+use crate::lease::{
+    LeaseRecord, MAX_LEASE_TTL, attached_key, attached_keys, lease_key, read_lease,
+};
 use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
     finish_range, read_i64, scan_current,
@@ -60,6 +63,29 @@ pub struct StateMachine {
     snapshot_lock: Arc<Mutex<()>>,
     /// The in-memory event log: the newest revisions' events, for watchers.
     events_tx: broadcast::Sender<Arc<RevisionEvents>>,
+    /// Revisions with more event bytes than this enter the log without them.
+    max_revision_bytes: usize,
+}
+
+/// The bounds of the in-memory event log: its memory is at most `revisions` times
+/// `revision_bytes` (plus per-event overhead).
+#[derive(Debug, Clone, Copy)]
+pub struct EventLogLimits {
+    /// Revisions kept; a watcher further behind is canceled and resumes from
+    /// RocksDB.
+    pub revisions: usize,
+    /// A revision with more key and value bytes than this is kept without its
+    /// events (marked `elided`); watchers read them from RocksDB.
+    pub revision_bytes: usize,
+}
+
+impl Default for EventLogLimits {
+    fn default() -> Self {
+        EventLogLimits {
+            revisions: DEFAULT_EVENT_LOG_REVISIONS,
+            revision_bytes: 64 << 10,
+        }
+    }
 }
 
 /// Revisions the in-memory event log keeps by default.
@@ -92,13 +118,11 @@ fn rd(e: impl std::fmt::Display) -> StorageError<NodeId> {
 impl StateMachine {
     /// Loads the state machine from `store`, with the default event log.
     pub fn new(store: Store) -> SResult<StateMachine> {
-        Self::open(store, DEFAULT_EVENT_LOG_REVISIONS)
+        Self::open(store, EventLogLimits::default())
     }
 
-    /// Loads the state machine from `store`; the event log keeps the newest
-    /// `event_log_revisions` revisions (a watcher further behind is canceled and
-    /// resumes from RocksDB).
-    pub fn open(store: Store, event_log_revisions: usize) -> SResult<StateMachine> {
+    /// Loads the state machine from `store`, with an event log bounded by `log`.
+    pub fn open(store: Store, log: EventLogLimits) -> SResult<StateMachine> {
         let opts = ReadOptions::default();
         let get = |key: &[u8]| store.db.get_cf(store.cf(CF_META), key).map_err(rd);
         let applied = match get(KEY_APPLIED)? {
@@ -124,7 +148,8 @@ impl StateMachine {
             compacted,
             published,
             snapshot_lock: Arc::default(),
-            events_tx: broadcast::channel(event_log_revisions.max(1)).0,
+            events_tx: broadcast::channel(log.revisions.max(1)).0,
+            max_revision_bytes: log.revision_bytes,
         })
     }
 
@@ -175,6 +200,8 @@ struct Applier<'a> {
     store: &'a Store,
     batch: WriteBatch,
     overlay: BTreeMap<Vec<u8>, Option<KvRecord>>,
+    /// Leases granted (Some) or revoked (None) by this batch's earlier commands.
+    lease_overlay: BTreeMap<i64, Option<LeaseRecord>>,
     revision: i64,
     compacted: i64,
     pending: Vec<PendingWrite>,
@@ -184,6 +211,7 @@ struct Applier<'a> {
     /// Watch events of the commands applied, one entry per revision, published
     /// once the batch holding them is written.
     events: Vec<Arc<RevisionEvents>>,
+    max_revision_bytes: usize,
 }
 
 /// A write waiting for its command to succeed: column family, key, and the value
@@ -199,6 +227,13 @@ impl Applier<'_> {
             Some(b) => Ok(Some(decode_record(&b)?)),
             None => Ok(None),
         }
+    }
+
+    fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, KvError> {
+        if let Some(l) = self.lease_overlay.get(&id) {
+            return Ok(*l);
+        }
+        read_lease(self.store, &ReadOptions::default(), id)
     }
 
     /// The live keys of `kr` at the newest revision, including this batch's writes.
@@ -260,6 +295,19 @@ impl Applier<'_> {
             None => None,
         };
         self.pending.push((CF_KV, key.to_vec(), current));
+        // Keep the lease → keys index in step with the key's lease.
+        let old_lease = prev.map_or(0, |p| p.lease);
+        let new_lease = kv.as_ref().map_or(0, |r| r.lease);
+        if old_lease != new_lease {
+            if old_lease != 0 {
+                self.pending
+                    .push((CF_LEASE, attached_key(old_lease, key), None));
+            }
+            if new_lease != 0 {
+                self.pending
+                    .push((CF_LEASE, attached_key(new_lease, key), Some(Vec::new())));
+            }
+        }
         let before = self.overlay.insert(key.to_vec(), kv);
         self.undo.push((key.to_vec(), before));
         Ok(())
@@ -279,10 +327,16 @@ impl Applier<'_> {
             }
             self.undo.clear();
             if !self.pending_events.is_empty() {
-                self.events.push(Arc::new(RevisionEvents {
+                let mut rev = RevisionEvents {
                     revision: self.revision,
                     events: std::mem::take(&mut self.pending_events),
-                }));
+                    elided: false,
+                };
+                if rev.payload_bytes() > self.max_revision_bytes {
+                    rev.events = Vec::new();
+                    rev.elided = true;
+                }
+                self.events.push(Arc::new(rev));
             }
         } else {
             self.pending.clear();
@@ -334,15 +388,75 @@ impl Applier<'_> {
                 self.compact(*rev)?;
                 Ok(CompactionResponse::default().encode_to_vec())
             }
+            Command::LeaseGrant { id, ttl } => {
+                let (id, ttl) = (*id, *ttl);
+                if id <= 0 {
+                    return Err(KvError::Invalid(format!("lease ID {id} must be positive")));
+                }
+                if ttl > MAX_LEASE_TTL {
+                    return Err(KvError::LeaseTtlTooLarge);
+                }
+                if self.lease(id)?.is_some() {
+                    return Err(KvError::LeaseExists);
+                }
+                let rec = LeaseRecord { ttl };
+                let enc = postcard::to_stdvec(&rec).map_err(|e| KvError::Storage(e.to_string()))?;
+                self.pending
+                    .push((CF_LEASE, lease_key(id).to_vec(), Some(enc)));
+                self.lease_overlay.insert(id, Some(rec));
+                Ok(LeaseGrantResponse {
+                    id,
+                    ttl,
+                    ..Default::default()
+                }
+                .encode_to_vec())
+            }
+            Command::LeaseRevoke(id) => {
+                self.revoke(*id)?;
+                Ok(LeaseRevokeResponse::default().encode_to_vec())
+            }
         }
+    }
+
+    /// Deletes lease `id` and its keys, all at one new revision (none if it held no
+    /// keys), as etcd does.
+    fn revoke(&mut self, id: i64) -> Result<(), KvError> {
+        if self.lease(id)?.is_none() {
+            return Err(KvError::LeaseNotFound);
+        }
+        // The committed index, plus keys this batch attached; each candidate is
+        // checked against its newest version, which drops stale index entries.
+        let mut keys: std::collections::BTreeSet<Vec<u8>> =
+            attached_keys(self.store, ReadOptions::default(), id)?
+                .into_iter()
+                .collect();
+        for (k, v) in &self.overlay {
+            if v.as_ref().is_some_and(|r| r.lease == id) {
+                keys.insert(k.clone());
+            }
+        }
+        let main = self.revision + 1;
+        let mut sub = 0;
+        for key in keys {
+            if let Some(rec) = self.get(&key)?
+                && rec.lease == id
+            {
+                self.write(&key, None, Some(&rec), Rev { main, sub })?;
+                sub += 1;
+            }
+        }
+        if sub > 0 {
+            self.revision = main;
+        }
+        self.pending.push((CF_LEASE, lease_key(id).to_vec(), None));
+        self.lease_overlay.insert(id, None);
+        Ok(())
     }
 
     /// Checks of a Put that depend on the store (done again at apply time because
     /// the store may have changed since the request was proposed).
     fn check_put(&self, req: &PutRequest) -> Result<(), KvError> {
-        if req.lease != 0 {
-            // No lease exists until the Lease API lands; etcd's answer for an unknown
-            // lease.
+        if req.lease != 0 && self.lease(req.lease)?.is_none() {
             return Err(KvError::LeaseNotFound);
         }
         if (req.ignore_value || req.ignore_lease) && self.get(&req.key)?.is_none() {
@@ -669,12 +783,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store: &self.store,
             batch: WriteBatch::default(),
             overlay: BTreeMap::new(),
+            lease_overlay: BTreeMap::new(),
             revision: self.revision,
             compacted: self.compacted,
             pending: Vec::new(),
             undo: Vec::new(),
             pending_events: Vec::new(),
             events: Vec::new(),
+            max_revision_bytes: self.max_revision_bytes,
         };
         let mut out = Vec::new();
         let mut applied = self.applied;
@@ -698,6 +814,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     applier.compacted,
                 )?;
                 applier.overlay.clear();
+                applier.lease_overlay.clear();
                 for e in applier.events.drain(..) {
                     // No receiver is fine; a full ring drops the oldest: the apply
                     // path never waits for a watcher.

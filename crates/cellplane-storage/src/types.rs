@@ -56,6 +56,12 @@ pub enum Command {
     Txn(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Compact the history below this revision.
     Compact(i64),
+    /// Create a lease. The id is chosen before proposing (by the client or the
+    /// leader), so that every member applies the same one.
+    LeaseGrant { id: i64, ttl: i64 },
+    /// Delete a lease and every key attached to it: a client's revoke, or the
+    /// leader's decision that the lease expired.
+    LeaseRevoke(i64),
 }
 
 impl Command {
@@ -82,7 +88,10 @@ impl Command {
             Command::Txn(b) => {
                 TxnRequest::decode(b.as_slice()).map_or(true, |t| txn_reads_history(&t))
             }
-            Command::Put(_) | Command::DeleteRange(_) => false,
+            Command::Put(_)
+            | Command::DeleteRange(_)
+            | Command::LeaseGrant { .. }
+            | Command::LeaseRevoke(_) => false,
         }
     }
 
@@ -90,7 +99,8 @@ impl Command {
     pub fn size(&self) -> usize {
         match self {
             Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) => b.len(),
-            Command::Compact(_) => 8,
+            Command::Compact(_) | Command::LeaseRevoke(_) => 8,
+            Command::LeaseGrant { .. } => 16,
         }
     }
 }
@@ -102,6 +112,8 @@ impl std::fmt::Debug for Command {
             Command::DeleteRange(b) => write!(f, "DeleteRange({} bytes)", b.len()),
             Command::Txn(b) => write!(f, "Txn({} bytes)", b.len()),
             Command::Compact(r) => write!(f, "Compact({r})"),
+            Command::LeaseGrant { id, ttl } => write!(f, "LeaseGrant({id}, {ttl}s)"),
+            Command::LeaseRevoke(id) => write!(f, "LeaseRevoke({id})"),
         }
     }
 }
@@ -112,7 +124,8 @@ pub struct CommandResponse {
     /// The store's revision after the entry was applied.
     pub revision: i64,
     /// The encoded etcd response (`PutResponse`, `DeleteRangeResponse`,
-    /// `TxnResponse` or `CompactionResponse`, without header), or the error every
+    /// `TxnResponse`, `CompactionResponse`, `LeaseGrantResponse` or
+    /// `LeaseRevokeResponse`, without header), or the error every
     /// member deterministically reached for this entry. Empty for entries that
     /// carry no command.
     pub outcome: Option<Result<serde_bytes::ByteBuf, KvError>>,

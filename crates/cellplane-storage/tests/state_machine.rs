@@ -185,3 +185,128 @@ async fn commands_in_one_batch_apply_in_order_each_with_its_revision() {
     assert!(Command::Txn(at_rev.encode_to_vec()).reads_history());
     assert!(Command::Compact(1).reads_history());
 }
+
+#[tokio::test]
+async fn leases_attach_keys_and_revoke_deletes_them_at_one_revision() {
+    use cellplane_proto::mvccpb::event::EventType;
+    let dir = tempfile::tempdir().unwrap();
+    let store = cellplane_storage::open(dir.path()).unwrap();
+    let mut sm = StateMachine::new(store).unwrap();
+    let reader = sm.reader();
+    let mut events = sm.events().subscribe();
+    let with_lease = |k: &str, lease: i64| {
+        Command::Put(
+            PutRequest {
+                lease,
+                ..put(k, "v")
+            }
+            .encode_to_vec(),
+        )
+    };
+    // Grant and attach in one batch: the put sees the grant before it.
+    let out = sm
+        .apply(vec![Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Batch(vec![
+                Command::LeaseGrant { id: 7, ttl: 30 },
+                with_lease("/a", 7),
+                with_lease("/b", 7),
+                Command::LeaseGrant { id: 7, ttl: 30 },
+                Command::LeaseGrant {
+                    id: 8,
+                    ttl: cellplane_storage::MAX_LEASE_TTL + 1,
+                },
+            ])),
+        }])
+        .await
+        .unwrap();
+    let r = &out[0].0;
+    assert!(r[0].outcome.as_ref().unwrap().is_ok());
+    assert_eq!(r[2].revision, 2);
+    assert_eq!(r[3].outcome, Some(Err(KvError::LeaseExists)));
+    assert_eq!(r[4].outcome, Some(Err(KvError::LeaseTtlTooLarge)));
+    let (rec, keys) = reader.lease_with_keys(7).unwrap().unwrap();
+    assert_eq!(rec.ttl, 30);
+    assert_eq!(keys, vec![b"/a".to_vec(), b"/b".to_vec()]);
+
+    // Re-putting /b without the lease detaches it; /c attaches in the same batch
+    // as the revoke, and goes with it.
+    let out = sm
+        .apply(vec![
+            entry(2, Command::Put(put("/b", "free").encode_to_vec())),
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), 3),
+                payload: EntryPayload::Normal(Batch(vec![
+                    with_lease("/c", 7),
+                    Command::LeaseRevoke(7),
+                    Command::LeaseRevoke(7),
+                    with_lease("/d", 7),
+                ])),
+            },
+        ])
+        .await
+        .unwrap();
+    let r = &out[1].0;
+    assert_eq!(r[1].revision, 5, "revoke deletes /a and /c at one revision");
+    assert_eq!(r[2].outcome, Some(Err(KvError::LeaseNotFound)));
+    assert_eq!(r[3].outcome, Some(Err(KvError::LeaseNotFound)));
+    assert!(reader.range(&get("/a")).unwrap().kvs.is_empty());
+    assert!(reader.range(&get("/c")).unwrap().kvs.is_empty());
+    assert_eq!(reader.range(&get("/b")).unwrap().kvs[0].value, b"free");
+    assert!(reader.lease(7).unwrap().is_none());
+    assert!(reader.leases().unwrap().is_empty());
+
+    // Watchers saw the revoke as one revision of delete events.
+    let mut last = None;
+    while let Ok(e) = events.try_recv() {
+        last = Some(e);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.revision, 5);
+    let deleted: Vec<&[u8]> = last
+        .events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.r#type, EventType::Delete as i32);
+            e.kv.as_ref().unwrap().key.as_slice()
+        })
+        .collect();
+    assert_eq!(deleted, vec![b"/a".as_slice(), b"/c".as_slice()]);
+}
+
+#[tokio::test]
+async fn leases_travel_in_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    sm.apply(vec![
+        entry(1, Command::LeaseGrant { id: 42, ttl: 10 }),
+        entry(
+            2,
+            Command::Put(
+                PutRequest {
+                    lease: 42,
+                    ..put("/k", "v")
+                }
+                .encode_to_vec(),
+            ),
+        ),
+    ])
+    .await
+    .unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut other = StateMachine::new(cellplane_storage::open(dir2.path()).unwrap()).unwrap();
+    other
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    let (rec, keys) = other.reader().lease_with_keys(42).unwrap().unwrap();
+    assert_eq!(rec.ttl, 10);
+    assert_eq!(keys, vec![b"/k".to_vec()]);
+}

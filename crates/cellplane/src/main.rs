@@ -25,8 +25,12 @@ enum Cmd {
         #[arg(long)]
         cell: PathBuf,
         /// This member's id in the cell definition.
-        #[arg(long)]
-        id: u64,
+        #[arg(long, required_unless_present = "id_from_hostname")]
+        id: Option<u64>,
+        /// Take the id from the host name `<cell>-<N>` as id N+1: a Kubernetes
+        /// StatefulSet's pod `alpha-0` is member 1 of cell alpha.
+        #[arg(long, conflicts_with = "id")]
+        id_from_hostname: bool,
         /// Where this member keeps its RocksDB.
         #[arg(long)]
         data_dir: PathBuf,
@@ -34,6 +38,8 @@ enum Cmd {
         /// supervisor leaves no orphan members.
         #[arg(long, hide = true)]
         parent_pid: Option<u32>,
+        #[command(flatten)]
+        listen: ListenArgs,
     },
     /// Run one router: forwards each tenant's requests to its cell.
     Router {
@@ -55,6 +61,30 @@ enum Cmd {
     Status(cellplane::status_cmd::StatusArgs),
     /// Show or change the cell map in the directory.
     Map(cellplane::map_cmd::MapArgs),
+    /// Render the Compose environment or the Kubernetes manifests from cells/.
+    Deploy(cellplane::deploy::DeployArgs),
+    /// Put, get, delete and watch keys.
+    Kv(cellplane::kv_cmd::KvArgs),
+    /// Grant, keep alive, inspect, list and revoke leases.
+    Lease(cellplane::lease_cmd::LeaseArgs),
+    /// Register, list and watch service instances (service discovery).
+    Svc(cellplane::svc_cmd::SvcArgs),
+}
+
+/// Where a member listens, when that differs from the address the cell definition
+/// advertises to peers and clients (etcd's `--listen-*-urls` vs
+/// `--advertise-*-urls`): behind a proxy, NAT or in a container.
+#[derive(clap::Args)]
+struct ListenArgs {
+    /// Listen for clients here instead of the member's `client` address.
+    #[arg(long)]
+    listen_client: Option<std::net::SocketAddr>,
+    /// Listen for peers here instead of the member's `peer` address.
+    #[arg(long)]
+    listen_peer: Option<std::net::SocketAddr>,
+    /// Serve /metrics, /healthz and /readyz here instead of the member's `http` address.
+    #[arg(long)]
+    listen_http: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,9 +102,11 @@ fn main() -> anyhow::Result<()> {
             Cmd::Node {
                 cell,
                 id,
+                id_from_hostname,
                 data_dir,
                 parent_pid,
-            } => node(cell, id, data_dir, parent_pid).await,
+                listen,
+            } => node(cell, id, id_from_hostname, data_dir, parent_pid, listen).await,
             Cmd::Router {
                 routers,
                 id,
@@ -84,17 +116,31 @@ fn main() -> anyhow::Result<()> {
             Cmd::Up(args) => cellplane::up::run(args).await,
             Cmd::Status(args) => cellplane::status_cmd::run(args).await,
             Cmd::Map(args) => cellplane::map_cmd::run(args).await,
+            Cmd::Deploy(args) => cellplane::deploy::run(args),
+            Cmd::Kv(args) => cellplane::kv_cmd::run(args).await,
+            Cmd::Lease(args) => cellplane::lease_cmd::run(args).await,
+            Cmd::Svc(args) => cellplane::svc_cmd::run(args).await,
         }
     })
 }
 
 async fn node(
     cell: PathBuf,
-    id: u64,
+    id: Option<u64>,
+    id_from_hostname: bool,
     data_dir: PathBuf,
     parent_pid: Option<u32>,
+    listen: ListenArgs,
 ) -> anyhow::Result<()> {
     let cell = cellplane_cell::CellDef::load(&cell)?;
+    let id = match id {
+        Some(id) => id,
+        None if id_from_hostname => {
+            let host = cellplane::deploy::own_hostname()?;
+            cellplane::deploy::member_id_from_hostname(&cell.name, &host)?
+        }
+        None => anyhow::bail!("--id or --id-from-hostname is needed"),
+    };
     if cell.member(id).is_none() {
         let ids: Vec<String> = cell.members.iter().map(|m| m.id.to_string()).collect();
         anyhow::bail!(
@@ -104,7 +150,21 @@ async fn node(
         );
     }
     let config = cellplane_cell::NodeConfig { cell, id, data_dir };
-    let listeners = cellplane_cell::Listeners::bind(&config).await?;
+    let me = config
+        .cell
+        .member(id)
+        .cloned()
+        .context("member checked above")?;
+    let bind = |a: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("cannot bind {a}"))
+    };
+    let listeners = cellplane_cell::Listeners {
+        client: bind(listen.listen_client.unwrap_or(me.client.bind_addr())).await?,
+        peer: bind(listen.listen_peer.unwrap_or(me.peer.bind_addr())).await?,
+        http: bind(listen.listen_http.unwrap_or(me.http.bind_addr())).await?,
+    };
     let shutdown = cellplane::signals::process_shutdown(parent_pid);
     cellplane_cell::run(config, listeners, shutdown).await?;
     Ok(())

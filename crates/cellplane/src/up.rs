@@ -5,10 +5,11 @@
 //! stops every child on Ctrl-C or SIGTERM.
 //!
 //! It writes `<data-dir>/up.json` (every process: kind, cell, id, pid, endpoints,
-//! log file) so other tools (the load generator's fault schedule) can find them.
+//! log file, command line) so other tools (the load generator's fault schedule) can
+//! find them; such a tool restarts a stopped process by creating
+//! `<data-dir>/restart/member-<cell>-<id>` (or `router-<id>`), which `up` picks up.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,6 +67,8 @@ pub struct ProcessEntry {
     pub client: String,
     pub http: String,
     pub log: PathBuf,
+    /// The command line it was started with (`--parent-pid` included).
+    pub argv: Vec<String>,
 }
 
 /// The environment defined by a `cells/` folder.
@@ -134,7 +137,8 @@ pub fn load_env(dir: &Path) -> anyhow::Result<EnvDef> {
 
 struct Running {
     entry: ProcessEntry,
-    http: SocketAddr,
+    /// host:port of /readyz.
+    http: String,
     args: Vec<OsString>,
     child: Option<Child>,
 }
@@ -202,9 +206,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     pid: child.id().unwrap_or(0),
                     client: m.client.to_string(),
                     http: m.http.to_string(),
+                    argv: argv_of(&exe, &a),
                     log,
                 },
-                http: m.http,
+                http: m.http.to_string(),
                 args: a,
                 child: Some(child),
             });
@@ -235,9 +240,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     pid: child.id().unwrap_or(0),
                     client: r.client.to_string(),
                     http: r.http.to_string(),
+                    argv: argv_of(&exe, &a),
                     log,
                 },
-                http: r.http,
+                http: r.http.to_string(),
                 args: a,
                 child: Some(child),
             });
@@ -308,6 +314,22 @@ async fn supervise(
         }
         let mut changed = false;
         for r in running.iter_mut() {
+            // A restart asked for by another tool (the load generator's faults).
+            let request = restart_request(&args.data_dir, &r.entry);
+            if r.child.is_none() && request.exists() {
+                let _ = std::fs::remove_file(&request);
+                let what = describe(&r.entry);
+                match spawn(exe, &r.args, &r.entry.log) {
+                    Ok(c) => {
+                        eprintln!("{what} restarted on request");
+                        r.entry.pid = c.id().unwrap_or(0);
+                        r.child = Some(c);
+                        changed = true;
+                    }
+                    Err(e) => eprintln!("{what} could not restart: {e:#}"),
+                }
+                continue;
+            }
             let Some(child) = r.child.as_mut() else {
                 continue;
             };
@@ -333,6 +355,24 @@ async fn supervise(
             eprintln!("cannot update up.json: {e:#}");
         }
     }
+}
+
+/// The file whose creation asks `up` to start a stopped process again.
+fn restart_request(data_dir: &Path, e: &ProcessEntry) -> PathBuf {
+    let name = match e.kind {
+        "router" => format!("router-{}", e.id),
+        _ => format!("member-{}-{}", e.cell, e.id),
+    };
+    data_dir.join("restart").join(name)
+}
+
+/// The command line `spawn` runs, as recorded in up.json.
+fn argv_of(exe: &Path, args: &[OsString]) -> Vec<String> {
+    std::iter::once(exe.as_os_str())
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|a| a.to_string_lossy().into_owned())
+        .chain(["--parent-pid".to_string(), std::process::id().to_string()])
+        .collect()
 }
 
 fn describe(e: &ProcessEntry) -> String {
@@ -366,7 +406,7 @@ async fn wait_ready(running: &mut [Running], deadline: tokio::time::Instant) -> 
                     tail(&r.entry.log, 20)
                 );
             }
-            if probe_ready(r.http).await {
+            if probe_ready(r.http.as_str()).await {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -384,7 +424,7 @@ async fn wait_ready(running: &mut [Running], deadline: tokio::time::Instant) -> 
 }
 
 /// GET /readyz; true on a 200.
-pub async fn probe_ready(addr: SocketAddr) -> bool {
+pub async fn probe_ready(addr: impl tokio::net::ToSocketAddrs) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")

@@ -258,6 +258,12 @@ async fn operators_change_the_map_with_the_cli_and_routers_follow() {
     std::fs::write(&stale, env.static_map(2, &[])).unwrap();
     let (ok, out) = cli(&["map", "--directory", &dir, "apply", stale.to_str().unwrap()]);
     assert!(!ok && out.contains("not newer"), "{out}");
+    // The router follows the directory with a watch on the map key.
+    assert!(
+        env.router_log().contains("watching the directory's map"),
+        "{}",
+        env.router_log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,578 @@
+//! Leases: the etcd `Lease` service of a member and the leader's lessor.
+//!
+//! The store knows which leases exist and which keys each holds; *when* a lease
+//! expires is known only to the leader, in memory, as in etcd. A member that
+//! becomes leader loads every lease with a full TTL (a leader change extends
+//! leases, never shortens them), then renews them on KeepAlive and proposes a
+//! revoke through Raft for each one that runs out, so expiry deletes keys with
+//! delete events on every member at one revision.
+//!
+//! Followers forward Grant, Revoke, KeepAlive and TimeToLive to the leader (each
+//! once); Leases is served by any member after a linearizable read barrier.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellplane_proto::etcdserverpb::lease_client::LeaseClient;
+use cellplane_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
+};
+use cellplane_storage::{Command, KvError, MAX_LEASE_TTL, NodeId};
+use futures::Stream;
+use prost::Message;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{kv_status, node_status, read_status};
+use crate::node::{ProposeError, Shared};
+use crate::service::{forwarded_request, is_forwarded, serve_request};
+
+/// How often the leader looks for expired leases.
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
+/// Revokes the leader proposes per tick at most, so that a mass expiry (say, after
+/// a partition heals) is spread out instead of flooding the log (etcd: 1000/s).
+const MAX_REVOKES_PER_TICK: usize = 250;
+/// Keep-alive responses buffered per stream; a client that does not read them
+/// stops being read from (its further keep-alives wait).
+const KEEPALIVE_BUFFER: usize = 16;
+
+/// The leader's in-memory lease deadlines.
+#[derive(Default)]
+pub struct Lessor {
+    state: Mutex<LessorState>,
+}
+
+#[derive(Default)]
+struct LessorState {
+    /// The term whose leader loaded the deadlines below; `None` when this member
+    /// does not lead (or has not loaded them yet).
+    term: Option<u64>,
+    leases: HashMap<i64, Deadline>,
+    /// Expired leases whose revoke is being proposed.
+    revoking: HashSet<i64>,
+}
+
+#[derive(Clone, Copy)]
+struct Deadline {
+    expires: Instant,
+    ttl: i64,
+}
+
+/// What a keep-alive found.
+enum Renewed {
+    /// Renewed: the TTL granted, in seconds.
+    Ttl(i64),
+    /// No such lease, or it has expired (and is being revoked).
+    NotFound,
+    /// This member leads but has not loaded the leases yet: the client retries.
+    NotReady,
+}
+
+impl Lessor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LessorState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A lease this member (as leader) just granted. Kept even while the
+    /// deadlines are still being loaded: the load may have read the store before
+    /// this grant was applied, and a lease without a deadline would never expire.
+    fn granted(&self, id: i64, ttl: i64) {
+        self.lock().leases.insert(
+            id,
+            Deadline {
+                expires: Instant::now() + secs(ttl),
+                ttl,
+            },
+        );
+    }
+
+    fn revoked(&self, id: i64) {
+        let mut st = self.lock();
+        st.leases.remove(&id);
+        st.revoking.remove(&id);
+    }
+
+    /// Renews `id` for a full TTL; `stored` looks the lease up in the store, for a
+    /// lease granted after the deadlines were loaded by a path that did not pass
+    /// here.
+    fn renew(&self, id: i64, stored: impl FnOnce() -> Option<i64>) -> Renewed {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if st.term.is_none() {
+            return Renewed::NotReady;
+        }
+        match st.leases.get_mut(&id) {
+            Some(d) if d.expires <= now => Renewed::NotFound,
+            Some(d) => {
+                d.expires = now + secs(d.ttl);
+                Renewed::Ttl(d.ttl)
+            }
+            None => match stored() {
+                Some(ttl) => {
+                    st.leases.insert(
+                        id,
+                        Deadline {
+                            expires: now + secs(ttl),
+                            ttl,
+                        },
+                    );
+                    Renewed::Ttl(ttl)
+                }
+                None => Renewed::NotFound,
+            },
+        }
+    }
+
+    /// Remaining seconds of `id`, rounded up, if this member tracks it.
+    fn remaining(&self, id: i64) -> Option<i64> {
+        let st = self.lock();
+        st.leases.get(&id).map(|d| {
+            let left = d.expires.saturating_duration_since(Instant::now());
+            left.as_millis().div_ceil(1000) as i64
+        })
+    }
+
+    /// Expired leases not yet being revoked; marks them as being revoked.
+    fn take_expired(&self) -> Vec<i64> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut out = Vec::new();
+        for (id, d) in &st.leases {
+            if out.len() >= MAX_REVOKES_PER_TICK {
+                break;
+            }
+            if d.expires <= now && !st.revoking.contains(id) {
+                out.push(*id);
+            }
+        }
+        st.revoking.extend(out.iter().copied());
+        out
+    }
+
+    fn retry_later(&self, id: i64) {
+        self.lock().revoking.remove(&id);
+    }
+
+    fn step_down(&self) {
+        let mut st = self.lock();
+        st.term = None;
+        st.leases.clear();
+        st.revoking.clear();
+    }
+
+    /// Installs the leases of the store with full TTLs, as leader of `term`.
+    fn load(&self, term: u64, leases: Vec<(i64, i64)>) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        for (id, ttl) in leases {
+            st.leases.entry(id).or_insert(Deadline {
+                expires: now + secs(ttl),
+                ttl,
+            });
+        }
+        st.term = Some(term);
+    }
+
+    fn loaded_term(&self) -> Option<u64> {
+        self.lock().term
+    }
+}
+
+fn secs(s: i64) -> Duration {
+    Duration::from_secs(s.max(0) as u64)
+}
+
+/// Follows leadership and expires leases while this member leads. Runs until
+/// `shutdown` is cancelled.
+pub async fn run_lessor(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut metrics = shared.raft.metrics();
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Raft metrics change on every apply: they only tell leadership here, and
+        // expiry is looked for on the tick alone.
+        let ticked = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            _ = tick.tick() => true,
+        };
+        let (leading, term) = {
+            let m = metrics.borrow();
+            (m.current_leader == Some(shared.id), m.current_term)
+        };
+        let lessor = &shared.lessor;
+        if !leading {
+            lessor.step_down();
+            continue;
+        }
+        if lessor.loaded_term() != Some(term) {
+            // Everything committed before this term must be applied first, or a
+            // lease granted by the previous leader could be missed.
+            lessor.step_down();
+            let mut applied = shared.applied.clone();
+            if shared
+                .barrier
+                .wait_linearizable(&mut applied)
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            match shared.reader.leases() {
+                Ok(leases) => {
+                    let n = leases.len();
+                    lessor.load(
+                        term,
+                        leases.into_iter().map(|(id, r)| (id, r.ttl)).collect(),
+                    );
+                    tracing::info!(term, leases = n, "leading: lease deadlines loaded");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot load leases"),
+            }
+            continue;
+        }
+        if !ticked {
+            continue;
+        }
+        for id in lessor.take_expired() {
+            let shared = shared.clone();
+            // One at a time per lease, all of a tick's concurrently: the proposer
+            // batches them into few Raft entries.
+            tokio::spawn(async move {
+                match shared.propose(Command::LeaseRevoke(id)).await {
+                    Ok((resp, _)) => {
+                        match resp.outcome {
+                            Some(Ok(_)) => {
+                                shared.metrics.leases_expired.inc();
+                                tracing::debug!(lease = id, "lease expired and revoked");
+                            }
+                            Some(Err(KvError::LeaseNotFound)) => {}
+                            other => {
+                                tracing::warn!(lease = id, outcome = ?other, "revoking an expired lease failed");
+                                shared.lessor.retry_later(id);
+                                return;
+                            }
+                        }
+                        shared.lessor.revoked(id);
+                    }
+                    Err(_) => shared.lessor.retry_later(id),
+                }
+            });
+        }
+    }
+}
+
+/// The etcd `Lease` service of a member.
+pub struct LeaseService {
+    shared: Arc<Shared>,
+}
+
+impl LeaseService {
+    pub fn new(shared: Arc<Shared>) -> LeaseService {
+        LeaseService { shared }
+    }
+
+    fn leader_client(&self, leader: NodeId) -> Result<LeaseClient<Channel>, Status> {
+        let channel = self.shared.channel(leader).map_err(node_status)?;
+        Ok(LeaseClient::new(channel))
+    }
+
+    /// The leader to forward to, or `None` when this member leads. Waits (up to the
+    /// request timeout) while no leader is known.
+    async fn leader_elsewhere(&self, forwarded: bool) -> Result<Option<NodeId>, Status> {
+        let s = &self.shared;
+        let deadline = Instant::now() + s.config.request_timeout();
+        match s.wait_for_leader(deadline).await {
+            None => Err(Status::unavailable("etcdserver: no leader")),
+            Some(l) if l == s.id => Ok(None),
+            Some(l) if forwarded => Err(Status::unavailable(format!(
+                "etcdserver: not leader (member {} thinks {l} leads); retry",
+                s.id
+            ))),
+            Some(l) => Ok(Some(l)),
+        }
+    }
+
+    /// The smallest TTL a lease gets: long enough to survive a leader election
+    /// (etcd: 1.5 election timeouts).
+    fn min_ttl(&self) -> i64 {
+        let cell = &self.shared.config.cell;
+        let max_election_ms = cell
+            .members
+            .iter()
+            .map(|m| cell.election_timeout(m.id).1)
+            .max()
+            .unwrap_or(1000);
+        (max_election_ms * 3 / 2).div_ceil(1000) as i64
+    }
+
+    fn new_lease_id(&self) -> i64 {
+        let tag = cellplane_map::lease_tag(&self.shared.config.cell.name);
+        loop {
+            let low = rand::random::<u64>() & ((1 << cellplane_map::LEASE_TAG_SHIFT) - 1);
+            if low != 0 {
+                return ((tag << cellplane_map::LEASE_TAG_SHIFT) | low) as i64;
+            }
+        }
+    }
+
+    async fn keep_alive_one(
+        &self,
+        id: i64,
+        forwarded: bool,
+    ) -> Result<LeaseKeepAliveResponse, Status> {
+        let s = &self.shared;
+        if let Some(leader) = self.leader_elsewhere(forwarded).await? {
+            let mut client = self.leader_client(leader)?;
+            let req = forwarded_request(tokio_stream::once(LeaseKeepAliveRequest { id }));
+            let mut stream = client.lease_keep_alive(req).await?.into_inner();
+            return match stream.message().await? {
+                Some(r) => Ok(r),
+                None => Err(Status::unavailable(
+                    "etcdserver: leader ended the keep-alive",
+                )),
+            };
+        }
+        let stored = || s.reader.lease(id).ok().flatten().map(|r| r.ttl);
+        let ttl = match s.lessor.renew(id, stored) {
+            Renewed::Ttl(t) => t,
+            Renewed::NotFound => 0,
+            Renewed::NotReady => {
+                return Err(Status::unavailable(
+                    "etcdserver: the new leader is loading leases; retry",
+                ));
+            }
+        };
+        let revision = s.applied.borrow().revision;
+        Ok(LeaseKeepAliveResponse {
+            header: Some(s.header(revision)),
+            id,
+            ttl,
+        })
+    }
+
+    /// Proposes a lease command and decodes its result, or says whom to forward to.
+    async fn propose<T: Message + Default>(
+        &self,
+        cmd: Command,
+        forwarded: bool,
+    ) -> Result<Result<(T, ResponseHeader), NodeId>, Status> {
+        let s = &self.shared;
+        match s.propose(cmd).await {
+            Ok((resp, term)) => {
+                let body = match resp.outcome {
+                    Some(Ok(bytes)) => T::decode(bytes.as_slice()).map_err(|e| {
+                        Status::internal(format!("cannot decode apply result: {e}"))
+                    })?,
+                    Some(Err(e)) => return Err(kv_status(e)),
+                    None => return Err(Status::internal("apply produced no result")),
+                };
+                let mut header = s.header(resp.revision);
+                header.raft_term = term;
+                Ok(Ok((body, header)))
+            }
+            Err(ProposeError::Forward(leader)) if !forwarded => Ok(Err(leader)),
+            Err(ProposeError::Forward(leader)) => Err(Status::unavailable(format!(
+                "etcdserver: not leader (member {} thinks {leader} leads); retry",
+                s.id
+            ))),
+            Err(ProposeError::Failed(e)) => Err(node_status(e)),
+        }
+    }
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        serve_request(&self.shared, "LeaseGrant", async {
+            if req.ttl > MAX_LEASE_TTL {
+                return Err(kv_status(KvError::LeaseTtlTooLarge));
+            }
+            if req.id < 0 {
+                return Err(Status::invalid_argument(format!(
+                    "lease ID {} must be positive (0: let the cell choose)",
+                    req.id
+                )));
+            }
+            if let Some(leader) = self.leader_elsewhere(forwarded).await? {
+                let mut c = self.leader_client(leader)?;
+                return Ok(c.lease_grant(forwarded_request(req)).await?.into_inner());
+            }
+            let id = if req.id == 0 {
+                self.new_lease_id()
+            } else {
+                req.id
+            };
+            let ttl = req.ttl.max(self.min_ttl());
+            match self
+                .propose::<LeaseGrantResponse>(Command::LeaseGrant { id, ttl }, forwarded)
+                .await?
+            {
+                Ok((resp, header)) => {
+                    self.shared.lessor.granted(id, ttl);
+                    Ok(LeaseGrantResponse {
+                        header: Some(header),
+                        ..resp
+                    })
+                }
+                Err(leader) => {
+                    let mut c = self.leader_client(leader)?;
+                    Ok(c.lease_grant(forwarded_request(req)).await?.into_inner())
+                }
+            }
+        })
+        .await
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        serve_request(&self.shared, "LeaseRevoke", async {
+            match self
+                .propose::<LeaseRevokeResponse>(Command::LeaseRevoke(req.id), forwarded)
+                .await?
+            {
+                Ok((_, header)) => {
+                    self.shared.lessor.revoked(req.id);
+                    Ok(LeaseRevokeResponse {
+                        header: Some(header),
+                    })
+                }
+                Err(leader) => {
+                    let mut c = self.leader_client(leader)?;
+                    Ok(c.lease_revoke(forwarded_request(req)).await?.into_inner())
+                }
+            }
+        })
+        .await
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let forwarded = is_forwarded(&request);
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_BUFFER);
+        let this = LeaseService {
+            shared: self.shared.clone(),
+        };
+        let shutdown = self.shared.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = incoming.next() => n,
+                };
+                let req = match next {
+                    None => return,
+                    Some(Err(_)) => return,
+                    Some(Ok(r)) => r,
+                };
+                let resp = this.keep_alive_one(req.id, forwarded).await;
+                let failed = resp.is_err();
+                // Full buffer: wait, which stops reading this client's requests.
+                if tx.send(resp).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        serve_request(&self.shared, "LeaseTimeToLive", async {
+            let s = &self.shared;
+            if let Some(leader) = self.leader_elsewhere(forwarded).await? {
+                let mut c = self.leader_client(leader)?;
+                return Ok(c
+                    .lease_time_to_live(forwarded_request(req))
+                    .await?
+                    .into_inner());
+            }
+            let mut applied = s.applied.clone();
+            s.barrier
+                .wait_linearizable(&mut applied)
+                .await
+                .map_err(read_status)?;
+            let revision = applied.borrow().revision;
+            let header = Some(s.header(revision));
+            // As etcd: an unknown (or expired and revoked) lease is TTL -1, not an
+            // error.
+            let Some((rec, keys)) = s.reader.lease_with_keys(req.id).map_err(kv_status)? else {
+                return Ok(LeaseTimeToLiveResponse {
+                    header,
+                    id: req.id,
+                    ttl: -1,
+                    ..Default::default()
+                });
+            };
+            let ttl = s.lessor.remaining(req.id).unwrap_or(rec.ttl);
+            Ok(LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl,
+                granted_ttl: rec.ttl,
+                keys: if req.keys { keys } else { Vec::new() },
+            })
+        })
+        .await
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        serve_request(&self.shared, "LeaseLeases", async {
+            let s = &self.shared;
+            let mut applied = s.applied.clone();
+            s.barrier
+                .wait_linearizable(&mut applied)
+                .await
+                .map_err(read_status)?;
+            let revision = applied.borrow().revision;
+            let leases = s.reader.leases().map_err(kv_status)?;
+            Ok(LeaseLeasesResponse {
+                header: Some(s.header(revision)),
+                leases: leases
+                    .into_iter()
+                    .map(|(id, _)| LeaseStatus { id })
+                    .collect(),
+            })
+        })
+        .await
+    }
+}
