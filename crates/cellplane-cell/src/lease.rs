@@ -373,13 +373,7 @@ impl LeaseService {
         let s = &self.shared;
         match s.propose(cmd).await {
             Ok((resp, term)) => {
-                let body = match resp.outcome {
-                    Some(Ok(bytes)) => T::decode(bytes.as_slice()).map_err(|e| {
-                        Status::internal(format!("cannot decode apply result: {e}"))
-                    })?,
-                    Some(Err(e)) => return Err(kv_status(e)),
-                    None => return Err(Status::internal("apply produced no result")),
-                };
+                let body = crate::service::decode_outcome(resp.outcome)?;
                 let mut header = s.header(resp.revision);
                 header.raft_term = term;
                 Ok(Ok((body, header)))

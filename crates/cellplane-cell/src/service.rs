@@ -107,14 +107,7 @@ impl KvService {
         // that already travelled its one hop).
         match s.propose_with(cmd, !forwarded).await {
             Ok((resp, term)) => {
-                let body = match resp.outcome {
-                    Some(Ok(bytes)) => T::decode(bytes.as_slice()).map_err(|e| {
-                        Status::internal(format!("cannot decode apply result: {e}"))
-                    })?,
-                    Some(Err(e)) => return Err(kv_status(e)),
-                    None => return Err(Status::internal("apply produced no result")),
-                };
-                let mut body = body;
+                let mut body: T = decode_outcome(resp.outcome)?;
                 let mut header = s.header(resp.revision);
                 header.raft_term = term;
                 body.set_header(header);
@@ -132,6 +125,18 @@ impl KvService {
             }
             Err(ProposeError::Failed(e)) => Err(node_status(e)),
         }
+    }
+}
+
+/// The etcd response a command's apply produced, or the status for its error.
+pub(crate) fn decode_outcome<T: Message + Default, B: AsRef<[u8]>>(
+    outcome: Option<Result<B, KvError>>,
+) -> Result<T, Status> {
+    match outcome {
+        Some(Ok(bytes)) => T::decode(bytes.as_ref())
+            .map_err(|e| Status::internal(format!("cannot decode apply result: {e}"))),
+        Some(Err(e)) => Err(kv_status(e)),
+        None => Err(Status::internal("apply produced no result")),
     }
 }
 
