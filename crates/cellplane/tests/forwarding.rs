@@ -19,21 +19,11 @@ use cellplane_proto::etcdserverpb::{
 use cellplane_proto::raft::RaftPayload;
 use cellplane_proto::raft::raft_client::RaftClient;
 use cellplane_storage::{Batch, Command};
-use common::{TestCell, get, put};
+use common::{TestCell, get, prefix, put};
 use prost::Message;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn prefix(p: &str) -> RangeRequest {
-    let mut end = p.as_bytes().to_vec();
-    *end.last_mut().unwrap() += 1;
-    RangeRequest {
-        key: p.into(),
-        range_end: end,
-        ..Default::default()
-    }
-}
 
 /// A txn comparing `key`'s value with `value`, putting `put_key` on success and
 /// reading `key` on failure.

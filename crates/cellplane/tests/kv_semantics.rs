@@ -12,19 +12,9 @@ use cellplane_proto::etcdserverpb::{
     CompactionRequest, Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest,
     request_op, response_op,
 };
-use common::TestCell;
+use common::{TestCell, prefix};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn prefix(p: &str) -> RangeRequest {
-    let mut end = p.as_bytes().to_vec();
-    *end.last_mut().unwrap() += 1;
-    RangeRequest {
-        key: p.into(),
-        range_end: end,
-        ..Default::default()
-    }
-}
 
 fn keys(r: &cellplane_proto::etcdserverpb::RangeResponse) -> Vec<String> {
     r.kvs

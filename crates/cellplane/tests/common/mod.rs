@@ -492,3 +492,14 @@ pub fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> (bool, St
     );
     (out.status.success(), text)
 }
+
+/// A range over every key starting with `p` (whose last byte is below 0xff).
+pub fn prefix(p: &str) -> cellplane_proto::etcdserverpb::RangeRequest {
+    let mut end = p.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    cellplane_proto::etcdserverpb::RangeRequest {
+        key: p.into(),
+        range_end: end,
+        ..Default::default()
+    }
+}
