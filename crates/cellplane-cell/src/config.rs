@@ -45,8 +45,9 @@ pub struct CellDef {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchSettings {
-    /// Revisions the in-memory event log keeps; a stream further behind cancels
-    /// its watchers with the revision to resume from.
+    /// Revisions the in-memory event log keeps, and each watch stream's mailbox
+    /// holds; a stream further behind cancels its watchers with the revision to
+    /// resume from.
     pub event_log_revisions: usize,
     /// Responses buffered per watch stream; a client that lets it fill has its
     /// stream ended.

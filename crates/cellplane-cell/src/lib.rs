@@ -5,7 +5,8 @@
 //!
 //! Main types: [`config::CellDef`] (a cell as defined in `cells/`), [`node::run`]
 //! (run one member until shut down), [`service::KvService`] (the etcd KV API),
-//! [`watch::WatchService`] (watches from the in-memory event log),
+//! [`watch::WatchService`] (watches from the in-memory event log, handed by key
+//! to the streams that watch it),
 //! [`lease::LeaseService`] and [`lease::Lessor`] (leases; expiry on the leader),
 //! [`network::Network`] (Raft over gRPC), [`read_index::ReadBarrier`] (batched
 //! linearizable reads).
@@ -29,6 +30,7 @@ pub mod proposer;
 pub mod read_index;
 pub mod service;
 pub mod watch;
+mod watch_hub;
 
 /// The Raft handle of a member.
 pub type Raft = openraft::Raft<cellplane_storage::TypeConfig>;

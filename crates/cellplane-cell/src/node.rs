@@ -77,8 +77,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Group-commit counters of the Raft log.
     pub sync_stats: Arc<cellplane_storage::SyncStats>,
-    /// The event log the apply path publishes to; watch streams subscribe.
-    pub events: tokio::sync::broadcast::Sender<Arc<cellplane_storage::RevisionEvents>>,
+    /// Hands the event log's revisions to the watch streams they concern.
+    pub(crate) watch_hub: Arc<crate::watch_hub::Hub>,
     /// Cancelled when the member shuts down (ends watch streams).
     pub shutdown: CancellationToken,
     /// Bounds the client requests in flight; beyond it requests are shed.
@@ -237,7 +237,9 @@ pub async fn run(
     };
     let sm = StateMachine::open(store.clone(), log_limits)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let events = sm.events();
+    // Subscribed before Raft starts applying, so the hub sees every revision.
+    let events = sm.events().subscribe();
+    let watch_hub = crate::watch_hub::Hub::new(config.cell.watch.event_log_revisions);
     let reader = sm.reader();
     let applied = sm.subscribe();
     let r = &config.cell.raft;
@@ -289,7 +291,7 @@ pub async fn run(
         limits,
         metrics: Metrics::new(),
         sync_stats,
-        events,
+        watch_hub: watch_hub.clone(),
         shutdown: shutdown.clone(),
         inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
         lessor: crate::lease::Lessor::default(),
@@ -297,6 +299,7 @@ pub async fn run(
         config: config.clone(),
     });
 
+    tasks.spawn(watch_hub.run(events, shutdown.child_token()));
     tasks.spawn(crate::metrics_loop::run(
         shared.clone(),
         shutdown.child_token(),

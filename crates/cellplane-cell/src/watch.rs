@@ -2,13 +2,16 @@
 //!
 //! The apply path publishes every revision's events into a bounded in-memory event
 //! log (a broadcast ring, `watch.event_log_revisions` long) and never waits for a
-//! watcher. Each watch stream follows the ring with one receiver and matches every
-//! revision against its watchers; a watcher that starts behind reads the history
-//! from a RocksDB snapshot first. Limits, and what happens at them:
+//! watcher. One dispatcher per member (`watch_hub`) follows the ring and hands a
+//! revision only to the streams watching a key it touches (or holding a range
+//! watcher), so idle watchers cost no CPU per write. A watcher that starts behind
+//! reads the history from a RocksDB snapshot first. Limits, and what happens at
+//! them:
 //!
-//! - a stream whose receiver falls more than the ring's length behind (the ring
-//!   overwrote what it had not read) cancels its watchers, each with the revision
-//!   to resume from in `cancel_reason`;
+//! - a stream that falls more than `watch.event_log_revisions` revisions behind
+//!   what it was handed (its mailbox fills, or the dispatcher itself lost
+//!   revisions from the ring) cancels its watchers, each with the revision to
+//!   resume from in `cancel_reason`;
 //! - a stream whose client does not read fills its bounded response buffer
 //!   (`watch.stream_buffer` responses or `watch.stream_buffer_bytes` bytes,
 //!   whichever comes first); the member then ends that stream, saying from which
@@ -31,12 +34,13 @@ use cellplane_proto::etcdserverpb::{
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_storage::{KeyRange, KvError, RevisionEvents};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::Shared;
+use crate::watch_hub::{Next, Subscription};
 
 /// The watch id etcd uses for responses that belong to no watcher (progress).
 const NO_WATCH: i64 = -1;
@@ -66,12 +70,12 @@ impl Watch for WatchService {
         let stream = WatchStream {
             queued: queued.clone(),
             shared: self.shared.clone(),
-            events: self.shared.events.subscribe(),
+            events: self.shared.watch_hub.subscribe(),
             tx,
             watchers: BTreeMap::new(),
             by_key: HashMap::new(),
             spans: BTreeSet::new(),
-            seen: 0,
+            finished: 0,
             next_id: 0,
         };
         tokio::spawn(stream.run(inbound, self.shared.shutdown.clone()));
@@ -98,7 +102,7 @@ struct Watcher {
 
 struct WatchStream {
     shared: Arc<Shared>,
-    events: broadcast::Receiver<Arc<RevisionEvents>>,
+    events: Subscription,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     /// Encoded bytes of the responses in `tx` not yet taken by the client.
     queued: Arc<AtomicUsize>,
@@ -108,8 +112,9 @@ struct WatchStream {
     by_key: HashMap<Vec<u8>, BTreeSet<i64>>,
     /// Range watchers: checked against every event.
     spans: BTreeSet<i64>,
-    /// The newest revision this stream has taken from the event log.
-    seen: i64,
+    /// The newest revision this stream took from its mailbox and delivered in
+    /// full (to every watcher it concerns).
+    finished: i64,
     next_id: i64,
 }
 
@@ -136,10 +141,10 @@ impl WatchStream {
                     Ok(Some(req)) => self.handle(req).await,
                     _ => Err(Stop::Done),
                 },
-                ev = self.events.recv() => match ev {
-                    Ok(revision) => self.deliver(&revision),
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.cancel_all_behind(),
-                    Err(broadcast::error::RecvError::Closed) => Err(Stop::Done),
+                next = self.events.next() => match next {
+                    Some(Next::Revision(revision)) => self.deliver(&revision),
+                    Some(Next::Lagged(from)) => self.cancel_all_behind(from),
+                    None => Err(Stop::Done),
                 },
                 _ = progress.tick() => self.notify_progress(),
             };
@@ -147,12 +152,13 @@ impl WatchStream {
                 Ok(()) => {}
                 Err(Stop::Done) => return,
                 Err(Stop::Stalled) => {
+                    let synced = self.synced();
                     let resume = self
                         .watchers
                         .values()
-                        .map(|w| w.next.max(self.seen + 1))
+                        .map(|w| w.next.max(synced + 1))
                         .min()
-                        .unwrap_or(self.seen + 1);
+                        .unwrap_or(synced + 1);
                     tracing::warn!(
                         resume,
                         watchers = self.watchers.len(),
@@ -221,7 +227,7 @@ impl WatchStream {
                 })
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => self.send(WatchResponse {
-                header: self.header(self.current_revision()),
+                header: self.header(self.synced()),
                 watch_id: NO_WATCH,
                 ..Default::default()
             }),
@@ -238,8 +244,9 @@ impl WatchStream {
             }
             self.next_id
         };
+        let now = self.header(self.current_revision());
         let refuse = |reason: String| WatchResponse {
-            header: self.header(self.current_revision()),
+            header: now,
             watch_id: id,
             created: true,
             canceled: true,
@@ -274,11 +281,15 @@ impl WatchStream {
             created: true,
             ..Default::default()
         };
-        // Catch up from the stored history before following the event log.
-        let history = if start <= current {
-            match self.shared.reader.history(start, current) {
+        // Follow the key first, then catch up from the stored history up to what
+        // the hub had dispatched by then: every later revision reaches the mailbox.
+        let dispatched = self.index(id, &w.range);
+        let caught_up = current.max(dispatched);
+        let history = if start <= caught_up {
+            match self.shared.reader.history(start, caught_up) {
                 Ok(h) => h,
                 Err(KvError::Compacted { compacted }) => {
+                    self.unindex(id, &w.range);
                     self.send(created)?;
                     return self.send(WatchResponse {
                         header: self.header(current),
@@ -290,7 +301,10 @@ impl WatchStream {
                         ..Default::default()
                     });
                 }
-                Err(e) => return self.send(refuse(e.to_string())),
+                Err(e) => {
+                    self.unindex(id, &w.range);
+                    return self.send(refuse(e.to_string()));
+                }
             }
         } else {
             Vec::new()
@@ -302,17 +316,44 @@ impl WatchStream {
                 self.send(resp)?;
             }
         }
-        w.next = w.next.max(current + 1);
-        match &w.range {
+        w.next = w.next.max(caught_up + 1);
+        self.watchers.insert(id, w);
+        Ok(())
+    }
+
+    /// Indexes watcher `id` here and, for its key or for every revision, in the
+    /// hub. Returns the newest revision the hub had dispatched before that.
+    fn index(&mut self, id: i64, range: &KeyRange) -> i64 {
+        match range {
             KeyRange::Single(k) => {
                 self.by_key.entry(k.clone()).or_default().insert(id);
+                self.events.follow_key(k)
             }
             KeyRange::Span { .. } => {
                 self.spans.insert(id);
+                self.events.follow_every(true)
             }
         }
-        self.watchers.insert(id, w);
-        Ok(())
+    }
+
+    fn unindex(&mut self, id: i64, range: &KeyRange) {
+        match range {
+            KeyRange::Single(k) => {
+                if let Some(ids) = self.by_key.get_mut(k) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_key.remove(k);
+                        self.events.unfollow_key(k);
+                    }
+                }
+            }
+            KeyRange::Span { .. } => {
+                self.spans.remove(&id);
+                if self.spans.is_empty() {
+                    self.events.follow_every(false);
+                }
+            }
+        }
     }
 
     /// Drops watcher `id` and its index entries; false if there was none.
@@ -320,19 +361,7 @@ impl WatchStream {
         let Some(w) = self.watchers.remove(&id) else {
             return false;
         };
-        match &w.range {
-            KeyRange::Single(k) => {
-                if let Some(ids) = self.by_key.get_mut(k) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        self.by_key.remove(k);
-                    }
-                }
-            }
-            KeyRange::Span { .. } => {
-                self.spans.remove(&id);
-            }
-        }
+        self.unindex(id, &w.range);
         true
     }
 
@@ -371,26 +400,26 @@ impl WatchStream {
     fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
         if rev.elided {
             // Too large for the in-memory log: read this revision from RocksDB.
-            return match self.shared.reader.history(rev.revision, rev.revision) {
+            match self.shared.reader.history(rev.revision, rev.revision) {
                 Ok(stored) => {
                     for r in &stored {
                         self.deliver_events(r)?;
                     }
-                    self.seen = rev.revision;
-                    Ok(())
                 }
                 // Compacted away already: the watchers resume from a revision
                 // they can read.
-                Err(_) => self.cancel_all_behind(),
-            };
+                Err(_) => return self.cancel_all_behind(rev.revision),
+            }
+        } else {
+            self.deliver_events(rev)?;
         }
-        self.deliver_events(rev)
+        self.finished = rev.revision;
+        Ok(())
     }
 
     fn deliver_events(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
         // Revisions arrive in order, so a watcher's `next` only matters for the
         // revisions its catch-up already covered.
-        self.seen = rev.revision;
         let mut candidates: BTreeSet<i64> = self.spans.clone();
         for e in &rev.events {
             if let Some(ids) = e.kv.as_ref().and_then(|kv| self.by_key.get(&kv.key)) {
@@ -409,14 +438,15 @@ impl WatchStream {
         Ok(())
     }
 
-    /// The ring overwrote revisions this stream had not read: its watchers can no
+    /// The stream was not handed revisions from `from` on: its watchers can no
     /// longer be told every event in order, so each is canceled with the revision
-    /// to watch again from.
-    fn cancel_all_behind(&mut self) -> Result<(), Stop> {
+    /// to watch again from, and the stream starts over with none.
+    fn cancel_all_behind(&mut self, from: i64) -> Result<(), Stop> {
         let watchers = std::mem::take(&mut self.watchers);
         self.by_key.clear();
         self.spans.clear();
-        let seen = self.seen;
+        self.events.reset();
+        self.finished = from - 1;
         for (id, w) in watchers {
             self.send(WatchResponse {
                 header: self.header(self.current_revision()),
@@ -425,7 +455,7 @@ impl WatchStream {
                 cancel_reason: format!(
                     "watcher fell more than {} revisions behind; watch again from revision {}",
                     self.shared.config.cell.watch.event_log_revisions,
-                    w.next.max(seen + 1)
+                    w.next.max(from)
                 ),
                 ..Default::default()
             })?;
@@ -433,12 +463,18 @@ impl WatchStream {
         Ok(())
     }
 
+    /// The revision through which every watcher of this stream has been sent
+    /// every event: what a progress notification may claim.
+    fn synced(&self) -> i64 {
+        self.events.synced(self.finished)
+    }
+
     fn notify_progress(&self) -> Result<(), Stop> {
-        let current = self.current_revision();
+        let synced = self.synced();
         for (id, w) in &self.watchers {
             if w.progress_notify {
                 self.send(WatchResponse {
-                    header: self.header(current),
+                    header: self.header(synced),
                     watch_id: *id,
                     ..Default::default()
                 })?;

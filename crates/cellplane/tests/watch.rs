@@ -281,6 +281,135 @@ async fn watch_resumes_across_a_leader_kill_without_missing_an_event() {
     assert_eq!(keys, want);
 }
 
+/// Watchers of single keys created while writes go on, on every member, some
+/// from an explicit older revision: each gets exactly its key's events from where
+/// it started, none missed between its history catch-up and the live events. A
+/// progress response comes only after every event up to its revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_watchers_created_during_writes_miss_nothing() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    const KEYS: i64 = 8;
+    const PUTS: usize = 400;
+    let cell = TestCell::start(3);
+    cell.leader(Duration::from_secs(30)).await;
+    let last_put = Arc::new(AtomicI64::new(0));
+    let mut kv = cell.kv(1).await;
+    let writer = {
+        let last_put = last_put.clone();
+        tokio::spawn(async move {
+            let mut puts = Vec::new();
+            for i in 0..PUTS {
+                let key = format!("/hot/{}", i as i64 % KEYS);
+                let r = kv
+                    .put(put(&key, &i.to_string()))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let rev = r.header.unwrap().revision;
+                last_put.store(rev, Ordering::Release);
+                puts.push((key, rev));
+            }
+            puts
+        })
+    };
+
+    // Set once the writes are done: the revision every stream must reach.
+    let target = Arc::new(AtomicI64::new(0));
+    let progress = || WatchRequest {
+        request_union: Some(watch_request::RequestUnion::ProgressRequest(
+            Default::default(),
+        )),
+    };
+    let mut watchers = Vec::new();
+    for member in 1..=3u64 {
+        let mut s = open(cell.member(member).client).await;
+        let tx = s.tx.clone();
+        let asker = s.tx.clone();
+        let last_put = last_put.clone();
+        // Creates, spread over the writes; odd keys start from an older revision.
+        let creates = tokio::spawn(async move {
+            let mut starts = HashMap::new();
+            for j in 0..KEYS {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let start = if j % 2 == 1 {
+                    (last_put.load(Ordering::Acquire) - 5).max(1)
+                } else {
+                    0
+                };
+                starts.insert(j + 1, start);
+                tx.send(create(WatchCreateRequest {
+                    watch_id: j + 1,
+                    key: format!("/hot/{j}").into(),
+                    start_revision: start,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            }
+            starts
+        });
+        let target = target.clone();
+        // Collects every response until a progress response at or past `target`.
+        let reader = tokio::spawn(async move {
+            // watch id -> (revision of its created response, its events)
+            let mut got: HashMap<i64, (i64, Vec<(String, i64)>)> = HashMap::new();
+            loop {
+                let r = s.next().await;
+                let rev = r.header.as_ref().unwrap().revision;
+                if r.watch_id == -1 {
+                    if rev >= target.load(Ordering::Acquire) {
+                        return got;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    s.send(progress()).await;
+                    continue;
+                }
+                assert!(
+                    !r.canceled,
+                    "watch {} canceled: {}",
+                    r.watch_id, r.cancel_reason
+                );
+                let entry = got.entry(r.watch_id).or_default();
+                if r.created {
+                    entry.0 = rev;
+                }
+                for e in &r.events {
+                    let kv = e.kv.as_ref().unwrap();
+                    assert_eq!(kv.mod_revision, rev, "one response per revision");
+                    let key = String::from_utf8_lossy(&kv.key).into_owned();
+                    entry.1.push((key, kv.mod_revision));
+                }
+            }
+        });
+        watchers.push((member, asker, creates, reader));
+    }
+    let puts = writer.await.unwrap();
+    target.store(puts.last().unwrap().1, Ordering::Release);
+
+    for (member, asker, creates, reader) in watchers {
+        let starts = creates.await.unwrap();
+        asker.send(progress()).await.unwrap();
+        let got = reader.await.unwrap();
+        for (id, start) in starts {
+            let key = format!("/hot/{}", id - 1);
+            let (created_at, events) = &got[&id];
+            let from = if start > 0 { start } else { created_at + 1 };
+            let want: Vec<(String, i64)> = puts
+                .iter()
+                .filter(|(k, r)| *k == key && *r >= from)
+                .cloned()
+                .collect();
+            assert_eq!(
+                events, &want,
+                "member {member}, watch {id} on {key} from {from}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watch_stream_is_ended_and_writes_go_on() {
     let cell = TestCell::start_with(1, "[watch]\nstream_buffer = 16\n");
