@@ -98,7 +98,7 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
                 .context("put failed")?
                 .into_inner();
             let rev = r.header.map_or(0, |h| h.revision);
-            println!("OK (revision {rev})");
+            crate::outln!("OK (revision {rev})");
         }
         KvCmd::Get {
             key,
@@ -119,8 +119,8 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
                 .context("get failed")?
                 .into_inner();
             for kv in r.kvs {
-                println!("{}", String::from_utf8_lossy(&kv.key));
-                println!("{}", String::from_utf8_lossy(&kv.value));
+                crate::outln!("{}", String::from_utf8_lossy(&kv.key));
+                crate::outln!("{}", String::from_utf8_lossy(&kv.value));
             }
         }
         KvCmd::Del { key, prefix } => {
@@ -134,7 +134,7 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
                 .await
                 .context("delete failed")?
                 .into_inner();
-            println!("{}", r.deleted);
+            crate::outln!("{}", r.deleted);
         }
         KvCmd::Watch {
             key,
@@ -196,16 +196,16 @@ async fn watch(
             let kv = e.kv.unwrap_or_default();
             let key = String::from_utf8_lossy(&kv.key);
             if e.r#type == EventType::Delete as i32 {
-                println!("DELETE {key} (revision {})", kv.mod_revision);
+                crate::outln!("DELETE {key} (revision {})", kv.mod_revision);
             } else {
-                println!(
+                crate::outln!(
                     "PUT {key} {} (revision {})",
                     String::from_utf8_lossy(&kv.value),
                     kv.mod_revision
                 );
             }
             if let Some(p) = e.prev_kv {
-                println!("  previous: {}", String::from_utf8_lossy(&p.value));
+                crate::outln!("  previous: {}", String::from_utf8_lossy(&p.value));
             }
         }
     }

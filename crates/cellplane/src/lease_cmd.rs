@@ -68,7 +68,7 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                 .await
                 .context("lease grant failed")?
                 .into_inner();
-            println!("lease {:016x} granted with TTL({}s)", r.id, r.ttl);
+            crate::outln!("lease {:016x} granted with TTL({}s)", r.id, r.ttl);
         }
         LeaseCmd::Keepalive { id, once } => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -91,7 +91,7 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                 if r.ttl <= 0 {
                     anyhow::bail!("lease {id:016x} expired or was revoked");
                 }
-                println!("lease {id:016x} keepalived with TTL({})", r.ttl);
+                crate::outln!("lease {id:016x} keepalived with TTL({})", r.ttl);
                 if once {
                     return Ok(());
                 }
@@ -110,11 +110,12 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                 .context("lease time-to-live failed")?
                 .into_inner();
             if r.ttl < 0 {
-                println!("lease {id:016x} already expired");
+                crate::outln!("lease {id:016x} already expired");
             } else {
-                print!(
+                crate::out!(
                     "lease {id:016x} granted with TTL({}s), remaining({}s)",
-                    r.granted_ttl, r.ttl
+                    r.granted_ttl,
+                    r.ttl
                 );
                 if keys {
                     let names: Vec<String> = r
@@ -122,9 +123,9 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                         .iter()
                         .map(|k| String::from_utf8_lossy(k).into_owned())
                         .collect();
-                    print!(", attached keys([{}])", names.join(" "));
+                    crate::out!(", attached keys([{}])", names.join(" "));
                 }
-                println!();
+                crate::outln!();
             }
         }
         LeaseCmd::Revoke { id } => {
@@ -132,7 +133,7 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                 .lease_revoke(LeaseRevokeRequest { id })
                 .await
                 .context("lease revoke failed")?;
-            println!("lease {id:016x} revoked");
+            crate::outln!("lease {id:016x} revoked");
         }
         LeaseCmd::List => {
             let r = client
@@ -140,9 +141,9 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
                 .await
                 .context("lease list failed")?
                 .into_inner();
-            println!("found {} leases", r.leases.len());
+            crate::outln!("found {} leases", r.leases.len());
             for l in r.leases {
-                println!("{:016x}", l.id);
+                crate::outln!("{:016x}", l.id);
             }
         }
     }

@@ -5,6 +5,39 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for command output that a closed stdout ends quietly: `cellplane
+/// status | head` must not panic when `head` has read enough.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!` with [`outln!`]'s handling of a closed stdout.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// Ends the process after a failed write to stdout: silently when the reader
+/// went away (as a shell pipeline expects), with a message otherwise.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("cellplane: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
+
 pub mod client;
 pub mod deploy;
 pub mod kv_cmd;

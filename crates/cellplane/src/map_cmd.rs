@@ -57,11 +57,11 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
     match args.op {
         MapOp::Show => {
             let (map, rev) = stored.context("the directory holds no map yet")?;
-            println!(
+            crate::outln!(
                 "# cell map version {} (directory revision {rev})",
                 map.version
             );
-            print!("{}", map.to_toml());
+            crate::out!("{}", map.to_toml());
             Ok(())
         }
         MapOp::Apply { file } => {
@@ -75,14 +75,14 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
             next.version += 1;
             next.tenants.insert(tenant.clone(), cell.clone());
             write(&dir, Some((map, rev)), next).await?;
-            println!("tenant {tenant} now routes to cell {cell}");
+            crate::outln!("tenant {tenant} now routes to cell {cell}");
             Ok(())
         }
         MapOp::Drain { cell } => {
             let (map, rev) = stored.context("the directory holds no map yet")?;
             let next = drained(&map, &cell)?;
             write(&dir, Some((map, rev)), next).await?;
-            println!(
+            crate::outln!(
                 "cell {cell} is draining: its buckets now route to the other active cells \
                  (routing only; its data stays where it is)"
             );
@@ -164,7 +164,7 @@ async fn write(
     dir.write(&next, expected)
         .await
         .map_err(anyhow::Error::msg)?;
-    println!("map version {} written to the directory", next.version);
+    crate::outln!("map version {} written to the directory", next.version);
     Ok(())
 }
 

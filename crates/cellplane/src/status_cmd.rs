@@ -24,10 +24,16 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .await
         .context("router status failed")?
         .into_inner();
-    println!("map version {} (source: {})", s.map_version, s.map_source);
-    println!(
+    crate::outln!("map version {} (source: {})", s.map_version, s.map_source);
+    crate::outln!(
         "{:<10} {:<9} {:>9} {:>7} {:>9} {:>9} {:>9}  members (healthy)",
-        "CELL", "STATE", "REACHABLE", "LEADER", "REQ/S", "ERR/S", "P99 MS"
+        "CELL",
+        "STATE",
+        "REACHABLE",
+        "LEADER",
+        "REQ/S",
+        "ERR/S",
+        "P99 MS"
     );
     for c in &s.cells {
         let up = c.members.iter().filter(|m| m.healthy).count();
@@ -36,7 +42,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .iter()
             .map(|m| format!("{}{}", m.endpoint, if m.healthy { "" } else { " (down)" }))
             .collect();
-        println!(
+        crate::outln!(
             "{:<10} {:<9} {:>9} {:>7} {:>9.1} {:>9.1} {:>9.2}  {}",
             c.name,
             c.state,

@@ -219,7 +219,7 @@ pub async fn run(args: SvcArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| failed("deregister", s))?
                 .into_inner();
-            println!(
+            crate::outln!(
                 "deregistered {id} (service {service}, namespace {ns}) at revision {}",
                 resp.revision
             );
@@ -235,7 +235,7 @@ pub async fn run(args: SvcArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| failed("heartbeat", s))?
                 .into_inner();
-            println!(
+            crate::outln!(
                 "{id}: lease renewed, TTL {}s, health {}",
                 r.lease_ttl_seconds,
                 health_name(r.health)
@@ -262,9 +262,9 @@ pub async fn run(args: SvcArgs) -> anyhow::Result<()> {
                     "revision": r.revision,
                     "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>(),
                 });
-                println!("{v}");
+                crate::outln!("{v}");
             } else {
-                println!(
+                crate::outln!(
                     "service {service} in namespace {ns} at revision {}: {} instance(s)",
                     r.revision,
                     r.instances.len()
@@ -296,7 +296,7 @@ async fn register(
     let r = call(c.clone(), req.clone()).await?;
     let i = r.instance.clone().unwrap_or_default();
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "revision": r.revision,
@@ -306,7 +306,7 @@ async fn register(
             })
         );
     } else {
-        println!(
+        crate::outln!(
             "registered {} (service {}, namespace {ns}) at revision {}, health {}{}",
             i.id,
             i.service,
@@ -498,7 +498,7 @@ fn print_snapshot(s: &WatchResponse, json: bool) {
             "instances": s.instances.iter().map(instance_json).collect::<Vec<_>>(),
             "changes": s.changes.iter().map(change_json).collect::<Vec<_>>(),
         });
-        println!("{v}");
+        crate::outln!("{v}");
         return;
     }
     let changes: Vec<String> = s
@@ -514,7 +514,7 @@ fn print_snapshot(s: &WatchResponse, json: bool) {
             ))
         })
         .collect();
-    println!(
+    crate::outln!(
         "revision {}: {} instance(s); changes: {}",
         s.revision,
         s.instances.len(),
@@ -531,14 +531,18 @@ fn print_table(instances: &[Instance]) {
     if instances.is_empty() {
         return;
     }
-    println!(
+    crate::outln!(
         "  {:<24} {:<28} {:<10} {:<24} {:<16} METADATA",
-        "ID", "ADDRESS", "HEALTH", "TAGS", "LEASE"
+        "ID",
+        "ADDRESS",
+        "HEALTH",
+        "TAGS",
+        "LEASE"
     );
     for i in instances {
         let mut meta: Vec<String> = i.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
         meta.sort();
-        println!(
+        crate::outln!(
             "  {:<24} {:<28} {:<10} {:<24} {:<16} {}",
             i.id,
             format!("{}:{}", i.address, i.port),
@@ -560,7 +564,7 @@ fn print_table(instances: &[Instance]) {
             }
         );
         if !i.health_reason.is_empty() {
-            println!("  {:<24} reason: {}", "", i.health_reason);
+            crate::outln!("  {:<24} reason: {}", "", i.health_reason);
         }
     }
 }

@@ -87,3 +87,26 @@ fn unknown_member_id_and_missing_file_are_refused() {
     assert_ne!(code, 0);
     assert!(out.contains("127.0.0.1:1"), "{out}");
 }
+
+/// `cellplane status | head`: a reader that goes away ends the command quietly
+/// (exit 0, no panic about a broken pipe).
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let cells = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cells");
+    let mut child = Command::new(common::bin())
+        .args(["deploy", "render", "compose", "--cells"])
+        .arg(&cells)
+        .arg("--out")
+        .arg(out_dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the command writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -95,7 +95,7 @@ pub fn run(args: DeployArgs) -> anyhow::Result<()> {
             });
             let files = render(target, &cells)?;
             write(&out, &files)?;
-            println!(
+            crate::outln!(
                 "wrote {} file(s) to {} from {}",
                 files.len(),
                 out.display(),
