@@ -49,13 +49,23 @@ case "$cmd" in
     exit 1
     ;;
   stop)
+    pids=()
     for i in 0 1 2; do
       if [ -f "$dir/e$i.pid" ]; then
-        kill "$(cat "$dir/e$i.pid")" 2>/dev/null || true
+        pids+=("$(cat "$dir/e$i.pid")")
         rm -f "$dir/e$i.pid"
       fi
     done
-    sleep 1
+    [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true
+    # Wait for them to exit (a member busy with fsyncs can take seconds), so the
+    # next start finds its ports free and its data directory gone.
+    for _ in $(seq 1 50); do
+      alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ $alive -eq 0 ] && break
+      sleep 0.2
+    done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     rm -rf "$dir"
     ;;
   *)
