@@ -39,6 +39,10 @@ pub struct CellDef {
     pub limits: LimitSettings,
     #[serde(default)]
     pub watch: WatchSettings,
+    /// Service discovery hosted by every member (watch buffers, TTL polling,
+    /// health-check concurrency).
+    #[serde(default)]
+    pub discovery: cellplane_discovery::Settings,
 }
 
 /// Watch limits (see the `watch` module for what happens at each).
@@ -452,6 +456,13 @@ impl CellDef {
         }
         if l.max_inflight_requests == 0 {
             return Err(bad("limits.max_inflight_requests".into(), "must be > 0"));
+        }
+        match self.discovery.validate() {
+            Ok(()) => {}
+            Err(cellplane_discovery::DiscoveryError::Invalid { field, reason }) => {
+                return Err(bad(field, &reason));
+            }
+            Err(e) => return Err(bad("discovery".into(), &e.to_string())),
         }
         Ok(())
     }

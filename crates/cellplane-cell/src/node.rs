@@ -319,7 +319,7 @@ pub async fn run(
     );
     tasks.spawn(leader_task);
     let (discovery, checker) = cellplane_discovery::host(
-        cellplane_discovery::Settings::default(),
+        config.cell.discovery.clone(),
         listeners.client.local_addr().map_err(NodeError::Io)?,
         leads,
         shutdown.child_token(),

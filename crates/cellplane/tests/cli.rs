@@ -41,6 +41,27 @@ fn malformed_cell_definition_names_file_and_field() {
         "{out}"
     );
 
+    // The discovery settings are checked the same way.
+    std::fs::write(
+        &path,
+        "name = \"x\"\n[[members]]\nid = 1\nclient = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nhttp = \"127.0.0.1:3\"\n[discovery]\nttl_poll_ms = 0\n",
+    )
+    .unwrap();
+    let (code, out) = run(&[
+        "node",
+        "--cell",
+        p,
+        "--id",
+        "1",
+        "--data-dir",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("bad.toml") && out.contains("discovery.ttl_poll_ms"),
+        "{out}"
+    );
+
     std::fs::write(&path, "name = \"x\"\nmembers = 3\n").unwrap();
     let (code, out) = run(&[
         "node",

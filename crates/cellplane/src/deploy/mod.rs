@@ -260,6 +260,8 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
         limits: Option<&'a cellplane_cell::config::LimitSettings>,
         #[serde(skip_serializing_if = "Option::is_none")]
         watch: Option<&'a cellplane_cell::config::WatchSettings>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        discovery: Option<&'a cellplane_discovery::Settings>,
     }
     fn unless_default<T: Default + PartialEq>(v: &T) -> Option<&T> {
         (*v != T::default()).then_some(v)
@@ -270,6 +272,7 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
         raft: unless_default(&def.raft),
         limits: unless_default(&def.limits),
         watch: unless_default(&def.watch),
+        discovery: unless_default(&def.discovery),
     })
     .context("cannot encode a cell definition")
 }
