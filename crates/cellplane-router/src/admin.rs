@@ -33,6 +33,7 @@ impl Admin {
 
     pub fn status(&self) -> RouterStatusResponse {
         let active = self.maps.current();
+        let down = self.maps.directory_down_for();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let cells = self
@@ -96,6 +97,8 @@ impl Admin {
             map_version: active.map.version,
             map_source: active.source.to_string(),
             cells,
+            directory_reachable: down.is_none(),
+            directory_unreachable_ms: down.map_or(0, |d| d.as_millis() as u64),
         }
     }
 
@@ -109,6 +112,13 @@ impl Admin {
             out,
             "cellplane_router_map_version{{source=\"{}\"}} {}",
             active.source, active.map.version
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cellplane_router_directory_reachable 1 while the directory answers\n\
+             # TYPE cellplane_router_directory_reachable gauge\n\
+             cellplane_router_directory_reachable {}",
+            u8::from(self.maps.directory_down_for().is_none())
         );
         for (name, help) in [
             (

@@ -240,6 +240,7 @@ pub async fn follow(
     loop {
         match dir.read().await {
             Ok((map, rev)) => {
+                holder.directory_reached();
                 if was_down {
                     tracing::info!("directory reachable again");
                     was_down = false;
@@ -261,6 +262,7 @@ pub async fn follow(
                 }
             }
             Err(e) => {
+                holder.directory_unreachable();
                 if !was_down {
                     tracing::warn!(error = %e, "directory unavailable: routing continues with the map in force");
                     was_down = true;

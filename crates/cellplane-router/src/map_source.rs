@@ -129,15 +129,42 @@ pub fn boot_map(state_dir: &Path, static_map: &Path) -> Result<ActiveMap, Source
 pub struct MapHolder {
     tx: Arc<watch::Sender<ActiveMap>>,
     state_dir: PathBuf,
+    /// Since when the directory has not answered; `None` while it does. The map's
+    /// source says where the map came from, this says whether it is still live.
+    directory_lost: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl MapHolder {
     pub fn new(initial: ActiveMap, state_dir: PathBuf) -> MapHolder {
+        // A router that booted from its own copies has not reached the directory.
+        let lost = (initial.source != MapSource::Directory).then(std::time::Instant::now);
         let (tx, _) = watch::channel(initial);
         MapHolder {
             tx: Arc::new(tx),
             state_dir,
+            directory_lost: Arc::new(std::sync::Mutex::new(lost)),
         }
+    }
+
+    /// The directory answered.
+    pub fn directory_reached(&self) {
+        *self.lost_lock() = None;
+    }
+
+    /// The directory did not answer; the time it was first missed is kept.
+    pub fn directory_unreachable(&self) {
+        self.lost_lock().get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// How long the directory has been unreachable, if it is.
+    pub fn directory_down_for(&self) -> Option<std::time::Duration> {
+        self.lost_lock().map(|since| since.elapsed())
+    }
+
+    fn lost_lock(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.directory_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn current(&self) -> ActiveMap {

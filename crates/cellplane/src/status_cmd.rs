@@ -24,7 +24,19 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .await
         .context("router status failed")?
         .into_inner();
-    crate::outln!("map version {} (source: {})", s.map_version, s.map_source);
+    let directory = if s.directory_reachable {
+        "directory reachable".to_string()
+    } else {
+        format!(
+            "directory UNREACHABLE for {:.0} s: routing on the map in force",
+            s.directory_unreachable_ms as f64 / 1000.0
+        )
+    };
+    crate::outln!(
+        "map version {} (source: {}; {directory})",
+        s.map_version,
+        s.map_source
+    );
     crate::outln!(
         "{:<10} {:<9} {:>9} {:>7} {:>9} {:>9} {:>9}  members (healthy)",
         "CELL",

@@ -133,7 +133,9 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
     env.start_router();
     let mut r = env.router_kv().await;
     assert_eq!(put_cell(&mut r, "/a/x").await.unwrap(), "alpha");
-    assert_eq!(env.admin_status().await.map_source, "directory");
+    let s = env.admin_status().await;
+    assert_eq!(s.map_source, "directory");
+    assert!(s.directory_reachable);
 
     // A live change: version 2 moves tenant a to beta.
     let rev = {
@@ -149,11 +151,22 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
         .await;
     wait_for_cell(&mut r, "/a/x", "beta").await;
 
-    // The directory goes down: routing continues with the map in force.
+    // The directory goes down: routing continues with the map in force, and the
+    // status says the directory is unreachable (the map's source stays).
     env.directory.kill_all();
     for n in 0..20 {
         assert_eq!(put_cell(&mut r, &format!("/a/{n}")).await.unwrap(), "beta");
         assert_eq!(put_cell(&mut r, &format!("/b/{n}")).await.unwrap(), "beta");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = env.admin_status().await;
+        if !s.directory_reachable {
+            assert_eq!(s.map_source, "directory");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Restarted while the directory is down: last-known-good (version 2).
@@ -166,6 +179,7 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
         (s.map_source.as_str(), s.map_version),
         ("last-known-good", 2)
     );
+    assert!(!s.directory_reachable);
 
     // A corrupt last-known-good is skipped, with a warning: the static map (v1).
     env.stop_router();
@@ -186,7 +200,9 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
     env.directory.spawn(1);
     env.directory.wait_ready(Duration::from_secs(30));
     wait_for_cell(&mut r, "/a/w", "beta").await;
-    assert_eq!(env.admin_status().await.map_source, "directory");
+    let s = env.admin_status().await;
+    assert_eq!(s.map_source, "directory");
+    assert!(s.directory_reachable);
 }
 
 fn cli(args: &[&str]) -> (bool, String) {
@@ -238,7 +254,7 @@ async fn operators_change_the_map_with_the_cli_and_routers_follow() {
     loop {
         let (ok, out) = cli(&["status", "--admin", &admin]);
         assert!(ok, "{out}");
-        if out.contains("map version 3 (source: directory)") {
+        if out.contains("map version 3 (source: directory; directory reachable)") {
             assert!(
                 out.lines()
                     .any(|l| l.starts_with("beta") && l.contains("draining")),
