@@ -165,8 +165,15 @@ impl Hub {
         let ix = &mut *guard;
         ix.targets.clear();
         if rev.elided {
-            // Its keys are not in memory; every stream reads it and decides.
-            ix.targets.extend(ix.streams.keys().copied());
+            // Its keys are not in memory: every stream that watches anything reads
+            // it from RocksDB and decides; a stream with no watchers is not woken.
+            let every = &ix.every;
+            ix.targets.extend(
+                ix.streams
+                    .iter()
+                    .filter(|(id, slot)| !slot.keys.is_empty() || every.contains(id))
+                    .map(|(id, _)| *id),
+            );
         } else {
             ix.targets.extend(ix.every.iter().copied());
             for e in &rev.events {
