@@ -3,12 +3,23 @@
 //! ```toml
 //! name = "default"
 //!
+//! [tls]                       # TLS on the client and peer ports (see below)
+//! ca = "secrets/ca.crt"
+//!
 //! [[members]]
 //! id = 1
 //! client = "127.0.0.1:2379"   # etcd-compatible API
 //! peer = "127.0.0.1:2380"     # Raft between members
 //! http = "127.0.0.1:2381"     # /metrics, /healthz, /readyz
+//! cert = "secrets/default-1.crt"
+//! key = "secrets/default-1.key"
 //! ```
+//!
+//! With a `[tls]` section every member serves TLS on its client and peer ports and
+//! requires a client certificate from the CA on both: the peer port accepts only
+//! its own cell's members, the client port its members, routers and operators
+//! (tenants reach a cell through a router). Paths are relative to the cell file.
+//! `cellplane node --plaintext` ignores the section (the local environment).
 //!
 //! Addresses are `host:port`, the host an IP literal or a DNS name (in Kubernetes a
 //! member is `alpha-0.alpha:2379`: pod IPs change, names do not); see [`HostPort`].
@@ -43,6 +54,35 @@ pub struct CellDef {
     /// health-check concurrency).
     #[serde(default)]
     pub discovery: cellplane_discovery::Settings,
+    /// What the cell is for; decides what routers may ask of it once TLS is on.
+    #[serde(default)]
+    pub role: CellRole,
+    /// TLS on every port but HTTP; absent: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<CellTls>,
+    /// The folder the definition was read from: relative paths start there.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// What a cell is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellRole {
+    /// Serves tenants, through routers.
+    #[default]
+    Tenants,
+    /// Holds the cell map: routers may only read and watch it; only operators
+    /// write it.
+    Directory,
+}
+
+/// The cell's TLS settings: the CA every certificate chains to. Each member's
+/// own certificate and key are fields of its `[[members]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CellTls {
+    pub ca: PathBuf,
 }
 
 /// Watch limits (see the `watch` module for what happens at each).
@@ -95,6 +135,12 @@ pub struct MemberDef {
     pub peer: HostPort,
     /// The HTTP address for /metrics, /healthz and /readyz.
     pub http: HostPort,
+    /// This member's TLS certificate (PEM), with `[tls]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM), with `[tls]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// A member address as the cell file writes it: `host:port`, where the host is an
@@ -343,14 +389,30 @@ impl CellDef {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates; `path` only names the source in errors.
+    /// Parses and validates; `path` names the source in errors, and its folder is
+    /// where relative paths (certificates) start.
     pub fn parse(text: &str, path: &Path) -> Result<CellDef, ConfigError> {
-        let def: CellDef = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut def: CellDef = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        def.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         def.validate(path)?;
         Ok(def)
+    }
+
+    /// The TLS files of member `id`, with paths resolved; `None` without `[tls]`.
+    pub fn member_tls(&self, id: u64) -> Option<cellplane_security::TlsFiles> {
+        let tls = self.tls.as_ref()?;
+        let m = self.member(id)?;
+        Some(
+            cellplane_security::TlsFiles {
+                ca: tls.ca.clone(),
+                cert: m.cert.clone()?,
+                key: m.key.clone()?,
+            }
+            .resolved(&self.base_dir),
+        )
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -391,6 +453,16 @@ impl CellDef {
                         format!("members[{i}].{f}"),
                         &format!("address {a} is used twice"),
                     ));
+                }
+            }
+            if self.tls.is_some() {
+                for (f, v) in [("cert", &m.cert), ("key", &m.key)] {
+                    if v.is_none() {
+                        return Err(bad(
+                            format!("members[{i}].{f}"),
+                            "is required with [tls] (`cellplane certs generate` writes it)",
+                        ));
+                    }
                 }
             }
         }
@@ -505,6 +577,8 @@ pub struct NodeConfig {
     pub cell: CellDef,
     pub id: u64,
     pub data_dir: PathBuf,
+    /// This member's TLS material; `None`: plaintext on every port.
+    pub tls: Option<cellplane_security::TlsMaterial>,
 }
 
 impl NodeConfig {

@@ -11,13 +11,19 @@
 //! [`network::Network`] (Raft over gRPC), [`read_index::ReadBarrier`] (batched
 //! linearizable reads).
 //!
+//! With TLS on, both gRPC ports require a client certificate and a tower layer
+//! (`access`) admits only the identities each port serves: the peer port its own
+//! cell's members, the client port members, routers and operators.
+//!
 //! Depends on `cellplane-proto`, `cellplane-storage`, `cellplane-map` (only for
-//! the lease-ID tag that lets routers find a lease's cell) and
-//! `cellplane-discovery` (hosted here, talking to this member over the etcd API);
-//! never on the router or any other cell: a cell shares nothing with another.
+//! the lease-ID tag that lets routers find a lease's cell), `cellplane-security`
+//! (TLS material and identities) and `cellplane-discovery` (hosted here, talking
+//! to this member over the etcd API); never on the router or any other cell: a
+//! cell shares nothing with another.
 
 #![forbid(unsafe_code)]
 
+mod access;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -35,5 +41,5 @@ mod watch_hub;
 /// The Raft handle of a member.
 pub type Raft = openraft::Raft<cellplane_storage::TypeConfig>;
 
-pub use config::{CellDef, HostPort, NodeConfig};
+pub use config::{CellDef, CellRole, HostPort, NodeConfig};
 pub use node::{Listeners, run};

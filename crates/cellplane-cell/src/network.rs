@@ -23,7 +23,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::Raft;
@@ -56,14 +56,21 @@ pub struct Network {
     channels: Arc<Mutex<HashMap<NodeId, Channel>>>,
     max_message_bytes: usize,
     connect_timeout: Duration,
+    /// This member's TLS identity toward its peers (mTLS), when TLS is on.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Network {
-    pub fn new(max_message_bytes: usize, connect_timeout: Duration) -> Network {
+    pub fn new(
+        max_message_bytes: usize,
+        connect_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> Network {
         Network {
             channels: Arc::default(),
             max_message_bytes,
             connect_timeout,
+            tls,
         }
     }
 
@@ -78,7 +85,7 @@ impl Network {
             match map.get(&target) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Endpoint::from_shared(format!("http://{peer_addr}"))?
+                    let c = cellplane_security::endpoint(peer_addr, self.tls.as_ref())?
                         .connect_timeout(self.connect_timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(5))

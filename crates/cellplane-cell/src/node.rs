@@ -2,7 +2,7 @@
 //! and runs until shut down.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,9 +23,10 @@ use openraft::error::RaftError;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::Raft;
+use crate::access::{AccessLayer, Policy, Port};
 use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
@@ -86,6 +87,14 @@ pub struct Shared {
     /// Lease deadlines, kept while this member leads.
     pub lessor: crate::lease::Lessor,
     /// Client-API channels to the other members, for forwarding to the leader.
+    members: MemberChannels,
+}
+
+/// Client-API channels to the cell's members, one per member, shared by every
+/// forwarded request (HTTP/2 multiplexes them), dialled with this member's TLS
+/// identity when TLS is on.
+struct MemberChannels {
+    tls: Option<ClientTlsConfig>,
     channels: Mutex<HashMap<NodeId, Channel>>,
 }
 
@@ -173,10 +182,13 @@ impl Shared {
             .max_encoding_message_size(max))
     }
 
-    /// A channel to member `id`'s client API (one per member, shared by every
-    /// forwarded request: HTTP/2 multiplexes them).
+    /// A channel to member `id`'s client API.
     pub fn channel(&self, id: NodeId) -> Result<Channel, NodeError> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .members
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&id) {
             return Ok(c.clone());
         }
@@ -185,14 +197,30 @@ impl Shared {
             .cell
             .member(id)
             .ok_or(NodeError::UnknownMember(id))?;
-        let channel = Endpoint::from_shared(member.client.url())
-            .map_err(|e| NodeError::Raft(e.to_string()))?
+        let channel = client_endpoint(&member.client.to_string(), self.members.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
         map.insert(id, channel.clone());
         Ok(channel)
     }
+}
+
+/// An endpoint for a member's address, with TLS when `tls`.
+fn client_endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, NodeError> {
+    cellplane_security::endpoint(addr, tls)
+        .map_err(|e| NodeError::Config(format!("cannot dial {addr}: {e}")))
+}
+
+/// The address to dial for a listener bound to `addr` (an unspecified address is
+/// reached over loopback).
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
 }
 
 fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
@@ -243,9 +271,11 @@ pub async fn run(
     let reader = sm.reader();
     let applied = sm.subscribe();
     let r = &config.cell.raft;
+    let client_tls = config.tls.as_ref().map(|t| t.client());
     let network = Network::new(
         r.max_peer_message_bytes,
         Duration::from_millis(r.peer_rpc_timeout_ms),
+        client_tls.clone(),
     );
     let raft = Raft::new(
         config.id,
@@ -295,7 +325,10 @@ pub async fn run(
         shutdown: shutdown.clone(),
         inflight: Semaphore::new(config.cell.limits.max_inflight_requests),
         lessor: crate::lease::Lessor::default(),
-        channels: Mutex::default(),
+        members: MemberChannels {
+            tls: client_tls.clone(),
+            channels: Mutex::default(),
+        },
         config: config.clone(),
     });
 
@@ -318,9 +351,14 @@ pub async fn run(
         shutdown.child_token(),
     );
     tasks.spawn(leader_task);
+    let own_api = reachable(listeners.client.local_addr().map_err(NodeError::Io)?);
+    let own_api = client_endpoint(&own_api.to_string(), client_tls.as_ref())?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
     let (discovery, checker) = cellplane_discovery::host(
         config.cell.discovery.clone(),
-        listeners.client.local_addr().map_err(NodeError::Io)?,
+        own_api,
         leads,
         shutdown.child_token(),
     )
@@ -329,8 +367,7 @@ pub async fn run(
 
     // Servers.
     let max_req = config.cell.limits.max_request_bytes + (512 << 10);
-    let client_router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let client_router = server(&config, Port::Client)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(
             KvServer::new(KvService::new(shared.clone()))
@@ -350,19 +387,17 @@ pub async fn run(
         )))
         .add_service(ClusterServer::new(ClusterService::new(shared.clone())))
         .add_service(discovery);
-    let peer_router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(
-            RaftServer::new(RaftService::new(
-                raft.clone(),
-                barrier,
-                config.cell.limits.max_request_bytes,
-            ))
-            .max_decoding_message_size(r.max_peer_message_bytes)
-            // The outcomes of a forwarded batch (a txn's range results) may be
-            // larger than any request; every other answer is small.
-            .max_encoding_message_size(usize::MAX),
-        );
+    let peer_router = server(&config, Port::Peer)?.add_service(
+        RaftServer::new(RaftService::new(
+            raft.clone(),
+            barrier,
+            config.cell.limits.max_request_bytes,
+        ))
+        .max_decoding_message_size(r.max_peer_message_bytes)
+        // The outcomes of a forwarded batch (a txn's range results) may be
+        // larger than any request; every other answer is small.
+        .max_encoding_message_size(usize::MAX),
+    );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();
     let incoming =
@@ -394,7 +429,7 @@ pub async fn run(
     tasks.close();
 
     if fresh {
-        initialize_once(&config, &raft, &me, shutdown.clone()).await?;
+        initialize_once(&config, &raft, &me, client_tls.as_ref(), shutdown.clone()).await?;
     }
     tracing::info!(
         cell = %config.cell.name, id = config.id, client = %client_addr,
@@ -414,6 +449,28 @@ pub async fn run(
     Ok(())
 }
 
+/// A server for one of the member's ports: TLS with a required client
+/// certificate when the cell has TLS, and the port's access policy.
+fn server(
+    config: &NodeConfig,
+    port: Port,
+) -> Result<
+    tonic::transport::Server<tower::layer::util::Stack<AccessLayer, tower::layer::util::Identity>>,
+    NodeError,
+> {
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let policy = match &config.tls {
+        Some(tls) => {
+            builder = builder
+                .tls_config(tls.server(cellplane_security::ClientAuth::Required))
+                .map_err(|e| NodeError::Config(format!("TLS: {e}")))?;
+            Some(Policy::new(&config.cell.name, config.cell.role, port))
+        }
+        None => None,
+    };
+    Ok(builder.layer(AccessLayer::new(policy)))
+}
+
 /// The first boot of a cell: the member with the lowest id, finding its own store
 /// empty and no peer that already belongs to a running cell, initializes the cell's
 /// membership. Every later boot finds state on disk and skips this, so a restart
@@ -422,6 +479,7 @@ async fn initialize_once(
     config: &NodeConfig,
     raft: &Raft,
     me: &crate::config::MemberDef,
+    tls: Option<&ClientTlsConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     let lowest = config.cell.members.iter().map(|m| m.id).min();
@@ -429,7 +487,7 @@ async fn initialize_once(
         return Ok(());
     }
     for m in config.cell.members.iter().filter(|m| m.id != me.id) {
-        if let Some(term) = peer_term(&m.client).await.filter(|t| *t > 0) {
+        if let Some(term) = peer_term(&m.client, tls).await.filter(|t| *t > 0) {
             tracing::warn!(
                 peer = m.id,
                 term,
@@ -468,8 +526,8 @@ async fn initialize_once(
 }
 
 /// The Raft term a peer reports, if it answers quickly.
-async fn peer_term(addr: &crate::config::HostPort) -> Option<u64> {
-    let channel = Endpoint::from_shared(addr.url())
+async fn peer_term(addr: &crate::config::HostPort, tls: Option<&ClientTlsConfig>) -> Option<u64> {
+    let channel = client_endpoint(&addr.to_string(), tls)
         .ok()?
         .connect_timeout(Duration::from_millis(300))
         .timeout(Duration::from_millis(500))

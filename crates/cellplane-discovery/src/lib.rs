@@ -35,21 +35,22 @@ pub use config::Settings;
 pub use error::DiscoveryError;
 pub use service::DiscoveryService;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use cellplane_proto::discovery::discovery_server::DiscoveryServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 /// Discovery as a member hosts it: the gRPC service to add to the member's client
 /// server, and the task to run until `shutdown` (the leader-only checker).
 ///
-/// `client_addr` is the member's own client API (an unspecified listen address is
-/// reached over loopback); `leader` says whether this member leads its cell now.
+/// `etcd` is a channel to the member's own client API (the member makes it, with
+/// its own TLS identity when TLS is on); `leader` says whether this member leads
+/// its cell now.
 pub fn host(
     settings: Settings,
-    client_addr: SocketAddr,
+    etcd: Channel,
     leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> Result<
@@ -60,10 +61,7 @@ pub fn host(
     DiscoveryError,
 > {
     settings.validate()?;
-    let etcd = etcd::Etcd::connect_lazy(
-        &format!("http://{}", reachable(client_addr)),
-        Duration::from_millis(settings.call_timeout_ms),
-    )?;
+    let etcd = etcd::Etcd::new(etcd, Duration::from_millis(settings.call_timeout_ms));
     let service = DiscoveryService::new(etcd.clone(), settings.clone(), shutdown.clone());
     let checker = checker::Checker::new(etcd, settings);
     Ok((DiscoveryServer::new(service), checker.run(leader, shutdown)))
@@ -95,17 +93,4 @@ where
         }
     };
     (rx, task)
-}
-
-/// The address to dial for a listener bound to `addr`.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
-        }
-        _ => addr,
-    }
 }

@@ -12,21 +12,26 @@ use cellplane_proto::router::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::Authenticator;
+use crate::cell_client::Cells;
 use crate::map_source::MapHolder;
-use crate::server::Pools;
 
 pub struct Admin {
     maps: MapHolder,
-    pools: Arc<Pools>,
+    pools: Arc<Cells>,
+    auth: Arc<Authenticator>,
+    tls: bool,
     /// Counters at the last status call, per cell, for rates.
     last: Mutex<HashMap<String, (Instant, u64, u64)>>,
 }
 
 impl Admin {
-    pub fn new(maps: MapHolder, pools: Arc<Pools>) -> Admin {
+    pub fn new(maps: MapHolder, pools: Arc<Cells>, auth: Arc<Authenticator>, tls: bool) -> Admin {
         Admin {
             maps,
             pools,
+            auth,
+            tls,
             last: Mutex::default(),
         }
     }
@@ -93,12 +98,17 @@ impl Admin {
                 }
             })
             .collect();
+        let (maps_refused_total, last_refused_map) = self.maps.refusals();
         RouterStatusResponse {
             map_version: active.map.version,
             map_source: active.source.to_string(),
             cells,
             directory_reachable: down.is_none(),
             directory_unreachable_ms: down.map_or(0, |d| d.as_millis() as u64),
+            maps_refused_total,
+            last_refused_map,
+            auth_enabled: self.auth.enabled(),
+            tls: self.tls,
         }
     }
 
@@ -119,6 +129,33 @@ impl Admin {
              # TYPE cellplane_router_directory_reachable gauge\n\
              cellplane_router_directory_reachable {}",
             u8::from(self.maps.directory_down_for().is_none())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cellplane_router_maps_refused_total maps from the directory this router refused\n\
+             # TYPE cellplane_router_maps_refused_total counter\n\
+             cellplane_router_maps_refused_total {}",
+            self.maps.refusals().0
+        );
+        let a = &self.auth.stats;
+        let _ = writeln!(
+            out,
+            "# HELP cellplane_router_auth_enabled 1 when every request must prove an identity\n\
+             # TYPE cellplane_router_auth_enabled gauge\n\
+             cellplane_router_auth_enabled {}\n\
+             # HELP cellplane_router_logins_total password logins, by outcome\n\
+             # TYPE cellplane_router_logins_total counter\n\
+             cellplane_router_logins_total{{outcome=\"ok\"}} {}\n\
+             cellplane_router_logins_total{{outcome=\"failed\"}} {}\n\
+             cellplane_router_logins_total{{outcome=\"busy\"}} {}\n\
+             # HELP cellplane_router_credential_reload_errors_total credentials or key files that did not load\n\
+             # TYPE cellplane_router_credential_reload_errors_total counter\n\
+             cellplane_router_credential_reload_errors_total {}",
+            u8::from(self.auth.enabled()),
+            a.logins_ok.load(Ordering::Relaxed),
+            a.logins_failed.load(Ordering::Relaxed),
+            a.logins_refused_busy.load(Ordering::Relaxed),
+            a.reload_errors.load(Ordering::Relaxed),
         );
         for (name, help) in [
             (
@@ -167,8 +204,22 @@ pub struct AdminService(pub Arc<Admin>);
 impl RouterAdmin for AdminService {
     async fn status(
         &self,
-        _r: Request<RouterStatusRequest>,
+        r: Request<RouterStatusRequest>,
     ) -> Result<Response<RouterStatusResponse>, Status> {
+        // With TLS the port already required a certificate from the CA; it must
+        // be an operator's.
+        if let Some(proven) = cellplane_security::peer_identity(r.extensions()) {
+            match proven {
+                Ok(id) if id.is_operator() => {}
+                Ok(id) => {
+                    return Err(Status::permission_denied(format!(
+                        "{id} may not use the router's admin port: it needs an operator \
+                         certificate"
+                    )));
+                }
+                Err(e) => return Err(Status::permission_denied(e.to_string())),
+            }
+        }
         Ok(Response::new(self.0.status()))
     }
 }

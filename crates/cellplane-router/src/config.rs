@@ -4,19 +4,35 @@
 //! directory = "directory"      # the cell (cells/directory.toml) holding the live map
 //! static_map = "routing.toml"  # relative to this file
 //!
+//! [tls]                        # TLS on the client and admin ports, and toward cells
+//! ca = "secrets/ca.crt"
+//!
+//! [auth]                       # every request proves an identity (see `auth`)
+//! enabled = true
+//! credentials = "secrets/credentials.toml"
+//! token_key = "secrets/token.key"
+//!
 //! [[routers]]
 //! id = 1
 //! client = "127.0.0.1:2379"    # the etcd API, forwarded to cells
 //! admin = "127.0.0.1:2378"     # cellplane.router.v1.RouterAdmin
 //! http = "127.0.0.1:2377"      # /metrics, /healthz, /readyz
+//! cert = "secrets/router-1.crt"
+//! key = "secrets/router-1.key"
 //! ```
+//!
+//! With `[tls]` the client port serves TLS and checks a client certificate when one
+//! is sent (tenants and operators may use one instead of a password); the admin
+//! port requires an operator's; the router dials cells and the directory with its
+//! own certificate. Paths are relative to this file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cell_pool::PoolSettings;
+use crate::auth::AuthSettings;
+use crate::cell_client::PoolSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +46,22 @@ pub struct RoutersDef {
     pub routers: Vec<RouterDef>,
     #[serde(default)]
     pub settings: RouterSettings,
+    /// TLS on every gRPC port of every router; absent: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RouterTls>,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// The folder the definition was read from: relative paths start there.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// The routers' TLS settings: the CA every certificate chains to. Each router's
+/// own certificate and key are fields of its `[[routers]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterTls {
+    pub ca: PathBuf,
 }
 
 fn default_static_map() -> PathBuf {
@@ -46,6 +78,12 @@ pub struct RouterDef {
     pub client: SocketAddr,
     pub admin: SocketAddr,
     pub http: SocketAddr,
+    /// This router's TLS certificate (PEM), with `[tls]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM), with `[tls]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// Tuning shared by every router.
@@ -95,7 +133,8 @@ impl RoutersDef {
             path: path.to_path_buf(),
             message,
         };
-        let def: RoutersDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut def: RoutersDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        def.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if def.routers.is_empty() {
             return Err(invalid(
                 "field `routers`: at least one router is needed".into(),
@@ -109,23 +148,44 @@ impl RoutersDef {
                     r.id
                 )));
             }
+            if def.tls.is_some() {
+                for (f, v) in [("cert", &r.cert), ("key", &r.key)] {
+                    if v.is_none() {
+                        return Err(invalid(format!(
+                            "field `routers[{i}].{f}`: is required with [tls] (`cellplane certs \
+                             generate` writes it)"
+                        )));
+                    }
+                }
+            }
         }
         let s = &def.settings;
+        s.pool.validate("settings.pool").map_err(invalid)?;
         for (field, v) in [
-            ("settings.pool.max_in_flight", s.pool.max_in_flight as u64),
-            (
-                "settings.pool.request_timeout_ms",
-                s.pool.request_timeout_ms,
-            ),
-            ("settings.pool.probe_interval_ms", s.pool.probe_interval_ms),
             ("settings.directory_poll_ms", s.directory_poll_ms),
             ("settings.directory_timeout_ms", s.directory_timeout_ms),
+            ("settings.max_request_bytes", s.max_request_bytes as u64),
         ] {
             if v == 0 {
                 return Err(invalid(format!("field `{field}`: must be > 0")));
             }
         }
+        def.auth.validate().map_err(invalid)?;
         Ok(def)
+    }
+
+    /// The TLS files of router `id`, with paths resolved; `None` without `[tls]`.
+    pub fn router_tls(&self, id: u64) -> Option<cellplane_security::TlsFiles> {
+        let tls = self.tls.as_ref()?;
+        let r = self.router(id)?;
+        Some(
+            cellplane_security::TlsFiles {
+                ca: tls.ca.clone(),
+                cert: r.cert.clone()?,
+                key: r.key.clone()?,
+            }
+            .resolved(&self.base_dir),
+        )
     }
 
     pub fn router(&self, id: u64) -> Option<&RouterDef> {
@@ -141,4 +201,8 @@ pub struct RouterConfig {
     pub static_map: PathBuf,
     pub directory_endpoints: Vec<String>,
     pub settings: RouterSettings,
+    /// This router's TLS material; `None`: plaintext on every port.
+    pub tls: Option<cellplane_security::TlsMaterial>,
+    /// Authentication; paths resolved.
+    pub auth: AuthSettings,
 }

@@ -11,7 +11,7 @@ use cellplane_map::CellMap;
 use cellplane_proto::etcdserverpb::RangeRequest;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::map_source::MapHolder;
 
@@ -34,30 +34,37 @@ pub enum DirectoryError {
     Unreachable(String),
     #[error("the directory holds no map under {MAP_KEY}")]
     Empty,
-    #[error("the directory's map is invalid: {0}")]
-    Invalid(#[from] cellplane_map::MapError),
+    /// A map is stored but cannot be used: it is refused, not the directory.
+    #[error("the directory's map (revision {revision}) is refused: {error}")]
+    Invalid {
+        error: cellplane_map::MapError,
+        revision: i64,
+    },
 }
 
 impl Directory {
-    pub fn new(endpoints: &[String], timeout: Duration) -> Result<Directory, String> {
+    /// A client of the directory's members at `endpoints`, each call bounded by
+    /// `timeout`; with `tls`, over TLS with that client identity (a router's or an
+    /// operator's: only operators may write the map).
+    pub fn new(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Directory, String> {
         let mut channels = Vec::new();
         let mut stream_channels = Vec::new();
         for ep in endpoints {
-            let uri = if ep.starts_with("http") {
-                ep.clone()
-            } else {
-                format!("http://{ep}")
-            };
+            let endpoint = cellplane_security::endpoint(ep, tls)
+                .map_err(|e| format!("bad directory endpoint {ep}: {e}"))?;
             channels.push(
-                Endpoint::from_shared(uri.clone())
-                    .map_err(|e| format!("bad directory endpoint {ep}: {e}"))?
+                endpoint
+                    .clone()
                     .connect_timeout(timeout)
                     .timeout(timeout)
                     .connect_lazy(),
             );
             stream_channels.push(
-                Endpoint::from_shared(uri)
-                    .map_err(|e| format!("bad directory endpoint {ep}: {e}"))?
+                endpoint
                     .connect_timeout(timeout)
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
@@ -88,7 +95,12 @@ impl Directory {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
                     let kv = r.kvs.first().ok_or(DirectoryError::Empty)?;
-                    return Ok((CellMap::from_json(&kv.value)?, kv.mod_revision));
+                    let map =
+                        CellMap::from_json(&kv.value).map_err(|error| DirectoryError::Invalid {
+                            error,
+                            revision: kv.mod_revision,
+                        })?;
+                    return Ok((map, kv.mod_revision));
                 }
                 Ok(Err(s)) => last = s.message().to_string(),
                 Err(_) => last = "timed out".into(),
@@ -130,7 +142,10 @@ impl Directory {
                 Ok(_) => {
                     return Err("the map in the directory changed meanwhile; read it again".into());
                 }
-                Err(s) => last = s.message().to_string(),
+                Err(s) if s.code() == tonic::Code::Unavailable => last = s.message().to_string(),
+                // The directory's own answer (a refusal): another member would
+                // answer the same.
+                Err(s) => return Err(format!("the directory refused the write: {}", s.message())),
             }
         }
         Err(format!("directory unreachable: {last}"))
@@ -205,11 +220,13 @@ impl Directory {
                 }
                 for e in resp.events {
                     let Some(kv) = e.kv else { continue };
+                    let revision = kv.mod_revision;
                     if e.r#type == EventType::Delete as i32 {
-                        on_map(Err(DirectoryError::Empty), kv.mod_revision);
+                        on_map(Err(DirectoryError::Empty), revision);
                     } else {
-                        let map = CellMap::from_json(&kv.value).map_err(DirectoryError::from);
-                        on_map(map, kv.mod_revision);
+                        let map = CellMap::from_json(&kv.value)
+                            .map_err(|error| DirectoryError::Invalid { error, revision });
+                        on_map(map, revision);
                     }
                 }
             }
@@ -219,7 +236,9 @@ impl Directory {
 }
 
 /// Follows the directory until `shutdown`: read, then watch; on failure, read
-/// again every `every`. Offers newer maps to `holder`.
+/// again every `every`. Offers newer maps to `holder`; a map it cannot use is
+/// refused and reported there (the directory is reachable, its map is not), and
+/// the router keeps routing with the map in force.
 pub async fn follow(
     dir: Directory,
     holder: MapHolder,
@@ -228,44 +247,54 @@ pub async fn follow(
 ) {
     let mut seen_revision = 0;
     let mut was_down = false;
-    let offer = |map: CellMap, rev: i64, seen: &mut i64| {
+    let on_map = |map: Result<CellMap, DirectoryError>, rev: i64, seen: &mut i64| {
         if rev == *seen && holder.current().source == crate::map_source::MapSource::Directory {
             return;
         }
         *seen = rev;
-        if let Err(e) = holder.offer(map) {
-            tracing::warn!(error = %e, revision = rev, "refused the directory's map");
+        match map {
+            Ok(map) => {
+                if let Err(e) = holder.offer(map) {
+                    holder.refuse(&format!("revision {rev}: {e}"));
+                }
+            }
+            Err(DirectoryError::Invalid { error, revision }) => {
+                holder.refuse(&format!("revision {revision}: {error}"))
+            }
+            Err(e) => tracing::warn!(error = %e, revision = rev, "ignored a map change"),
         }
     };
     loop {
-        match dir.read().await {
-            Ok((map, rev)) => {
-                holder.directory_reached();
-                if was_down {
-                    tracing::info!("directory reachable again");
-                    was_down = false;
-                }
-                offer(map, rev, &mut seen_revision);
-                let end = dir
-                    .watch_from(rev + 1, &shutdown, |map, rev| match map {
-                        Ok(map) => offer(map, rev, &mut seen_revision),
-                        Err(e) => {
-                            tracing::warn!(error = %e, revision = rev, "ignored a map change")
-                        }
-                    })
-                    .await;
-                match end {
-                    WatchEnd::Shutdown => return,
-                    WatchEnd::Broken(why) => {
-                        tracing::warn!(reason = %why, "directory watch ended: reading again");
-                    }
-                }
+        let read = match dir.read().await {
+            Ok((map, rev)) => Some((Ok(map), rev)),
+            Err(DirectoryError::Invalid { error, revision }) => {
+                Some((Err(DirectoryError::Invalid { error, revision }), revision))
             }
             Err(e) => {
                 holder.directory_unreachable();
                 if !was_down {
                     tracing::warn!(error = %e, "directory unavailable: routing continues with the map in force");
                     was_down = true;
+                }
+                None
+            }
+        };
+        if let Some((map, rev)) = read {
+            holder.directory_reached();
+            if was_down {
+                tracing::info!("directory reachable again");
+                was_down = false;
+            }
+            on_map(map, rev, &mut seen_revision);
+            let end = dir
+                .watch_from(rev + 1, &shutdown, |map, rev| {
+                    on_map(map, rev, &mut seen_revision)
+                })
+                .await;
+            match end {
+                WatchEnd::Shutdown => return,
+                WatchEnd::Broken(why) => {
+                    tracing::warn!(reason = %why, "directory watch ended: reading again");
                 }
             }
         }

@@ -132,6 +132,8 @@ pub struct MapHolder {
     /// Since when the directory has not answered; `None` while it does. The map's
     /// source says where the map came from, this says whether it is still live.
     directory_lost: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Maps refused so far, and why the last one was.
+    refused: Arc<std::sync::Mutex<(u64, String)>>,
 }
 
 impl MapHolder {
@@ -143,7 +145,25 @@ impl MapHolder {
             tx: Arc::new(tx),
             state_dir,
             directory_lost: Arc::new(std::sync::Mutex::new(lost)),
+            refused: Arc::default(),
         }
+    }
+
+    /// A map from the directory could not be used: logged, counted and kept for
+    /// `status`; the map in force stays.
+    pub fn refuse(&self, why: &str) {
+        tracing::error!(reason = %why, "refused a cell map from the directory: routing continues with the map in force");
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 += 1;
+        r.1 = why.chars().take(1024).collect();
+    }
+
+    /// How many maps were refused, and why the last one was.
+    pub fn refusals(&self) -> (u64, String) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The directory answered.

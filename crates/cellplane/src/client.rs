@@ -1,11 +1,63 @@
-//! Connecting the operator commands (`kv`, `lease`) to a router or a cell.
+//! Connecting the commands to a router or a cell: TLS (`--cacert`, `--cert`,
+//! `--key`, as etcdctl), a password login (`--user`), and the tenant metadata.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::metadata::MetadataValue;
+use cellplane_proto::etcdserverpb::AuthenticateRequest;
+use cellplane_proto::etcdserverpb::auth_client::AuthClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// TLS toward a router, a cell or the directory, as etcdctl spells it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Trust this CA certificate (PEM) and connect over TLS (`cells/secrets/ca.crt`
+    /// after `cellplane certs generate`).
+    #[arg(long, global = true, env = "CELLPLANE_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Prove who you are with this client certificate (PEM): a tenant's or an
+    /// operator's (`cellplane certs issue`).
+    #[arg(long, global = true, env = "CELLPLANE_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "CELLPLANE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client TLS settings, or `None` for plaintext.
+    pub fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let Some(ca) = &self.cacert else {
+            if self.cert.is_some() {
+                anyhow::bail!("--cert needs --cacert: a certificate is only sent over TLS");
+            }
+            return Ok(None);
+        };
+        let ca_pem =
+            std::fs::read(ca).with_context(|| format!("--cacert: cannot read {}", ca.display()))?;
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let files = cellplane_security::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                Ok(Some(files.load()?.client()))
+            }
+            _ => Ok(Some(cellplane_security::tls::client_trusting(&ca_pem))),
+        }
+    }
+
+    /// An endpoint for `addr` (host:port), TLS or not.
+    pub fn endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
+        let tls = self.client_config()?;
+        cellplane_security::endpoint(addr, tls.as_ref())
+            .with_context(|| format!("`{addr}` is not an address"))
+    }
+}
 
 /// Where a command sends its requests.
 #[derive(clap::Args, Debug, Clone)]
@@ -26,6 +78,12 @@ pub struct TargetArgs {
     /// Deadline of each request.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Log in to the router as `name:password` (etcd's auth flow); `name` alone
+    /// reads the password from the first line of stdin.
+    #[arg(long, global = true, env = "CELLPLANE_USER")]
+    pub user: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -47,20 +105,56 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Adds the tenant metadata to every request.
-#[derive(Clone)]
-pub struct Tenant(Option<MetadataValue<tonic::metadata::Ascii>>);
+/// Adds the tenant metadata and the login token to every request.
+#[derive(Clone, Default)]
+pub struct Tenant {
+    tenant: Option<MetadataValue<Ascii>>,
+    token: Option<MetadataValue<Ascii>>,
+}
 
 impl tonic::service::Interceptor for Tenant {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
+        if let Some(t) = &self.tenant {
             r.metadata_mut().insert("cellplane-tenant", t.clone());
+        }
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("token", t.clone());
         }
         Ok(r)
     }
 }
 
 pub type Conn = InterceptedService<Channel, Tenant>;
+
+/// `name:password`, or `name` and the first line of stdin.
+fn user_and_password(user: &str) -> anyhow::Result<(String, String)> {
+    if let Some((name, pw)) = user.split_once(':') {
+        return Ok((name.to_string(), pw.to_string()));
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("--user without a password: cannot read it from stdin")?;
+    Ok((
+        user.to_string(),
+        line.trim_end_matches(['\r', '\n']).to_string(),
+    ))
+}
+
+/// Logs in over `channel` and returns the token.
+async fn login(channel: Channel, user: &str) -> anyhow::Result<MetadataValue<Ascii>> {
+    let (name, password) = user_and_password(user)?;
+    let token = AuthClient::new(channel)
+        .authenticate(AuthenticateRequest {
+            name: name.clone(),
+            password,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("--user {name}: login failed: {}", s.message()))?
+        .into_inner()
+        .token;
+    MetadataValue::try_from(token.as_str()).context("the router returned an unusable token")
+}
 
 impl TargetArgs {
     /// A channel balanced over the endpoints, with the tenant interceptor. Streams
@@ -71,13 +165,10 @@ impl TargetArgs {
         }
         let mut eps = Vec::new();
         for e in &self.endpoints {
-            let uri = if e.starts_with("http") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            };
-            let mut ep = Endpoint::from_shared(uri)
-                .with_context(|| format!("--endpoints: `{e}` is not an address"))?
+            let mut ep = self
+                .tls
+                .endpoint(e)
+                .context("--endpoints")?
                 .connect_timeout(Duration::from_secs(2));
             if !streaming {
                 ep = ep.timeout(self.timeout);
@@ -100,7 +191,11 @@ impl TargetArgs {
             ),
             None => None,
         };
-        Ok(InterceptedService::new(channel, Tenant(tenant)))
+        let token = match &self.user {
+            Some(user) => Some(login(channel.clone(), user).await?),
+            None => None,
+        };
+        Ok(InterceptedService::new(channel, Tenant { tenant, token }))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Library side of the `cellplane` command: the local environment (`up`), the
-//! operator commands (`status`, `map`), the client commands (`kv`, `lease`,
-//! `svc`), the Compose and Kubernetes renderers (`deploy`) and signal handling.
+//! operator commands (`status`, `map`, `certs`, `tenant`), the client commands
+//! (`kv`, `lease`, `svc`), the Compose and Kubernetes renderers (`deploy`) and signal handling.
 //! The binary only parses options and calls in here.
 
 #![forbid(unsafe_code)]
@@ -38,6 +38,7 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(1);
 }
 
+pub mod certs_cmd;
 pub mod client;
 pub mod deploy;
 pub mod kv_cmd;
@@ -46,4 +47,5 @@ pub mod map_cmd;
 pub mod signals;
 pub mod status_cmd;
 pub mod svc_cmd;
+pub mod tenant_cmd;
 pub mod up;

@@ -40,6 +40,10 @@ enum Cmd {
         parent_pid: Option<u32>,
         #[command(flatten)]
         listen: ListenArgs,
+        /// Serve plaintext even though the cell file has a [tls] section: for the
+        /// local environment only (anyone who reaches a port may call it).
+        #[arg(long)]
+        plaintext: bool,
     },
     /// Run one router: forwards each tenant's requests to its cell.
     Router {
@@ -54,6 +58,13 @@ enum Cmd {
         state_dir: PathBuf,
         #[arg(long, hide = true)]
         parent_pid: Option<u32>,
+        /// Serve and dial plaintext even though routers.toml has a [tls] section:
+        /// for the local environment only.
+        #[arg(long)]
+        plaintext: bool,
+        /// Turn authentication on or off, whatever routers.toml's [auth] says.
+        #[arg(long, value_name = "on|off")]
+        auth: Option<OnOff>,
     },
     /// Start the local environment defined in cells/ as child processes on 127.0.0.1.
     Up(cellplane::up::UpArgs),
@@ -69,6 +80,10 @@ enum Cmd {
     Lease(cellplane::lease_cmd::LeaseArgs),
     /// Register, list and watch service instances (service discovery).
     Svc(cellplane::svc_cmd::SvcArgs),
+    /// Make the CA and the certificates the cells folder names.
+    Certs(cellplane::certs_cmd::CertsArgs),
+    /// Add, remove and list the tenants and operators that log in with a password.
+    Tenant(cellplane::tenant_cmd::TenantArgs),
 }
 
 /// Where a member listens, when that differs from the address the cell definition
@@ -106,13 +121,35 @@ fn main() -> anyhow::Result<()> {
                 data_dir,
                 parent_pid,
                 listen,
-            } => node(cell, id, id_from_hostname, data_dir, parent_pid, listen).await,
+                plaintext,
+            } => {
+                let opts = NodeOpts {
+                    id,
+                    id_from_hostname,
+                    data_dir,
+                    parent_pid,
+                    listen,
+                    plaintext,
+                };
+                node(cell, opts).await
+            }
             Cmd::Router {
                 routers,
                 id,
                 state_dir,
                 parent_pid,
-            } => router(routers, id, state_dir, parent_pid).await,
+                plaintext,
+                auth,
+            } => {
+                let opts = RouterOpts {
+                    id,
+                    state_dir,
+                    parent_pid,
+                    plaintext,
+                    auth,
+                };
+                router(routers, opts).await
+            }
             Cmd::Up(args) => cellplane::up::run(args).await,
             Cmd::Status(args) => cellplane::status_cmd::run(args).await,
             Cmd::Map(args) => cellplane::map_cmd::run(args).await,
@@ -120,18 +157,31 @@ fn main() -> anyhow::Result<()> {
             Cmd::Kv(args) => cellplane::kv_cmd::run(args).await,
             Cmd::Lease(args) => cellplane::lease_cmd::run(args).await,
             Cmd::Svc(args) => cellplane::svc_cmd::run(args).await,
+            Cmd::Certs(args) => cellplane::certs_cmd::run(args),
+            Cmd::Tenant(args) => cellplane::tenant_cmd::run(args),
         }
     })
 }
 
-async fn node(
-    cell: PathBuf,
+/// `cellplane node`'s options besides the cell file.
+struct NodeOpts {
     id: Option<u64>,
     id_from_hostname: bool,
     data_dir: PathBuf,
     parent_pid: Option<u32>,
     listen: ListenArgs,
-) -> anyhow::Result<()> {
+    plaintext: bool,
+}
+
+async fn node(cell: PathBuf, opts: NodeOpts) -> anyhow::Result<()> {
+    let NodeOpts {
+        id,
+        id_from_hostname,
+        data_dir,
+        parent_pid,
+        listen,
+        plaintext,
+    } = opts;
     let cell = cellplane_cell::CellDef::load(&cell)?;
     let id = match id {
         Some(id) => id,
@@ -149,7 +199,25 @@ async fn node(
             ids.join(", ")
         );
     }
-    let config = cellplane_cell::NodeConfig { cell, id, data_dir };
+    let tls = match cell.member_tls(id) {
+        Some(_) if plaintext => {
+            tracing::warn!(
+                "--plaintext: serving without TLS; any client that reaches a port may call it"
+            );
+            None
+        }
+        Some(files) => Some(files.load()?),
+        None => {
+            tracing::warn!(cell = %cell.name, "the cell file has no [tls] section: serving plaintext; any client that reaches a port may call it");
+            None
+        }
+    };
+    let config = cellplane_cell::NodeConfig {
+        cell,
+        id,
+        data_dir,
+        tls,
+    };
     let me = config
         .cell
         .member(id)
@@ -170,18 +238,53 @@ async fn node(
     Ok(())
 }
 
-async fn router(
-    routers: PathBuf,
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
+/// `cellplane router`'s options besides the routers file.
+struct RouterOpts {
     id: u64,
     state_dir: PathBuf,
     parent_pid: Option<u32>,
-) -> anyhow::Result<()> {
+    plaintext: bool,
+    auth: Option<OnOff>,
+}
+
+async fn router(routers: PathBuf, opts: RouterOpts) -> anyhow::Result<()> {
+    let RouterOpts {
+        id,
+        state_dir,
+        parent_pid,
+        plaintext,
+        auth,
+    } = opts;
     let def = cellplane_router::RoutersDef::load(&routers)?;
     let me = def
         .router(id)
         .with_context(|| format!("--id {id}: {} defines no router {id}", routers.display()))?;
     let folder = routers.parent().unwrap_or(std::path::Path::new("."));
     let directory = cellplane_cell::CellDef::load(&folder.join(format!("{}.toml", def.directory)))?;
+    let tls = match def.router_tls(id) {
+        Some(_) if plaintext => {
+            tracing::warn!("--plaintext: serving and dialling without TLS");
+            None
+        }
+        Some(files) => Some(files.load()?),
+        None => None,
+    };
+    let mut auth_settings = def.auth.resolved(&def.base_dir);
+    if let Some(on) = auth {
+        auth_settings.enabled = on == OnOff::On;
+    }
+    if auth_settings.enabled && tls.is_none() {
+        tracing::warn!(
+            "auth without TLS: passwords and tokens cross the network in the clear, and cells \
+             accept any caller"
+        );
+    }
     let config = cellplane_router::RouterConfig {
         id,
         state_dir,
@@ -192,6 +295,8 @@ async fn router(
             .map(|m| m.client.to_string())
             .collect(),
         settings: def.settings.clone(),
+        tls,
+        auth: auth_settings,
     };
     let bind = |a: std::net::SocketAddr| async move {
         tokio::net::TcpListener::bind(a)

@@ -19,6 +19,9 @@ pub struct MapArgs {
     /// The folder of cell definitions.
     #[arg(long, default_value = "cells")]
     pub cells: PathBuf,
+    /// With TLS on, writing the map needs an operator's certificate.
+    #[command(flatten)]
+    pub tls: crate::client::TlsArgs,
     #[command(subcommand)]
     pub op: MapOp,
 }
@@ -48,7 +51,9 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
     } else {
         args.directory.clone()
     };
-    let dir = Directory::new(&endpoints, Duration::from_secs(3)).map_err(anyhow::Error::msg)?;
+    let tls = args.tls.client_config()?;
+    let dir = Directory::new(&endpoints, Duration::from_secs(3), tls.as_ref())
+        .map_err(anyhow::Error::msg)?;
     let stored = match dir.read().await {
         Ok(m) => Some(m),
         Err(DirectoryError::Empty) => None,

@@ -9,11 +9,15 @@ pub struct StatusArgs {
     /// The router's admin address.
     #[arg(long, default_value = "127.0.0.1:2378")]
     pub admin: String,
+    /// With TLS on, the admin port needs an operator's certificate.
+    #[command(flatten)]
+    pub tls: crate::client::TlsArgs,
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let uri = format!("http://{}", args.admin);
-    let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
+    let channel = args
+        .tls
+        .endpoint(&args.admin)?
         .connect_timeout(std::time::Duration::from_secs(2))
         .timeout(std::time::Duration::from_secs(5))
         .connect()
@@ -37,6 +41,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.map_version,
         s.map_source
     );
+    crate::outln!(
+        "auth {}; TLS {}",
+        if s.auth_enabled {
+            "on"
+        } else {
+            "OFF (requests act for the tenant they name)"
+        },
+        if s.tls { "on" } else { "OFF (plaintext)" }
+    );
+    if s.maps_refused_total > 0 {
+        crate::outln!(
+            "refused {} map(s) from the directory; the last: {}",
+            s.maps_refused_total,
+            s.last_refused_map
+        );
+    }
     crate::outln!(
         "{:<10} {:<9} {:>9} {:>7} {:>9} {:>9} {:>9}  members (healthy)",
         "CELL",

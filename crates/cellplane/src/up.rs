@@ -44,6 +44,15 @@ pub struct UpArgs {
     /// How long to wait for everything to become ready.
     #[arg(long, default_value_t = 90)]
     pub ready_timeout_secs: u64,
+    /// Serve TLS everywhere (and mTLS between members) with the certificates the
+    /// cell files name; `cellplane certs generate` is run first for what is
+    /// missing. Without it everything is plaintext: a local environment only.
+    #[arg(long)]
+    pub tls: bool,
+    /// Routers require every request to prove an identity (a client certificate
+    /// or a password login: `cellplane tenant add`). Without it, auth is off.
+    #[arg(long)]
+    pub auth: bool,
 }
 
 /// What `up` started, as written to `<data-dir>/up.json`.
@@ -105,6 +114,20 @@ pub fn load_env(dir: &Path) -> anyhow::Result<EnvDef> {
             routers.directory,
             dir.display()
         );
+    }
+    for (path, def) in &cells {
+        let is_directory = def.name == routers.directory;
+        if is_directory != (def.role == cellplane_cell::CellRole::Directory) {
+            bail!(
+                "{}: field `role`: cell `{}` {} the directory named in {}, so its role must be \
+                 \"{}\"",
+                path.display(),
+                def.name,
+                if is_directory { "is" } else { "is not" },
+                routers_path.display(),
+                if is_directory { "directory" } else { "tenants" }
+            );
+        }
     }
     let static_map = cellplane_router::map_source::read_map_file(&static_path)?;
     for entry in &static_map.cells {
@@ -179,6 +202,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let logs = args.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let security = Security::prepare(&env, &args)?;
     let exe = std::env::current_exe().context("cannot find the cellplane executable")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
@@ -188,7 +212,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         for m in &def.members {
             let data_dir = args.data_dir.join(&def.name).join(m.id.to_string());
             let log = logs.join(format!("{}-{}.log", def.name, m.id));
-            let a: Vec<OsString> = vec![
+            let mut a: Vec<OsString> = vec![
                 "node".into(),
                 "--cell".into(),
                 path.into(),
@@ -197,6 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 data_dir.into(),
             ];
+            a.extend(security.node_args());
             let child = spawn(&exe, &a, &log)?;
             running.push(Running {
                 entry: ProcessEntry {
@@ -219,10 +244,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_secs);
     let started = async {
         wait_ready(&mut running, deadline).await?;
-        seed_directory(&env).await?;
+        seed_directory(&env, security.operator_tls()?).await?;
         for r in env.routers.routers.iter().take(args.routers) {
             let log = logs.join(format!("router-{}.log", r.id));
-            let a: Vec<OsString> = vec![
+            let mut a: Vec<OsString> = vec![
                 "router".into(),
                 "--routers".into(),
                 env.routers_path.clone().into(),
@@ -231,6 +256,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--state-dir".into(),
                 args.data_dir.join(format!("router-{}", r.id)).into(),
             ];
+            a.extend(security.router_args());
             let child = spawn(&exe, &a, &log)?;
             running.push(Running {
                 entry: ProcessEntry {
@@ -259,7 +285,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         stop_all(&mut running).await;
         return Err(e);
     }
-    print_table(&running, &env, args.routers);
+    print_table(&running, &env, args.routers, &security);
     println!(
         "cellplane is ready: {} cell(s) ({} the directory), {} router(s); data in {}; Ctrl-C stops everything",
         env.cells.len(),
@@ -273,16 +299,89 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `up --tls` and `--auth` turn on, and what the children are told.
+pub struct Security {
+    tls: bool,
+    auth: bool,
+    /// The CA, and the operator certificate `up` seeds the directory with.
+    operator: Option<cellplane_security::TlsFiles>,
+}
+
+impl Security {
+    /// Makes missing certificates (`--tls`) and an empty credentials file
+    /// (`--auth`), and says plainly what is off.
+    pub fn prepare(env: &EnvDef, args: &UpArgs) -> anyhow::Result<Security> {
+        let mut operator = None;
+        if args.tls {
+            let n = crate::certs_cmd::generate(env, 365, false)?;
+            if n > 0 {
+                println!("--tls: wrote {n} certificate and key file(s) (cellplane certs generate)");
+            }
+            operator = Some(crate::certs_cmd::operator_files(env)?);
+        } else {
+            println!(
+                "TLS is off: every port is plaintext and any local process may call it \
+                 (`cellplane up --tls` turns it on)"
+            );
+        }
+        if args.auth {
+            let creds = env.routers.base_dir.join(&env.routers.auth.credentials);
+            if !creds.exists() {
+                cellplane_security::Credentials::default().save(&creds)?;
+                println!(
+                    "--auth: created an empty {}; add tenants with `cellplane tenant add <name>`",
+                    creds.display()
+                );
+            }
+        } else {
+            println!(
+                "auth is off: a request acts for the tenant its keys or `cellplane-tenant` \
+                 metadata name (`cellplane up --auth` turns it on)"
+            );
+        }
+        Ok(Security {
+            tls: args.tls,
+            auth: args.auth,
+            operator,
+        })
+    }
+
+    fn node_args(&self) -> Vec<OsString> {
+        if self.tls {
+            vec![]
+        } else {
+            vec!["--plaintext".into()]
+        }
+    }
+
+    fn router_args(&self) -> Vec<OsString> {
+        let mut a = self.node_args();
+        a.extend(["--auth".into(), if self.auth { "on" } else { "off" }.into()]);
+        a
+    }
+
+    fn operator_tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        Ok(match &self.operator {
+            Some(files) => Some(files.load()?.client()),
+            None => None,
+        })
+    }
+}
+
 /// Writes the static map into the directory when it holds none yet.
-async fn seed_directory(env: &EnvDef) -> anyhow::Result<()> {
+async fn seed_directory(
+    env: &EnvDef,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<()> {
     let (_, def) = env
         .cells
         .iter()
         .find(|(_, d)| d.name == env.routers.directory)
         .context("no directory cell")?;
     let eps: Vec<String> = def.members.iter().map(|m| m.client.to_string()).collect();
-    let dir = cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3))
-        .map_err(anyhow::Error::msg)?;
+    let dir =
+        cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3), tls.as_ref())
+            .map_err(anyhow::Error::msg)?;
     match dir.read().await {
         Ok(_) => Ok(()),
         Err(cellplane_router::directory::DirectoryError::Empty) => {
@@ -446,7 +545,7 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn print_table(running: &[Running], env: &EnvDef, routers: usize) {
+fn print_table(running: &[Running], env: &EnvDef, routers: usize, security: &Security) {
     println!(
         "{:<10} {:<10} {:>3}  {:<22} {:<22}",
         "KIND", "CELL", "ID", "ETCD API", "HTTP"
@@ -458,19 +557,52 @@ fn print_table(running: &[Running], env: &EnvDef, routers: usize) {
         );
     }
     let first = &env.routers.routers[0];
+    let endpoints = env
+        .routers
+        .routers
+        .iter()
+        .take(routers)
+        .map(|r| r.client.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let tls = match &security.operator {
+        Some(op) => {
+            let dir = op
+                .ca
+                .parent()
+                .unwrap_or(Path::new("."))
+                .display()
+                .to_string();
+            (
+                format!(
+                    " --cacert={dir}/ca.crt --cert={dir}/tenant-a.crt --key={dir}/tenant-a.key"
+                ),
+                format!(
+                    " --cacert {dir}/ca.crt --cert {} --key {}",
+                    op.cert.display(),
+                    op.key.display()
+                ),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     println!(
-        "\netcdctl --endpoints={} put /a/hello world    # tenant `a`, routed to its cell",
-        env.routers
-            .routers
-            .iter()
-            .take(routers)
-            .map(|r| r.client.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        "\netcdctl --endpoints={endpoints}{} put /a/hello world    # tenant `a`, routed to its cell",
+        tls.0
     );
+    if security.auth {
+        println!(
+            "cellplane tenant add acme --password s3cret; etcdctl --endpoints={endpoints}{} --user acme:s3cret put /acme/x 1",
+            if security.tls {
+                " --cacert=<ca.crt>"
+            } else {
+                ""
+            }
+        );
+    }
     println!(
-        "cellplane status --admin {}                # the router's view of every cell",
-        first.admin
+        "cellplane status --admin {}{}                # the router's view of every cell",
+        first.admin, tls.1
     );
 }
 

@@ -84,17 +84,11 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         }
     }
     let member_host = |cell: &str, id: u64| member_ip(cell_index(env, cell).unwrap_or(0), id);
-    let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
     let routers: Vec<RouterDef> = env
         .routers
         .routers
         .iter()
-        .map(|r| RouterDef {
-            id: r.id,
-            client: any(ROUTER_PORTS.client),
-            admin: any(ROUTER_PORTS.peer),
-            http: any(ROUTER_PORTS.http),
-        })
+        .map(|r| super::deployed_router(env, r.id))
         .collect();
     let placement = Placement {
         member_host: &member_host,

@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cellplane_router::config::RouterDef;
 use serde_json::{Value, json};
 
 use super::{CELLS_MOUNT, IMAGE, MEMBER_PORTS, Placement, ROUTER_PORTS, Rendered};
@@ -92,15 +91,9 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
     for (_, def) in &env.cells {
         super::check_member_ids(def)?;
     }
-    let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
     let placement = Placement {
         member_host: &member_host,
-        routers: vec![RouterDef {
-            id: 1,
-            client: any(ROUTER_PORTS.client),
-            admin: any(ROUTER_PORTS.peer),
-            http: any(ROUTER_PORTS.http),
-        }],
+        routers: vec![super::deployed_router(env, 1)],
         header: HEADER,
     };
     let cells = super::deployed_cells(env, &placement)?;

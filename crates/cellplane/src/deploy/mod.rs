@@ -167,6 +167,24 @@ pub fn stale_files(out: &Path, files: &Rendered) -> anyhow::Result<Vec<PathBuf>>
     Ok(stale)
 }
 
+/// A deployed router `id`: listening on every interface on [`ROUTER_PORTS`], with
+/// the certificate paths the local definition of router `id` names (or router 1's
+/// naming pattern when there is none).
+pub fn deployed_router(env: &EnvDef, id: u64) -> RouterDef {
+    let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let local = env.routers.router(id);
+    let tls = env.routers.tls.is_some();
+    let path = |ext: &str| tls.then(|| PathBuf::from(format!("secrets/router-{id}.{ext}")));
+    RouterDef {
+        id,
+        client: any(ROUTER_PORTS.client),
+        admin: any(ROUTER_PORTS.peer),
+        http: any(ROUTER_PORTS.http),
+        cert: local.and_then(|r| r.cert.clone()).or_else(|| path("crt")),
+        key: local.and_then(|r| r.key.clone()).or_else(|| path("key")),
+    }
+}
+
 /// How a renderer places the processes: each member's host, and the routers'
 /// definitions.
 pub struct Placement<'a> {
@@ -235,6 +253,9 @@ pub fn deployed_cells(env: &EnvDef, placement: &Placement) -> anyhow::Result<Ren
         static_map: PathBuf::from("routing.toml"),
         routers: placement.routers.clone(),
         settings: env.routers.settings.clone(),
+        tls: env.routers.tls.clone(),
+        auth: env.routers.auth.clone(),
+        base_dir: PathBuf::new(),
     };
     files.insert(
         PathBuf::from("routers.toml"),
@@ -253,6 +274,10 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Out<'a> {
         name: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'a cellplane_cell::CellRole>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<&'a cellplane_cell::config::CellTls>,
         members: &'a [cellplane_cell::config::MemberDef],
         #[serde(skip_serializing_if = "Option::is_none")]
         raft: Option<&'a cellplane_cell::config::RaftSettings>,
@@ -268,6 +293,8 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
     }
     toml::to_string(&Out {
         name: &def.name,
+        role: unless_default(&def.role),
+        tls: def.tls.as_ref(),
         members: &def.members,
         raft: unless_default(&def.raft),
         limits: unless_default(&def.limits),
@@ -282,6 +309,10 @@ fn routers_toml(def: &RoutersDef) -> anyhow::Result<String> {
     struct Out<'a> {
         directory: &'a str,
         static_map: &'a Path,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<&'a cellplane_router::config::RouterTls>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auth: Option<&'a cellplane_router::AuthSettings>,
         routers: &'a [RouterDef],
         #[serde(skip_serializing_if = "Option::is_none")]
         settings: Option<&'a RouterSettings>,
@@ -289,6 +320,8 @@ fn routers_toml(def: &RoutersDef) -> anyhow::Result<String> {
     toml::to_string(&Out {
         directory: &def.directory,
         static_map: &def.static_map,
+        tls: def.tls.as_ref(),
+        auth: (def.auth != cellplane_router::AuthSettings::default()).then_some(&def.auth),
         routers: &def.routers,
         settings: (def.settings != RouterSettings::default()).then_some(&def.settings),
     })

@@ -1,0 +1,291 @@
+//! The routing core every service goes through: (identity, request) → a checked
+//! scope and a cell, then a call to that cell through [`crate::cell_client`].
+//!
+//! 1. [`Core::caller`]: who is calling ([`crate::auth`]) and what tenant the
+//!    metadata names.
+//! 2. [`Core::admit`] and its siblings: the scope ([`crate::scope`], where every
+//!    tenant rule lives) and the route ([`crate::routes`]) in the map in force.
+//! 3. [`Admitted::unary`] / [`Admitted::open_stream`]: the call, carrying the
+//!    tenant to the cell and the cell's name back to the client.
+//!
+//! No service resolves a tenant or picks a cell on its own.
+
+use std::sync::Arc;
+
+use cellplane_security::Identity;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authenticator;
+use crate::cell_client::{CallKind, CellClient, CellStream, Cells};
+use crate::map_source::MapHolder;
+use crate::routes::{self, Route};
+use crate::scope::{self, Action, Scope, TENANT_METADATA};
+
+/// The response (and request, for operator actions) metadata naming a cell.
+pub const CELL_METADATA: &str = "cellplane-cell";
+
+/// Who is calling, and which tenant its metadata names (checked as a name only).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Identity,
+    pub header: Option<String>,
+    /// The `cellplane-cell` metadata, for operators' cell-wide actions.
+    pub cell: Option<String>,
+}
+
+/// A request that passed the checks: for whom it acts and the cell that serves it.
+pub struct Admitted {
+    pub scope: Scope,
+    pub cell: CellClient,
+}
+
+pub struct Core {
+    maps: MapHolder,
+    cells: Arc<Cells>,
+    auth: Arc<Authenticator>,
+}
+
+impl Core {
+    pub fn new(maps: MapHolder, cells: Arc<Cells>, auth: Arc<Authenticator>) -> Arc<Core> {
+        Arc::new(Core { maps, cells, auth })
+    }
+
+    pub fn cells(&self) -> &Arc<Cells> {
+        &self.cells
+    }
+
+    /// Who sent `req`, and what its metadata asks for.
+    pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.caller_of(req.extensions(), req.metadata())
+    }
+
+    pub fn caller_of(&self, ext: &tonic::Extensions, meta: &MetadataMap) -> Result<Caller, Status> {
+        let identity = self.auth.identify(ext, meta)?;
+        let header = scope::metadata_tenant(meta.get(TENANT_METADATA).map(|v| v.as_bytes()))?;
+        let cell = match meta.get(CELL_METADATA) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument("`cellplane-cell` must be ASCII"))?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Caller {
+            identity,
+            header,
+            cell,
+        })
+    }
+
+    fn client(&self, route: &Route) -> Result<CellClient, Status> {
+        self.cells.get(&route.cell).ok_or_else(|| {
+            Status::unavailable(format!(
+                "cell {}: no connection pool (endpoints invalid?)",
+                route.cell
+            ))
+        })
+    }
+
+    /// Checks what `caller` touches and finds the cell of its tenant.
+    pub fn admit(&self, caller: &Caller, action: Action<'_>) -> Result<Admitted, Status> {
+        let scope = scope::scope(&caller.identity, caller.header.as_deref(), action)?;
+        let map = self.maps.current().map;
+        let route = match &scope {
+            Scope::Tenant(t) => routes::for_tenant(&map, t)?,
+            Scope::Operator => {
+                routes::for_operator(&map, caller.cell.as_deref(), caller.header.as_deref())?
+            }
+            Scope::Unscoped => {
+                return Err(Status::invalid_argument(
+                    "the request names no tenant: set the `cellplane-tenant` metadata \
+                     (`--tenant T` in the cellplane CLI), or authenticate as the tenant",
+                ));
+            }
+        };
+        let cell = self.client(&route)?;
+        Ok(Admitted { scope, cell })
+    }
+
+    /// A call about lease `id`: acts for the caller's tenant (or unscoped, auth
+    /// off and no metadata) in the cell whose tag the ID carries. `Ok(None)` when
+    /// no cell of the map carries it: the lease exists nowhere.
+    pub fn admit_lease(&self, caller: &Caller, id: i64) -> Result<Option<Admitted>, Status> {
+        let scope = scope::scope(&caller.identity, caller.header.as_deref(), Action::Tenant)?;
+        let map = self.maps.current().map;
+        let Some(route) = routes::for_lease(&map, id) else {
+            return Ok(None);
+        };
+        let cell = self.client(&route)?;
+        Ok(Some(Admitted { scope, cell }))
+    }
+
+    /// The scope of a tenant-wide call without a key (a lease list).
+    pub fn tenant_scope(&self, caller: &Caller) -> Result<Scope, Status> {
+        Ok(scope::scope(
+            &caller.identity,
+            caller.header.as_deref(),
+            Action::Tenant,
+        )?)
+    }
+}
+
+impl Admitted {
+    /// Calls `path` on the cell for this scope's tenant; the answer, or the
+    /// error, carries the cell's name.
+    pub async fn unary<Req, Resp>(
+        &self,
+        path: &'static str,
+        req: &Req,
+        kind: CallKind,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        match self.cell.unary(path, req, kind, self.scope.tenant()).await {
+            Ok(r) => Ok(with_cell(r, self.cell.name())),
+            Err(mut s) => {
+                if let Ok(v) = MetadataValue::try_from(self.cell.name()) {
+                    s.metadata_mut().insert(CELL_METADATA, v);
+                }
+                Err(s)
+            }
+        }
+    }
+
+    /// Opens stream `path` on the cell with `first` as its first request.
+    pub async fn open_stream<Req: prost::Message>(
+        &self,
+        path: &'static str,
+        first: &Req,
+    ) -> Result<CellStream, Status> {
+        self.cell
+            .open_stream(path, first.encode_to_vec().into(), self.scope.tenant())
+            .await
+    }
+}
+
+/// `body` with the metadata naming the cell that served it.
+pub fn with_cell<T>(body: T, cell: &str) -> Response<T> {
+    let mut r = Response::new(body);
+    if let Ok(v) = MetadataValue::try_from(cell) {
+        r.metadata_mut().insert(CELL_METADATA, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cell_client::PoolSettings;
+    use crate::map_source::{ActiveMap, MapSource};
+    use cellplane_map::CellMap;
+
+    fn core(dir: &std::path::Path) -> Arc<Core> {
+        let map = CellMap::from_toml(
+            r#"
+version = 1
+buckets = 8
+[[cells]]
+name = "alpha"
+endpoints = ["127.0.0.1:1"]
+[[cells]]
+name = "beta"
+endpoints = ["127.0.0.1:2"]
+[[ranges]]
+from = 0
+to = 7
+cell = "alpha"
+[tenants]
+b = "beta"
+"#,
+        )
+        .unwrap();
+        let maps = MapHolder::new(
+            ActiveMap {
+                map: Arc::new(map.clone()),
+                source: MapSource::Static,
+            },
+            dir.to_path_buf(),
+        );
+        let cells = Cells::new(
+            PoolSettings::default(),
+            1 << 20,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        cells.reconcile(&map);
+        Core::new(maps, cells, Arc::new(Authenticator::disabled()))
+    }
+
+    fn caller(identity: Identity, header: Option<&str>, cell: Option<&str>) -> Caller {
+        Caller {
+            identity,
+            header: header.map(str::to_string),
+            cell: cell.map(str::to_string),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_admitted_to_their_tenants_cell_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        let b = caller(Identity::Tenant("b".into()), None, None);
+        let a = core
+            .admit(&b, Action::Keys(&[(b"/b/x", b""), (b"/b/", b"/b0")]))
+            .unwrap();
+        assert_eq!((a.scope.tenant(), a.cell.name()), (Some("b"), "beta"));
+        let e = core
+            .admit(&b, Action::Keys(&[(b"/a/x", b"")]))
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // Anonymous, auth off: the key names the tenant; no key and no header is
+        // refused with what to do.
+        let anon = caller(Identity::Anonymous, None, None);
+        let a = core.admit(&anon, Action::Keys(&[(b"/x/k", b"")])).unwrap();
+        assert_eq!(a.cell.name(), "alpha");
+        let e = core.admit(&anon, Action::Tenant).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("cellplane-tenant"), "{}", e.message());
+    }
+
+    #[tokio::test]
+    async fn operators_name_the_cell_of_a_cell_wide_action() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        let op = caller(Identity::Operator("o".into()), None, Some("beta"));
+        assert_eq!(
+            core.admit(&op, Action::Operator).unwrap().cell.name(),
+            "beta"
+        );
+        let op = caller(Identity::Operator("o".into()), Some("b"), None);
+        assert_eq!(
+            core.admit(&op, Action::Operator).unwrap().cell.name(),
+            "beta"
+        );
+        let tenant = caller(Identity::Tenant("b".into()), None, Some("beta"));
+        let e = core.admit(&tenant, Action::Operator).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_lease_id_finds_its_cell_and_keeps_the_callers_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        let tag = cellplane_map::lease_tag("beta");
+        let id = ((tag << cellplane_map::LEASE_TAG_SHIFT) | 7) as i64;
+        let b = caller(Identity::Tenant("b".into()), None, None);
+        let a = core.admit_lease(&b, id).unwrap().unwrap();
+        assert_eq!((a.cell.name(), a.scope.tenant()), ("beta", Some("b")));
+        let anon = caller(Identity::Anonymous, None, None);
+        let a = core.admit_lease(&anon, id).unwrap().unwrap();
+        assert_eq!(a.scope, Scope::Unscoped);
+        let nowhere = (0..0x7fffu64)
+            .find(|t| *t != tag && *t != cellplane_map::lease_tag("alpha"))
+            .unwrap();
+        let id = (nowhere << cellplane_map::LEASE_TAG_SHIFT) as i64;
+        assert!(core.admit_lease(&b, id).unwrap().is_none());
+    }
+}
