@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use cellplane_proto::etcdserverpb::StatusRequest;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use tonic::transport::Channel;
+use cellplane_security::Identity;
+use cellplane_security::issue::Authority;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub struct MemberProc {
     pub id: u64,
@@ -27,6 +29,9 @@ pub struct TestCell {
     pub dir: tempfile::TempDir,
     pub def_path: PathBuf,
     pub members: Vec<MemberProc>,
+    /// With TLS on: how the test's own clients dial the members (an operator's
+    /// certificate).
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// Ports the OS considers free right now. Between dropping the probe sockets and the
@@ -59,9 +64,22 @@ impl TestCell {
 
     /// A cell with the given name.
     pub fn start_named(name: &str, n: usize, extra_toml: &str) -> TestCell {
+        Self::start_full(name, n, extra_toml, None)
+    }
+
+    /// A cell whose members serve TLS with certificates from `pki`'s CA, and
+    /// require one from every caller.
+    pub fn start_tls(name: &str, n: usize, extra_toml: &str, pki: &TestPki) -> TestCell {
+        Self::start_full(name, n, extra_toml, Some(pki))
+    }
+
+    fn start_full(name: &str, n: usize, extra_toml: &str, pki: Option<&TestPki>) -> TestCell {
         let dir = tempfile::tempdir().expect("tempdir");
         let addrs = free_addrs(3 * n);
-        let mut toml = format!("name = \"{name}\"\n");
+        let mut toml = format!("name = \"{name}\"\n{extra_toml}\n");
+        if let Some(pki) = pki {
+            toml.push_str(&format!("[tls]\nca = {:?}\n", pki.ca_path()));
+        }
         let mut members = Vec::new();
         for i in 0..n {
             let id = (i + 1) as u64;
@@ -69,6 +87,16 @@ impl TestCell {
             toml.push_str(&format!(
                 "[[members]]\nid = {id}\nclient = \"{client}\"\npeer = \"{peer}\"\nhttp = \"{http}\"\n"
             ));
+            if let Some(pki) = pki {
+                let (cert, key) = pki.issue(
+                    &format!("{name}-{id}"),
+                    &Identity::Member {
+                        cell: name.to_string(),
+                        id,
+                    },
+                );
+                toml.push_str(&format!("cert = {cert:?}\nkey = {key:?}\n"));
+            }
             members.push(MemberProc {
                 id,
                 client,
@@ -79,13 +107,13 @@ impl TestCell {
                 child: None,
             });
         }
-        toml.push_str(extra_toml);
         let def_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&def_path, toml).expect("write cell definition");
         let mut cell = TestCell {
             dir,
             def_path,
             members,
+            tls: pki.map(|p| p.client(&Identity::Operator("test-operator".into()))),
         };
         for id in 1..=n as u64 {
             cell.spawn(id);
@@ -203,8 +231,8 @@ impl TestCell {
         loop {
             let mut seen = Vec::new();
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                if let Ok(mut c) = maintenance(m.client).await
-                    && let Ok(r) = c.status(StatusRequest {}).await
+                if let Ok(ch) = channel_with(m.client, self.tls.as_ref()).await
+                    && let Ok(r) = MaintenanceClient::new(ch).status(StatusRequest {}).await
                 {
                     seen.push(r.into_inner().leader);
                 }
@@ -225,7 +253,10 @@ impl TestCell {
     }
 
     pub async fn kv(&self, id: u64) -> KvClient<Channel> {
-        kv(self.member(id).client).await.expect("connect kv")
+        let ch = channel_with(self.member(id).client, self.tls.as_ref())
+            .await
+            .expect("connect kv");
+        KvClient::new(ch)
     }
 }
 
@@ -236,11 +267,75 @@ impl Drop for TestCell {
 }
 
 pub async fn channel(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    channel_with(addr, None).await
+}
+
+/// A channel to `addr`, over TLS with `tls`.
+pub async fn channel_with(
+    addr: SocketAddr,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    cellplane_security::endpoint(&addr.to_string(), tls)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
         .connect()
         .await
+}
+
+/// A CA for a test environment, and the certificates it issues, in a temp dir.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    ca: Authority,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Authority::generate("test CA", 30).expect("CA");
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        TestPki { dir, ca }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.cert_pem().to_string()
+    }
+
+    /// Issues a certificate for `id` valid for loopback, written as
+    /// `<name>.crt` and `<name>.key`; returns the two paths.
+    pub fn issue(&self, name: &str, id: &Identity) -> (PathBuf, PathBuf) {
+        let hosts = ["127.0.0.1", "localhost", "::1"].map(String::from);
+        let issued = self.ca.issue(id, &hosts, 30).expect("issue");
+        let (cert, key) = (
+            self.dir.path().join(format!("{name}.crt")),
+            self.dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, issued.cert_pem).unwrap();
+        std::fs::write(&key, issued.key_pem).unwrap();
+        (cert, key)
+    }
+
+    /// Client TLS settings presenting a fresh certificate for `id`.
+    pub fn client(&self, id: &Identity) -> ClientTlsConfig {
+        let name = id.uri().unwrap_or_default().replace(['/', ':'], "_");
+        let (cert, key) = self.issue(&name, id);
+        cellplane_security::TlsFiles {
+            ca: self.ca_path(),
+            cert,
+            key,
+        }
+        .load()
+        .expect("load test TLS files")
+        .client()
+    }
+
+    /// Client TLS settings that trust the CA and present no certificate.
+    pub fn anonymous_client(&self) -> ClientTlsConfig {
+        cellplane_security::tls::client_trusting(self.ca.cert_pem().as_bytes())
+    }
 }
 
 pub async fn kv(addr: SocketAddr) -> Result<KvClient<Channel>, tonic::transport::Error> {
@@ -275,6 +370,15 @@ pub struct TestEnv {
     pub router_admin: SocketAddr,
     pub router_http: SocketAddr,
     pub router: Option<Child>,
+    /// With TLS on: the environment's CA.
+    pub pki: Option<TestPki>,
+}
+
+/// A user of a secure environment's credentials file.
+pub struct User<'a> {
+    pub name: &'a str,
+    pub operator: bool,
+    pub password: &'a str,
 }
 
 impl TestEnv {
@@ -305,6 +409,7 @@ impl TestEnv {
             router_admin: r[1],
             router_http: r[2],
             router: None,
+            pki: None,
         };
         std::fs::write(
             env.folder.path().join("routing.toml"),
@@ -312,6 +417,80 @@ impl TestEnv {
         )
         .unwrap();
         env
+    }
+
+    /// Like [`TestEnv::start`] with TLS everywhere (mTLS between members) and auth
+    /// on at the router: `users` log in with passwords; tokens live `token_ttl_secs`.
+    pub fn start_secure(
+        names: &[&str],
+        members: usize,
+        users: &[User],
+        token_ttl_secs: u64,
+    ) -> TestEnv {
+        let pki = TestPki::new();
+        let cells: Vec<TestCell> = names
+            .iter()
+            .map(|n| TestCell::start_tls(n, members, "", &pki))
+            .collect();
+        let directory = TestCell::start_tls("directory", 1, "role = \"directory\"\n", &pki);
+        let folder = tempfile::tempdir().expect("tempdir");
+        let r = free_addrs(3);
+        let (cert, key) = pki.issue("router-1", &Identity::Router(1));
+        let mut creds = cellplane_security::Credentials::default();
+        for u in users {
+            let role = if u.operator {
+                cellplane_security::Role::Operator
+            } else {
+                cellplane_security::Role::Tenant
+            };
+            creds.add(u.name, role, u.password, false).unwrap();
+        }
+        creds.save(&folder.path().join("credentials.toml")).unwrap();
+        std::fs::write(
+            folder.path().join("token.key"),
+            cellplane_security::token::new_key_line(),
+        )
+        .unwrap();
+        std::fs::write(
+            folder.path().join("routers.toml"),
+            format!(
+                "directory = \"directory\"\nstatic_map = \"routing.toml\"\n\
+                 [tls]\nca = {:?}\n\
+                 [auth]\nenabled = true\ncredentials = \"credentials.toml\"\n\
+                 token_key = \"token.key\"\ntoken_ttl_secs = {token_ttl_secs}\nreload_ms = 200\n\
+                 [[routers]]\nid = 1\nclient = \"{}\"\nadmin = \"{}\"\nhttp = \"{}\"\n\
+                 cert = {cert:?}\nkey = {key:?}\n\
+                 [settings]\ndirectory_poll_ms = 200\n[settings.pool]\nrequest_timeout_ms = 3000\n\
+                 probe_interval_ms = 200\n",
+                pki.ca_path(),
+                r[0],
+                r[1],
+                r[2]
+            ),
+        )
+        .unwrap();
+        std::fs::copy(&directory.def_path, folder.path().join("directory.toml")).unwrap();
+        let env = TestEnv {
+            cells,
+            directory,
+            folder,
+            router_client: r[0],
+            router_admin: r[1],
+            router_http: r[2],
+            router: None,
+            pki: Some(pki),
+        };
+        std::fs::write(
+            env.folder.path().join("routing.toml"),
+            env.static_map(1, &[]),
+        )
+        .unwrap();
+        env
+    }
+
+    /// The environment's CA (a secure environment only).
+    pub fn pki(&self) -> &TestPki {
+        self.pki.as_ref().expect("a secure environment")
     }
 
     /// The static map text: even buckets over the cells, tenants a, b, c… pinned to
@@ -411,13 +590,22 @@ impl TestEnv {
             .iter()
             .map(|m| m.client.to_string())
             .collect();
+        let tls = self
+            .pki
+            .as_ref()
+            .map(|p| p.client(&Identity::Operator("test-operator".into())));
         let dir =
-            cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3)).unwrap();
+            cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3), tls.as_ref())
+                .unwrap();
         dir.write(&map, expected_revision).await.expect("write map");
     }
 
     pub async fn admin_status(&self) -> cellplane_proto::router::RouterStatusResponse {
-        let ch = channel(self.router_admin).await.unwrap();
+        let tls = self
+            .pki
+            .as_ref()
+            .map(|p| p.client(&Identity::Operator("test-operator".into())));
+        let ch = channel_with(self.router_admin, tls.as_ref()).await.unwrap();
         cellplane_proto::router::router_admin_client::RouterAdminClient::new(ch)
             .status(cellplane_proto::router::RouterStatusRequest {})
             .await
