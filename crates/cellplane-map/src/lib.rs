@@ -282,7 +282,10 @@ fn check_size(bytes: usize) -> Result<(), MapError> {
 }
 
 impl CellMap {
-    /// Parses and validates a TOML map of at most [`MAX_MAP_BYTES`].
+    /// Parses and validates a TOML map of at most [`MAX_MAP_BYTES`]. The TOML parser
+    /// builds a tree of the whole document before the map's limits apply, which can
+    /// cost some 80 times the document's size: TOML is for files an operator writes,
+    /// and maps from the directory are JSON.
     pub fn from_toml(text: &str) -> Result<CellMap, MapError> {
         check_size(text.len())?;
         let map: CellMap = toml::from_str(text).map_err(|e| MapError::Parse(e.to_string()))?;
