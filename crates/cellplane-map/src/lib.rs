@@ -559,7 +559,11 @@ impl CellMap {
     }
 
     /// Spreads every bucket evenly over `cells`, in order, as contiguous ranges.
+    /// With no cells there is nothing to assign: no ranges.
     pub fn even_ranges(cells: &[&str], buckets: u32) -> Vec<BucketRange> {
+        if cells.is_empty() {
+            return Vec::new();
+        }
         let n = cells.len() as u32;
         let mut out = Vec::new();
         let mut from = 0;
@@ -631,6 +635,10 @@ mod tests {
             [1366, 1365, 1365]
         );
         map().validate().unwrap();
+        assert!(
+            CellMap::even_ranges(&[], 4096).is_empty(),
+            "no cells, no panic"
+        );
     }
 
     #[test]
