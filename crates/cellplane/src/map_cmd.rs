@@ -77,7 +77,7 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
             let (map, rev) =
                 stored.context("the directory holds no map yet: `map apply` one first")?;
             let mut next = map.clone();
-            next.version += 1;
+            next.version = map.next_version()?;
             next.tenants.insert(tenant.clone(), cell.clone());
             write(&dir, Some((map, rev)), next).await?;
             crate::outln!("tenant {tenant} now routes to cell {cell}");
@@ -117,7 +117,7 @@ pub fn drained(map: &CellMap, cell: &str) -> anyhow::Result<CellMap> {
         bail!("cell {cell} is the last active cell: nothing to drain it to");
     }
     let mut next = map.clone();
-    next.version += 1;
+    next.version = map.next_version()?;
     let mut ranges = Vec::new();
     let mut turn = 0;
     for r in &map.ranges {
@@ -194,6 +194,23 @@ mod tests {
         assert!(
             drained(&next2, "gamma").is_err(),
             "the last active cell cannot drain"
+        );
+    }
+
+    #[test]
+    fn no_change_is_computed_past_the_highest_version() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../cells/routing.toml"
+        ))
+        .unwrap();
+        let mut map = CellMap::from_toml(&text).unwrap();
+        map.version = cellplane_map::MAX_VERSION;
+        let err = drained(&map, "beta").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the map's version is at its maximum"),
+            "{err}"
         );
     }
 }
