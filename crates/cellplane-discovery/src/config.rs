@@ -71,6 +71,8 @@ pub const DEFAULT_CHECK_DENY: &[IpNet] = &[
     v4([255, 255, 255, 255], 32),
 ];
 
+/// The `[discovery]` section of a cell definition file: every field optional,
+/// unknown fields refused.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
