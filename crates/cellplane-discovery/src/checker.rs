@@ -11,7 +11,11 @@
 //!   UNHEALTHY. A heartbeat after that: HEALTHY again. No heartbeat at all: the
 //!   lease expires and the cell deletes the key (the instance is removed).
 //! - Active (HTTP, TCP, gRPC health): every `interval_ms`, bounded by
-//!   `timeout_ms` and by `max_concurrent_checks` running at once.
+//!   `timeout_ms` and by `max_concurrent_checks` running at once, and only
+//!   against addresses `check_allow` and `check_deny` permit: a check whose
+//!   target is refused (an instance registered before the policy, or a name that
+//!   now resolves to a refused address) fails, with the reason, without
+//!   connecting.
 //! - Unhealthy for longer than `deregister_after` (from `unhealthy_since`, which is
 //!   stored, so a new leader keeps counting): the instance is deleted.
 //!
@@ -29,7 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
+use crate::config::{AddressPolicy, Settings};
 use crate::error::DiscoveryError;
 use crate::etcd::Etcd;
 use crate::keys;
@@ -38,6 +42,8 @@ pub struct Checker {
     etcd: Etcd,
     settings: Settings,
     slots: Arc<Semaphore>,
+    /// The addresses active checks may reach.
+    policy: Arc<AddressPolicy>,
 }
 
 /// An instance the checker follows: the latest stored state goes to its task.
@@ -51,10 +57,12 @@ struct Tracked {
 impl Checker {
     pub fn new(etcd: Etcd, settings: Settings) -> Checker {
         let slots = Arc::new(Semaphore::new(settings.max_concurrent_checks));
+        let policy = Arc::new(settings.check_policy());
         Checker {
             etcd,
             settings,
             slots,
+            policy,
         }
     }
 
@@ -206,6 +214,7 @@ impl Checker {
             check: check.clone().unwrap_or_default(),
             state: rx,
             slots: self.slots.clone(),
+            policy: self.policy.clone(),
             ttl_poll: Duration::from_millis(self.settings.ttl_poll_ms),
         };
         tasks.spawn(task.run(stop.clone()));
@@ -320,6 +329,7 @@ struct InstanceTask {
     check: Check,
     state: watch::Receiver<Instance>,
     slots: Arc<Semaphore>,
+    policy: Arc<AddressPolicy>,
     ttl_poll: Duration,
 }
 
@@ -389,7 +399,8 @@ impl InstanceTask {
         let Ok(_slot) = self.slots.acquire().await else {
             return Ok(());
         };
-        crate::probe::run(active, Duration::from_millis(self.check.timeout_ms)).await
+        let timeout = Duration::from_millis(self.check.timeout_ms);
+        crate::probe::run(active, timeout, &self.policy).await
     }
 
     /// Writes the health the observations call for, if it differs from the

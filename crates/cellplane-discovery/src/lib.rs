@@ -12,8 +12,10 @@
 //!   deregister_after` seconds that heartbeats renew without a Raft write; the
 //!   checker, on the leader only, marks it UNHEALTHY once a heartbeat is missed
 //!   and the lease's expiry removes it. Active checks ([`probe`]: HTTP, TCP, gRPC
-//!   health) run on the leader too. Either writes through Raft only when an
-//!   instance's health changes.
+//!   health) run on the leader too, only against addresses the cell's settings
+//!   permit ([`config::AddressPolicy`]: `check_allow`, `check_deny`), so a
+//!   registration cannot make the leader probe, say, a cloud metadata service.
+//!   Either writes through Raft only when an instance's health changes.
 //! - Serving ([`service::DiscoveryService`]), wiring into a member ([`host`]).
 //!
 //! Depends on `cellplane-proto` only: never on a cell's internals or storage, so it

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::config::Settings;
+use crate::config::{AddressPolicy, Settings};
 use crate::error::DiscoveryError;
 use crate::etcd::{Etcd, PrefixWatch};
 use crate::keys;
@@ -27,6 +27,9 @@ type Result<T> = std::result::Result<T, DiscoveryError>;
 pub struct DiscoveryService {
     etcd: Etcd,
     settings: Settings,
+    /// Which addresses a registration's active check may name (`settings`'
+    /// `check_allow` and `check_deny`).
+    policy: AddressPolicy,
     /// Ends watch streams when the member shuts down.
     shutdown: CancellationToken,
 }
@@ -35,6 +38,7 @@ impl DiscoveryService {
     pub fn new(etcd: Etcd, settings: Settings, shutdown: CancellationToken) -> DiscoveryService {
         DiscoveryService {
             etcd,
+            policy: settings.check_policy(),
             settings,
             shutdown,
         }
@@ -59,7 +63,7 @@ impl DiscoveryService {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
-        let mut instance = validate::register(&req)?;
+        let mut instance = validate::register(&req, &self.policy)?;
         let (ns, svc, id) = (&instance.namespace, &instance.service, &instance.id);
         let key = keys::instance_key(ns, svc, id);
         let previous = self.lookup(ns, svc, id, false).await.ok().flatten();

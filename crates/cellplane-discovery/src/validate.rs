@@ -3,6 +3,11 @@
 //! Names (namespace, service, id) become path segments of the instance key, so
 //! they are limited to letters, digits and `-`, `_`, `.` (ids also `:`, for
 //! host:port ids): no `/` that would let one name reach into another's prefix.
+//!
+//! An active check's host given as an IP literal must be an address the cell
+//! probes ([`AddressPolicy`]); a name is judged when the check runs.
+
+use std::net::IpAddr;
 
 use cellplane_proto::discovery::{Check, Health, Instance, RegisterRequest, check};
 
@@ -86,8 +91,9 @@ fn text(field: &str, value: &str, max: usize) -> Result<(), DiscoveryError> {
     Ok(())
 }
 
-/// `host:port` with a non-empty host and a port from 1 to 65535.
-fn host_port(field: &str, value: &str) -> Result<(), DiscoveryError> {
+/// `host:port` with a non-empty host and a port from 1 to 65535; the host,
+/// without the brackets of an IPv6 literal.
+fn host_port<'a>(field: &str, value: &'a str) -> Result<&'a str, DiscoveryError> {
     let bad = || DiscoveryError::invalid(field, format!("{value:?} is not host:port"));
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -95,7 +101,7 @@ fn host_port(field: &str, value: &str) -> Result<(), DiscoveryError> {
         return Err(bad());
     }
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
+        Ok(p) if p > 0 => Ok(host),
         _ => Err(DiscoveryError::invalid(
             field,
             format!("{value:?}: the port must be a number from 1 to 65535"),
@@ -133,9 +139,27 @@ pub fn http_url(field: &str, value: &str) -> Result<http::Uri, DiscoveryError> {
     Ok(uri)
 }
 
+/// Refuses a check target whose host is an IP literal `policy` refuses. A name
+/// passes: it may not resolve yet, and whatever it resolves to is judged before
+/// every run of the check (an answer now would prove nothing then).
+fn target(field: &str, host: &str, policy: &AddressPolicy) -> Result<(), DiscoveryError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) => policy
+            .permits(ip)
+            .map_err(|reason| DiscoveryError::invalid(field, reason)),
+        Err(_) => Ok(()),
+    }
+}
+
 /// The check with defaults filled in. `has_lease` says whether the registration
-/// attaches the instance to an existing lease.
-pub fn check(c: Option<&Check>, has_lease: bool) -> Result<Check, DiscoveryError> {
+/// attaches the instance to an existing lease; `policy`, which addresses active
+/// checks may reach.
+pub fn check(
+    c: Option<&Check>,
+    has_lease: bool,
+    policy: &AddressPolicy,
+) -> Result<Check, DiscoveryError> {
     let mut c = c.cloned().unwrap_or_default();
     if c.ttl_seconds < 0 {
         return Err(DiscoveryError::invalid(
@@ -157,11 +181,16 @@ pub fn check(c: Option<&Check>, has_lease: bool) -> Result<Check, DiscoveryError
     }
     match &c.active {
         Some(check::Active::Http(h)) => {
-            http_url("check.http.url", &h.url)?;
+            let uri = http_url("check.http.url", &h.url)?;
+            target("check.http.url", uri.host().unwrap_or_default(), policy)?;
         }
-        Some(check::Active::Tcp(t)) => host_port("check.tcp.address", &t.address)?,
+        Some(check::Active::Tcp(t)) => {
+            let host = host_port("check.tcp.address", &t.address)?;
+            target("check.tcp.address", host, policy)?;
+        }
         Some(check::Active::Grpc(g)) => {
-            host_port("check.grpc.address", &g.address)?;
+            let host = host_port("check.grpc.address", &g.address)?;
+            target("check.grpc.address", host, policy)?;
             text("check.grpc.service", &g.service, MAX_NAME)?;
         }
         None => {
@@ -222,7 +251,8 @@ pub fn check(c: Option<&Check>, has_lease: bool) -> Result<Check, DiscoveryError
 /// The instance to store for a registration: the caller's fields checked, the
 /// check's defaults filled in, the fields the cell owns reset. Health starts
 /// HEALTHY (registering is a sign of life), or UNKNOWN until an active check runs.
-pub fn register(req: &RegisterRequest) -> Result<Instance, DiscoveryError> {
+/// `policy` says which addresses active checks may reach.
+pub fn register(req: &RegisterRequest, policy: &AddressPolicy) -> Result<Instance, DiscoveryError> {
     let i = req
         .instance
         .as_ref()
@@ -269,7 +299,7 @@ pub fn register(req: &RegisterRequest) -> Result<Instance, DiscoveryError> {
     if req.lease_id < 0 {
         return Err(DiscoveryError::invalid("lease_id", "must not be negative"));
     }
-    let check = self::check(i.check.as_ref(), req.lease_id != 0)?;
+    let check = self::check(i.check.as_ref(), req.lease_id != 0, policy)?;
     let mut tags = i.tags.clone();
     tags.sort();
     tags.dedup();
@@ -322,6 +352,10 @@ mod tests {
             ttl_seconds: s,
             ..Default::default()
         })
+    }
+
+    fn register(r: &RegisterRequest) -> Result<Instance, DiscoveryError> {
+        super::register(r, &Settings::default().check_policy())
     }
 
     fn err(r: &RegisterRequest) -> String {
@@ -443,6 +477,60 @@ mod tests {
             .unwrap()
             .interval_ms = 5;
         assert!(err(&fast).starts_with("check.interval_ms:"));
+    }
+
+    #[test]
+    fn a_check_of_a_refused_ip_literal_is_refused_naming_the_field() {
+        let with = |a: check::Active| {
+            req(
+                Some(Check {
+                    active: Some(a),
+                    ..Default::default()
+                }),
+                0,
+            )
+        };
+        let metadata = with(check::Active::Http(HttpCheck {
+            url: "http://169.254.169.254/latest/meta-data/".into(),
+        }));
+        assert_eq!(
+            err(&metadata),
+            "check.http.url: address 169.254.169.254 is in discovery.check_deny \
+             169.254.0.0/16: the cell does not probe it"
+        );
+        let status = tonic::Status::from(register(&metadata).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let mapped = with(check::Active::Http(HttpCheck {
+            url: "http://[::ffff:169.254.169.254]:80/".into(),
+        }));
+        assert!(err(&mapped).starts_with("check.http.url: address ::ffff:169.254.169.254"));
+        let tcp = with(check::Active::Tcp(TcpCheck {
+            address: "[fe80::1]:22".into(),
+        }));
+        assert!(
+            err(&tcp).starts_with("check.tcp.address: address fe80::1 is in discovery.check_deny"),
+            "{}",
+            err(&tcp)
+        );
+        let grpc = with(check::Active::Grpc(GrpcCheck {
+            address: "100.100.100.200:80".into(),
+            service: String::new(),
+        }));
+        assert!(err(&grpc).starts_with("check.grpc.address: address 100.100.100.200"));
+        // A name is judged when the check runs, not here.
+        register(&with(check::Active::Http(HttpCheck {
+            url: "http://metadata.google.internal/".into(),
+        })))
+        .unwrap();
+        // The cell's own policy decides: one allowing only 10.0.0.0/8 refuses
+        // loopback.
+        let narrow = AddressPolicy::new(&["10.0.0.0/8".parse().unwrap()], &[]);
+        let local = with(check::Active::Tcp(TcpCheck {
+            address: "127.0.0.1:80".into(),
+        }));
+        register(&local).unwrap();
+        let e = super::register(&local, &narrow).unwrap_err().to_string();
+        assert!(e.contains("discovery.check_allow"), "{e}");
     }
 
     #[test]
