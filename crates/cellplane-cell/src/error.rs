@@ -40,6 +40,7 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseNotFound => Status::not_found(e.to_string()),
         KvError::LeaseExists => Status::failed_precondition(e.to_string()),
         KvError::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
+        KvError::PermissionDenied => Status::permission_denied(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::EmptyKey
         | KvError::KeyNotFound

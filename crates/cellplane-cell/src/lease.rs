@@ -9,6 +9,12 @@
 //!
 //! Followers forward Grant, Revoke, KeepAlive and TimeToLive to the leader (each
 //! once); Leases is served by any member after a linearizable read barrier.
+//!
+//! A call carrying the [`TENANT_METADATA`] is a tenant's, passed on by a router:
+//! its grants record the tenant as the lease's owner, and for any lease it does not
+//! own it gets the answers etcd gives for a lease that does not exist, so one
+//! tenant can neither touch nor discover another's leases. A call without it is an
+//! operator's (or a member's) and sees every lease. Expiry ignores owners.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -33,6 +39,66 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::{kv_status, node_status, read_status};
 use crate::node::{ProposeError, Shared};
 use crate::service::{forwarded_request, is_forwarded, serve_request};
+
+/// The gRPC metadata naming the tenant a call is made for. A router sets it on
+/// every request it passes to a cell, to the tenant it authenticated; cells are
+/// reached only by routers, operators and their own members, so it is trusted.
+pub const TENANT_METADATA: &str = "cellplane-tenant";
+
+/// The tenant `request` is made for, from its [`TENANT_METADATA`]; `None` for an
+/// operator's or a member's call. A malformed name is refused rather than ignored:
+/// ignoring it would turn a tenant's call into an operator's.
+pub fn request_tenant<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    let bad = |why: String| {
+        Status::invalid_argument(format!("invalid `{TENANT_METADATA}` metadata: {why}"))
+    };
+    let mut values = request.metadata().get_all(TENANT_METADATA).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad("sent more than once".into()));
+    }
+    let name = value
+        .to_str()
+        .map_err(|_| bad("not a printable ASCII string".into()))?;
+    check_tenant_name(name).map_err(bad)?;
+    Ok(Some(name.to_string()))
+}
+
+/// The rule of tenant names (as `cellplane_security::identity::check_tenant_name`):
+/// 1 to 64 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit.
+fn check_tenant_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("tenant name {name:?} must be 1 to 64 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "tenant name {name:?} may hold only ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "tenant name {name:?} must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// `inner` forwarded to the leader once, on behalf of `tenant` if any.
+fn forwarded_for<T>(inner: T, tenant: Option<&str>) -> Request<T> {
+    let mut r = forwarded_request(inner);
+    if let Some(t) = tenant {
+        // Checked by `request_tenant`: printable ASCII.
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(t) {
+            r.metadata_mut().insert(TENANT_METADATA, v);
+        }
+    }
+    r
+}
 
 /// How often the leader looks for expired leases.
 const EXPIRY_TICK: Duration = Duration::from_millis(250);
@@ -333,11 +399,12 @@ impl LeaseService {
         &self,
         id: i64,
         forwarded: bool,
+        tenant: Option<&str>,
     ) -> Result<LeaseKeepAliveResponse, Status> {
         let s = &self.shared;
         if let Some(leader) = self.leader_elsewhere(forwarded).await? {
             let mut client = self.leader_client(leader)?;
-            let req = forwarded_request(tokio_stream::once(LeaseKeepAliveRequest { id }));
+            let req = forwarded_for(tokio_stream::once(LeaseKeepAliveRequest { id }), tenant);
             let mut stream = client.lease_keep_alive(req).await?.into_inner();
             return match stream.message().await? {
                 Some(r) => Ok(r),
@@ -345,6 +412,22 @@ impl LeaseService {
                     "etcdserver: leader ended the keep-alive",
                 )),
             };
+        }
+        // Another tenant's lease is answered as a missing one, and not renewed.
+        // Until the deadlines are loaded the store may lag: renew says to retry.
+        if let Some(t) = tenant
+            && s.lessor.loaded_term().is_some()
+            && !s
+                .reader
+                .lease(id)
+                .map_err(kv_status)?
+                .is_some_and(|r| r.owned_by(t))
+        {
+            return Ok(LeaseKeepAliveResponse {
+                header: Some(s.header(s.applied.borrow().revision)),
+                id,
+                ttl: 0,
+            });
         }
         let stored = || s.reader.lease(id).ok().flatten().map(|r| r.ttl);
         let ttl = match s.lessor.renew(id, stored) {
@@ -398,6 +481,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let tenant = request_tenant(&request)?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseGrant", async {
             if req.ttl > MAX_LEASE_TTL {
@@ -411,7 +495,8 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
             }
             if let Some(leader) = self.leader_elsewhere(forwarded).await? {
                 let mut c = self.leader_client(leader)?;
-                return Ok(c.lease_grant(forwarded_request(req)).await?.into_inner());
+                let req = forwarded_for(req, tenant.as_deref());
+                return Ok(c.lease_grant(req).await?.into_inner());
             }
             let id = if req.id == 0 {
                 self.new_lease_id()
@@ -419,10 +504,15 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 req.id
             };
             let ttl = req.ttl.max(self.min_ttl());
-            match self
-                .propose::<LeaseGrantResponse>(Command::LeaseGrant { id, ttl }, forwarded)
-                .await?
-            {
+            let cmd = match &tenant {
+                Some(owner) => Command::LeaseGrantOwned {
+                    id,
+                    ttl,
+                    owner: owner.clone(),
+                },
+                None => Command::LeaseGrant { id, ttl },
+            };
+            match self.propose::<LeaseGrantResponse>(cmd, forwarded).await? {
                 Ok((resp, header)) => {
                     self.shared.lessor.granted(id, ttl);
                     Ok(LeaseGrantResponse {
@@ -432,7 +522,8 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 }
                 Err(leader) => {
                     let mut c = self.leader_client(leader)?;
-                    Ok(c.lease_grant(forwarded_request(req)).await?.into_inner())
+                    let req = forwarded_for(req, tenant.as_deref());
+                    Ok(c.lease_grant(req).await?.into_inner())
                 }
             }
         })
@@ -444,12 +535,19 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let tenant = request_tenant(&request)?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseRevoke", async {
-            match self
-                .propose::<LeaseRevokeResponse>(Command::LeaseRevoke(req.id), forwarded)
-                .await?
-            {
+            // A tenant's revoke of a lease it does not own fails at apply as if the
+            // lease did not exist.
+            let cmd = match &tenant {
+                Some(owner) => Command::LeaseRevokeOwned {
+                    id: req.id,
+                    owner: owner.clone(),
+                },
+                None => Command::LeaseRevoke(req.id),
+            };
+            match self.propose::<LeaseRevokeResponse>(cmd, forwarded).await? {
                 Ok((_, header)) => {
                     self.shared.lessor.revoked(req.id);
                     Ok(LeaseRevokeResponse {
@@ -458,7 +556,8 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 }
                 Err(leader) => {
                     let mut c = self.leader_client(leader)?;
-                    Ok(c.lease_revoke(forwarded_request(req)).await?.into_inner())
+                    let req = forwarded_for(req, tenant.as_deref());
+                    Ok(c.lease_revoke(req).await?.into_inner())
                 }
             }
         })
@@ -472,6 +571,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let forwarded = is_forwarded(&request);
+        let tenant = request_tenant(&request)?;
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_BUFFER);
         let this = LeaseService {
@@ -489,7 +589,9 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                     Some(Err(_)) => return,
                     Some(Ok(r)) => r,
                 };
-                let resp = this.keep_alive_one(req.id, forwarded).await;
+                let resp = this
+                    .keep_alive_one(req.id, forwarded, tenant.as_deref())
+                    .await;
                 let failed = resp.is_err();
                 // Full buffer: wait, which stops reading this client's requests.
                 if tx.send(resp).await.is_err() || failed {
@@ -507,15 +609,14 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let tenant = request_tenant(&request)?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseTimeToLive", async {
             let s = &self.shared;
             if let Some(leader) = self.leader_elsewhere(forwarded).await? {
                 let mut c = self.leader_client(leader)?;
-                return Ok(c
-                    .lease_time_to_live(forwarded_request(req))
-                    .await?
-                    .into_inner());
+                let req = forwarded_for(req, tenant.as_deref());
+                return Ok(c.lease_time_to_live(req).await?.into_inner());
             }
             let mut applied = s.applied.clone();
             s.barrier
@@ -525,8 +626,13 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
             let revision = applied.borrow().revision;
             let header = Some(s.header(revision));
             // As etcd: an unknown (or expired and revoked) lease is TTL -1, not an
-            // error.
-            let Some((rec, keys)) = s.reader.lease_with_keys(req.id).map_err(kv_status)? else {
+            // error. Another tenant's lease is answered the same way.
+            let found = s
+                .reader
+                .lease_with_keys(req.id)
+                .map_err(kv_status)?
+                .filter(|(rec, _)| tenant.as_deref().is_none_or(|t| rec.owned_by(t)));
+            let Some((rec, keys)) = found else {
                 return Ok(LeaseTimeToLiveResponse {
                     header,
                     id: req.id,
@@ -548,8 +654,9 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: Request<LeaseLeasesRequest>,
+        request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let tenant = request_tenant(&request)?;
         serve_request(&self.shared, "LeaseLeases", async {
             let s = &self.shared;
             let mut applied = s.applied.clone();
@@ -558,7 +665,11 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 .await
                 .map_err(read_status)?;
             let revision = applied.borrow().revision;
-            let leases = s.reader.leases().map_err(kv_status)?;
+            let leases = match &tenant {
+                Some(t) => s.reader.leases_of(t),
+                None => s.reader.leases(),
+            }
+            .map_err(kv_status)?;
             Ok(LeaseLeasesResponse {
                 header: Some(s.header(revision)),
                 leases: leases
@@ -568,5 +679,57 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_tenant(values: &[&[u8]]) -> Request<()> {
+        let mut r = Request::new(());
+        for v in values {
+            let v = tonic::metadata::MetadataValue::try_from(*v).unwrap();
+            r.metadata_mut().append(TENANT_METADATA, v);
+        }
+        r
+    }
+
+    #[test]
+    fn the_tenant_comes_from_the_metadata_and_a_bad_one_is_refused() {
+        assert_eq!(request_tenant(&with_tenant(&[])).unwrap(), None);
+        for good in ["a", "acme", "t-1_x.y", "9lives", &"x".repeat(64)] {
+            assert_eq!(
+                request_tenant(&with_tenant(&[good.as_bytes()])).unwrap(),
+                Some(good.to_string())
+            );
+        }
+        let long = "x".repeat(65);
+        for bad in [
+            &b""[..],
+            b"_system",
+            b".hidden",
+            b"-a",
+            b"a/b",
+            b"a b",
+            b"caf\xc3\xa9",
+            long.as_bytes(),
+        ] {
+            let e = request_tenant(&with_tenant(&[bad])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(e.message().contains(TENANT_METADATA), "{}", e.message());
+        }
+        let twice = request_tenant(&with_tenant(&[b"a", b"b"])).unwrap_err();
+        assert_eq!(twice.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_forwarded_call_carries_the_tenant() {
+        let r = forwarded_for((), Some("acme"));
+        assert!(is_forwarded(&r));
+        assert_eq!(request_tenant(&r).unwrap().as_deref(), Some("acme"));
+        let r = forwarded_for((), None);
+        assert!(is_forwarded(&r));
+        assert_eq!(request_tenant(&r).unwrap(), None);
     }
 }

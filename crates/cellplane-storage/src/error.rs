@@ -40,6 +40,10 @@ pub enum KvError {
     /// The local store failed; not the request's fault.
     #[error("storage error: {0}")]
     Storage(String),
+    /// A put attaches a tenant's lease to a key outside that tenant's namespace.
+    /// Last, so that the variants before it keep their encoding in responses.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
 }
 
 impl From<rocksdb::Error> for KvError {

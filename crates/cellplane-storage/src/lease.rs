@@ -4,13 +4,18 @@
 //! (an in-memory deadline, refreshed to a full TTL on a new leader, as etcd does):
 //! expiry reaches the store as a [`crate::Command::LeaseRevoke`] like any client
 //! revoke, so every member deletes the same keys at the same revision.
+//!
+//! A lease granted through a router belongs to the tenant the router named: its
+//! owner is stored with it, and a key attached to it must lie in the owner's
+//! namespace (see [`tenant_namespace`]). Leases granted on a cell directly have no
+//! owner and behave as before owners existed.
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{CF_LEASE, Store};
 use crate::error::KvError;
-use crate::mvcc::{KvReader, decode_record};
+use crate::mvcc::KvReader;
 
 /// Largest TTL a lease may be granted, in seconds (etcd's `MaxLeaseTTL`).
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
@@ -19,10 +24,76 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 pub type LeaseWithKeys = (LeaseRecord, Vec<Vec<u8>>);
 
 /// A lease as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
     /// The TTL granted, in seconds.
     pub ttl: i64,
+    /// The tenant that granted it through a router; `None` for a lease granted on
+    /// the cell directly (an operator's), or stored before owners were recorded.
+    pub owner: Option<String>,
+}
+
+/// The record as stored before owners existed. postcard is not self-describing,
+/// so those bytes (the TTL alone) do not decode as a [`LeaseRecord`]: they are
+/// read with this.
+#[derive(Deserialize)]
+struct LeaseRecordV1 {
+    ttl: i64,
+}
+
+impl LeaseRecord {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, KvError> {
+        postcard::to_stdvec(self).map_err(|e| KvError::Storage(e.to_string()))
+    }
+
+    /// Decodes a stored record, of either format. The two cannot be confused: the
+    /// old one is the TTL and nothing more, the new one has at least the owner's
+    /// option tag after it, and each must use every byte.
+    pub(crate) fn decode(b: &[u8]) -> Result<LeaseRecord, KvError> {
+        if let Ok((rec, [])) = postcard::take_from_bytes::<LeaseRecord>(b) {
+            return Ok(rec);
+        }
+        match postcard::take_from_bytes::<LeaseRecordV1>(b) {
+            Ok((old, [])) => Ok(LeaseRecord {
+                ttl: old.ttl,
+                owner: None,
+            }),
+            _ => Err(KvError::Storage("corrupt lease record".into())),
+        }
+    }
+
+    /// Whether `tenant` may use this lease: always for a lease without an owner
+    /// (an operator's call may use any lease too: see the cell).
+    pub fn owned_by(&self, tenant: &str) -> bool {
+        self.owner.as_deref() == Some(tenant)
+    }
+}
+
+/// Tenant `tenant`'s key namespace, `[/T/, prefix_end(/T/))`, as the router
+/// assigns keys to tenants.
+pub fn tenant_namespace(tenant: &str) -> (Vec<u8>, Vec<u8>) {
+    let start = format!("/{tenant}/").into_bytes();
+    (start.clone(), prefix_end(&start))
+}
+
+/// etcd's prefix end: the smallest key after every key starting with `prefix`
+/// (trailing 0xff bytes dropped, the last byte left incremented; "\0" when none is
+/// left, meaning no end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Whether `key` lies in `tenant`'s namespace.
+pub(crate) fn in_namespace(tenant: &str, key: &[u8]) -> bool {
+    let (start, end) = tenant_namespace(tenant);
+    key >= start.as_slice() && key < end.as_slice()
 }
 
 const LEASE_TAG: u8 = b'l';
@@ -75,7 +146,7 @@ pub(crate) fn read_lease(
         .db
         .get_cf_opt(store.cf(CF_LEASE), lease_key(id), opts)?
     {
-        Some(b) => Ok(Some(decode_record(&b)?)),
+        Some(b) => Ok(Some(LeaseRecord::decode(&b)?)),
         None => Ok(None),
     }
 }
@@ -116,8 +187,62 @@ impl KvReader {
                 .and_then(|b| b.try_into().ok())
                 .map(i64::from_be_bytes)
                 .ok_or_else(|| KvError::Storage("corrupt lease key".into()))?;
-            out.push((id, decode_record(&v)?));
+            out.push((id, LeaseRecord::decode(&v)?));
         }
         Ok(out)
+    }
+
+    /// The leases `tenant` owns, by id.
+    pub fn leases_of(&self, tenant: &str) -> Result<Vec<(i64, LeaseRecord)>, KvError> {
+        let mut all = self.leases()?;
+        all.retain(|(_, r)| r.owned_by(tenant));
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_stored_before_owners_existed_still_decode() {
+        // The old format: a struct of the TTL alone.
+        #[derive(Serialize)]
+        struct Old {
+            ttl: i64,
+        }
+        for ttl in [2, 60, MAX_LEASE_TTL] {
+            let old = postcard::to_stdvec(&Old { ttl }).unwrap();
+            assert_eq!(
+                LeaseRecord::decode(&old).unwrap(),
+                LeaseRecord { ttl, owner: None }
+            );
+        }
+        for owner in [None, Some("a".to_string()), Some("tenant-7".to_string())] {
+            let rec = LeaseRecord { ttl: 60, owner };
+            assert_eq!(LeaseRecord::decode(&rec.encode().unwrap()).unwrap(), rec);
+        }
+        assert!(LeaseRecord::decode(&[]).is_err());
+        let mut trailing = LeaseRecord {
+            ttl: 60,
+            owner: None,
+        }
+        .encode()
+        .unwrap();
+        trailing.push(7);
+        assert!(LeaseRecord::decode(&trailing).is_err());
+    }
+
+    #[test]
+    fn a_tenants_namespace_is_its_prefix_range() {
+        assert_eq!(tenant_namespace("a"), (b"/a/".to_vec(), b"/a0".to_vec()));
+        assert!(in_namespace("a", b"/a/"));
+        assert!(in_namespace("a", b"/a/x"));
+        assert!(in_namespace("a", b"/a/\xff\xff"));
+        for outside in [&b"/a0"[..], b"/a", b"/ab/x", b"a/x", b"x", b"/b/x", b""] {
+            assert!(!in_namespace("a", outside), "{outside:?}");
+        }
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
     }
 }

@@ -27,7 +27,7 @@ use crate::db::{CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, SM_CFS, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
 use crate::lease::{
-    LeaseRecord, MAX_LEASE_TTL, attached_key, attached_keys, lease_key, read_lease,
+    LeaseRecord, MAX_LEASE_TTL, attached_key, attached_keys, in_namespace, lease_key, read_lease,
 };
 use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
@@ -231,7 +231,7 @@ impl Applier<'_> {
 
     fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, KvError> {
         if let Some(l) = self.lease_overlay.get(&id) {
-            return Ok(*l);
+            return Ok(l.clone());
         }
         read_lease(self.store, &ReadOptions::default(), id)
     }
@@ -388,34 +388,46 @@ impl Applier<'_> {
                 self.compact(*rev)?;
                 Ok(CompactionResponse::default().encode_to_vec())
             }
-            Command::LeaseGrant { id, ttl } => {
-                let (id, ttl) = (*id, *ttl);
-                if id <= 0 {
-                    return Err(KvError::Invalid(format!("lease ID {id} must be positive")));
-                }
-                if ttl > MAX_LEASE_TTL {
-                    return Err(KvError::LeaseTtlTooLarge);
-                }
-                if self.lease(id)?.is_some() {
-                    return Err(KvError::LeaseExists);
-                }
-                let rec = LeaseRecord { ttl };
-                let enc = postcard::to_stdvec(&rec).map_err(|e| KvError::Storage(e.to_string()))?;
-                self.pending
-                    .push((CF_LEASE, lease_key(id).to_vec(), Some(enc)));
-                self.lease_overlay.insert(id, Some(rec));
-                Ok(LeaseGrantResponse {
-                    id,
-                    ttl,
-                    ..Default::default()
-                }
-                .encode_to_vec())
-            }
+            Command::LeaseGrant { id, ttl } => self.grant(*id, *ttl, None),
             Command::LeaseRevoke(id) => {
                 self.revoke(*id)?;
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
             }
+            Command::LeaseGrantOwned { id, ttl, owner } => {
+                self.grant(*id, *ttl, Some(owner.clone()))
+            }
+            Command::LeaseRevokeOwned { id, owner } => {
+                // Another tenant's lease looks exactly like a missing one.
+                if !self.lease(*id)?.is_some_and(|l| l.owned_by(owner)) {
+                    return Err(KvError::LeaseNotFound);
+                }
+                self.revoke(*id)?;
+                Ok(LeaseRevokeResponse::default().encode_to_vec())
+            }
         }
+    }
+
+    /// Creates lease `id`, owned by `owner` if given.
+    fn grant(&mut self, id: i64, ttl: i64, owner: Option<String>) -> Result<Vec<u8>, KvError> {
+        if id <= 0 {
+            return Err(KvError::Invalid(format!("lease ID {id} must be positive")));
+        }
+        if ttl > MAX_LEASE_TTL {
+            return Err(KvError::LeaseTtlTooLarge);
+        }
+        if self.lease(id)?.is_some() {
+            return Err(KvError::LeaseExists);
+        }
+        let rec = LeaseRecord { ttl, owner };
+        self.pending
+            .push((CF_LEASE, lease_key(id).to_vec(), Some(rec.encode()?)));
+        self.lease_overlay.insert(id, Some(rec));
+        Ok(LeaseGrantResponse {
+            id,
+            ttl,
+            ..Default::default()
+        }
+        .encode_to_vec())
     }
 
     /// Deletes lease `id` and its keys, all at one new revision (none if it held no
@@ -454,10 +466,21 @@ impl Applier<'_> {
     }
 
     /// Checks of a Put that depend on the store (done again at apply time because
-    /// the store may have changed since the request was proposed).
+    /// the store may have changed since the request was proposed). Every put, alone
+    /// or in a txn at any depth, passes here before it writes.
     fn check_put(&self, req: &PutRequest) -> Result<(), KvError> {
-        if req.lease != 0 && self.lease(req.lease)?.is_none() {
-            return Err(KvError::LeaseNotFound);
+        if req.lease != 0 {
+            let Some(lease) = self.lease(req.lease)? else {
+                return Err(KvError::LeaseNotFound);
+            };
+            // A tenant's lease holds only the tenant's keys: otherwise revoking it
+            // (or letting it expire) would delete another tenant's keys. Checked at
+            // apply so that no path (a put, a txn, a forwarded batch) escapes it.
+            if let Some(owner) = &lease.owner
+                && !in_namespace(owner, &req.key)
+            {
+                return Err(KvError::PermissionDenied);
+            }
         }
         if (req.ignore_value || req.ignore_lease) && self.get(&req.key)?.is_none() {
             return Err(KvError::KeyNotFound);

@@ -46,6 +46,10 @@ pub struct BatchResponse(pub Vec<CommandResponse>);
 /// Requests are carried in their etcd protobuf encoding: the wire format is already
 /// a stable, versioned schema, and re-encoding them into another one would only add
 /// a place for the two to drift apart.
+///
+/// Commands are postcard-encoded in the Raft log, where a variant is its index:
+/// existing variants never change, and new ones are added at the end, so that
+/// entries already in a log (or a peer's batch) still decode.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// An encoded `etcdserverpb.PutRequest`.
@@ -62,6 +66,13 @@ pub enum Command {
     /// Delete a lease and every key attached to it: a client's revoke, or the
     /// leader's decision that the lease expired.
     LeaseRevoke(i64),
+    /// As `LeaseGrant`, for a tenant: the lease records `owner`, and only keys in
+    /// the owner's namespace (`/owner/…`) may be attached to it.
+    LeaseGrantOwned { id: i64, ttl: i64, owner: String },
+    /// A tenant's revoke: as `LeaseRevoke` if the lease belongs to `owner`;
+    /// otherwise nothing happens and the outcome is "lease not found", as for a
+    /// lease that does not exist, so that one tenant cannot probe for another's.
+    LeaseRevokeOwned { id: i64, owner: String },
 }
 
 impl Command {
@@ -91,7 +102,9 @@ impl Command {
             Command::Put(_)
             | Command::DeleteRange(_)
             | Command::LeaseGrant { .. }
-            | Command::LeaseRevoke(_) => false,
+            | Command::LeaseRevoke(_)
+            | Command::LeaseGrantOwned { .. }
+            | Command::LeaseRevokeOwned { .. } => false,
         }
     }
 
@@ -101,6 +114,8 @@ impl Command {
             Command::Put(b) | Command::DeleteRange(b) | Command::Txn(b) => b.len(),
             Command::Compact(_) | Command::LeaseRevoke(_) => 8,
             Command::LeaseGrant { .. } => 16,
+            Command::LeaseGrantOwned { owner, .. } => 16 + owner.len(),
+            Command::LeaseRevokeOwned { owner, .. } => 8 + owner.len(),
         }
     }
 }
@@ -114,6 +129,12 @@ impl std::fmt::Debug for Command {
             Command::Compact(r) => write!(f, "Compact({r})"),
             Command::LeaseGrant { id, ttl } => write!(f, "LeaseGrant({id}, {ttl}s)"),
             Command::LeaseRevoke(id) => write!(f, "LeaseRevoke({id})"),
+            Command::LeaseGrantOwned { id, ttl, owner } => {
+                write!(f, "LeaseGrantOwned({id}, {ttl}s, {owner:?})")
+            }
+            Command::LeaseRevokeOwned { id, owner } => {
+                write!(f, "LeaseRevokeOwned({id}, {owner:?})")
+            }
         }
     }
 }
@@ -137,5 +158,35 @@ impl std::fmt::Debug for CommandResponse {
             .field("revision", &self.revision)
             .field("ok", &self.outcome.as_ref().map(|o| o.is_ok()))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_keep_their_log_encoding() {
+        // A variant is its index in the log: these bytes are in logs already, and a
+        // new variant must not shift them.
+        let enc = |c: &Command| postcard::to_stdvec(c).unwrap();
+        assert_eq!(enc(&Command::Compact(3)), [3, 6]);
+        assert_eq!(enc(&Command::LeaseGrant { id: 1, ttl: 2 }), [4, 2, 4]);
+        assert_eq!(enc(&Command::LeaseRevoke(7)), [5, 14]);
+        let owned = Command::LeaseGrantOwned {
+            id: 1,
+            ttl: 2,
+            owner: "a".into(),
+        };
+        assert_eq!(enc(&owned), [6, 2, 4, 1, b'a']);
+        let revoke = Command::LeaseRevokeOwned {
+            id: 7,
+            owner: "a".into(),
+        };
+        assert_eq!(enc(&revoke), [7, 14, 1, b'a']);
+        for c in [owned, revoke] {
+            assert_eq!(postcard::from_bytes::<Command>(&enc(&c)).unwrap(), c);
+            assert!(!c.reads_history());
+        }
     }
 }

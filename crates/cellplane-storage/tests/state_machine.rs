@@ -1,5 +1,6 @@
 //! The state machine applied directly (no Raft, no network): atomicity of a failing
-//! command, history across a snapshot, and restart from disk.
+//! command, history across a snapshot, restart from disk, and leases with their
+//! owners.
 
 use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, request_op};
 use cellplane_storage::{Batch, Command, KvError, StateMachine, TypeConfig};
@@ -309,4 +310,299 @@ async fn leases_travel_in_snapshots() {
     let (rec, keys) = other.reader().lease_with_keys(42).unwrap().unwrap();
     assert_eq!(rec.ttl, 10);
     assert_eq!(keys, vec![b"/k".to_vec()]);
+}
+
+fn put_with_lease(k: &[u8], lease: i64) -> PutRequest {
+    PutRequest {
+        key: k.to_vec(),
+        value: b"v".to_vec(),
+        lease,
+        ..Default::default()
+    }
+}
+
+fn put_op(p: PutRequest) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(p)),
+    }
+}
+
+fn owned_grant(id: i64, owner: &str) -> Command {
+    Command::LeaseGrantOwned {
+        id,
+        ttl: 30,
+        owner: owner.into(),
+    }
+}
+
+/// Applies one command as log entry `index` and returns its outcome and revision.
+async fn apply_one(
+    sm: &mut StateMachine,
+    index: u64,
+    cmd: Command,
+) -> (Option<Result<serde_bytes::ByteBuf, KvError>>, i64) {
+    let mut out = sm.apply(vec![entry(index, cmd)]).await.unwrap();
+    let r = out.remove(0).0.remove(0);
+    (r.outcome, r.revision)
+}
+
+#[tokio::test]
+async fn a_tenants_lease_holds_only_keys_in_the_tenants_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let reader = sm.reader();
+    let (ok, _) = apply_one(&mut sm, 1, owned_grant(9, "T")).await;
+    assert!(ok.unwrap().is_ok());
+    let rec = reader.lease(9).unwrap().unwrap();
+    assert_eq!(rec.owner.as_deref(), Some("T"));
+
+    // Inside [/T/, /T0): attached.
+    for (i, k) in [&b"/T/"[..], b"/T/a", b"/T/\xff"].iter().enumerate() {
+        let (out, _) = apply_one(
+            &mut sm,
+            2 + i as u64,
+            Command::Put(put_with_lease(k, 9).encode_to_vec()),
+        )
+        .await;
+        assert!(out.unwrap().is_ok(), "{k:?}");
+    }
+    let revision = reader.revisions().unwrap().0;
+    assert_eq!(revision, 3);
+
+    // Outside, the prefix end itself included: refused, nothing written.
+    let mut index = 10;
+    for k in [&b"/other/x"[..], b"x", b"/Tx", b"/T0", b"/T", b"T/x"] {
+        index += 1;
+        let (out, rev) = apply_one(
+            &mut sm,
+            index,
+            Command::Put(put_with_lease(k, 9).encode_to_vec()),
+        )
+        .await;
+        assert_eq!(out, Some(Err(KvError::PermissionDenied)), "{k:?}");
+        assert_eq!(
+            KvError::PermissionDenied.to_string(),
+            "etcdserver: permission denied"
+        );
+        assert_eq!(rev, revision, "{k:?}: no revision");
+        let mut r = get("");
+        r.key = k.to_vec();
+        assert!(reader.range(&r).unwrap().kvs.is_empty(), "{k:?} written");
+    }
+
+    // The same inside a txn, at the top and nested: the txn leaves no trace.
+    let nested = TxnRequest {
+        success: vec![put_op(put_with_lease(b"/other/y", 9))],
+        ..Default::default()
+    };
+    for txn in [
+        TxnRequest {
+            success: vec![
+                put_op(put_with_lease(b"/T/in-txn", 9)),
+                put_op(put_with_lease(b"/other/y", 9)),
+            ],
+            ..Default::default()
+        },
+        TxnRequest {
+            success: vec![
+                put_op(put_with_lease(b"/T/in-txn", 9)),
+                RequestOp {
+                    request: Some(request_op::Request::RequestTxn(nested)),
+                },
+            ],
+            ..Default::default()
+        },
+    ] {
+        index += 1;
+        let (out, rev) = apply_one(&mut sm, index, Command::Txn(txn.encode_to_vec())).await;
+        assert_eq!(out, Some(Err(KvError::PermissionDenied)));
+        assert_eq!(rev, revision);
+        assert!(reader.range(&get("/T/in-txn")).unwrap().kvs.is_empty());
+        assert!(reader.range(&get("/other/y")).unwrap().kvs.is_empty());
+    }
+    let (_, keys) = reader.lease_with_keys(9).unwrap().unwrap();
+    assert_eq!(
+        keys,
+        vec![b"/T/".to_vec(), b"/T/a".to_vec(), b"/T/\xff".to_vec()]
+    );
+
+    // A lease without an owner (an operator's) holds any key, as before.
+    index += 1;
+    apply_one(&mut sm, index, Command::LeaseGrant { id: 10, ttl: 30 }).await;
+    index += 1;
+    let (out, _) = apply_one(
+        &mut sm,
+        index,
+        Command::Put(put_with_lease(b"x", 10).encode_to_vec()),
+    )
+    .await;
+    assert!(out.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn only_the_owner_revokes_a_tenants_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let reader = sm.reader();
+    let mut events = sm.events().subscribe();
+    sm.apply(vec![Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+        payload: EntryPayload::Normal(Batch(vec![
+            owned_grant(9, "a"),
+            Command::Put(put_with_lease(b"/a/1", 9).encode_to_vec()),
+            Command::Put(put_with_lease(b"/a/2", 9).encode_to_vec()),
+            Command::LeaseGrant { id: 10, ttl: 30 },
+        ])),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(reader.revisions().unwrap().0, 2);
+    assert_eq!(
+        reader
+            .leases_of("a")
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        vec![9]
+    );
+    assert!(reader.leases_of("b").unwrap().is_empty());
+
+    // Another tenant: as if the lease did not exist; nothing changes. A lease
+    // without an owner is nobody's to revoke as a tenant either.
+    for (index, cmd) in [
+        (
+            2,
+            Command::LeaseRevokeOwned {
+                id: 9,
+                owner: "b".into(),
+            },
+        ),
+        (
+            3,
+            Command::LeaseRevokeOwned {
+                id: 10,
+                owner: "a".into(),
+            },
+        ),
+        (
+            4,
+            Command::LeaseRevokeOwned {
+                id: 11,
+                owner: "a".into(),
+            },
+        ),
+    ] {
+        let (out, rev) = apply_one(&mut sm, index, cmd).await;
+        assert_eq!(out, Some(Err(KvError::LeaseNotFound)));
+        assert_eq!(rev, 2);
+    }
+    let (_, keys) = reader.lease_with_keys(9).unwrap().unwrap();
+    assert_eq!(keys, vec![b"/a/1".to_vec(), b"/a/2".to_vec()]);
+    assert!(reader.lease(10).unwrap().is_some());
+    assert_eq!(reader.range(&get("/a/1")).unwrap().kvs.len(), 1);
+
+    // The owner: the lease goes, its keys with it, at one revision.
+    let (out, rev) = apply_one(
+        &mut sm,
+        5,
+        Command::LeaseRevokeOwned {
+            id: 9,
+            owner: "a".into(),
+        },
+    )
+    .await;
+    assert!(out.unwrap().is_ok());
+    assert_eq!(rev, 3);
+    assert!(reader.lease(9).unwrap().is_none());
+    assert!(reader.range(&get("/a/1")).unwrap().kvs.is_empty());
+    assert!(reader.range(&get("/a/2")).unwrap().kvs.is_empty());
+    let mut last = None;
+    while let Ok(e) = events.try_recv() {
+        last = Some(e);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.revision, 3);
+    assert_eq!(last.events.len(), 2);
+}
+
+#[tokio::test]
+async fn owners_travel_in_snapshots_and_old_records_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    sm.apply(vec![
+        entry(1, owned_grant(9, "a")),
+        entry(2, Command::LeaseGrant { id: 10, ttl: 20 }),
+        entry(3, Command::Put(put_with_lease(b"/a/k", 9).encode_to_vec())),
+    ])
+    .await
+    .unwrap();
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let meta = snap.meta.clone();
+    let data = snap.snapshot.into_inner();
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut other = StateMachine::new(cellplane_storage::open(dir2.path()).unwrap()).unwrap();
+    other
+        .install_snapshot(&meta, Box::new(std::io::Cursor::new(data.clone())))
+        .await
+        .unwrap();
+    let (rec, keys) = other.reader().lease_with_keys(9).unwrap().unwrap();
+    assert_eq!(rec.owner.as_deref(), Some("a"));
+    assert_eq!(rec.ttl, 30);
+    assert_eq!(keys, vec![b"/a/k".to_vec()]);
+    assert_eq!(other.reader().lease(10).unwrap().unwrap().owner, None);
+
+    // A snapshot (or a store) written before owners existed holds each lease as
+    // its TTL alone. Rewrite the records that way: they read as leases without an
+    // owner, and revoke as before.
+    type Pairs = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Body {
+        revision: i64,
+        compacted: i64,
+        cfs: Vec<(String, Pairs)>,
+    }
+    #[derive(serde::Serialize)]
+    struct OldLease {
+        ttl: i64,
+    }
+    let mut body: Body = postcard::from_bytes(&data).unwrap();
+    let mut rewritten = 0;
+    for (name, pairs) in &mut body.cfs {
+        if name != "lease" {
+            continue;
+        }
+        for (k, v) in pairs.iter_mut() {
+            if k.first() == Some(&b'l') {
+                let id = i64::from_be_bytes(k[1..9].try_into().unwrap());
+                let ttl = if id == 9 { 30 } else { 20 };
+                *v = serde_bytes::ByteBuf::from(postcard::to_stdvec(&OldLease { ttl }).unwrap());
+                rewritten += 1;
+            }
+        }
+    }
+    assert_eq!(rewritten, 2, "the lease layout changed: update this test");
+    let old = postcard::to_stdvec(&body).unwrap();
+    let dir3 = tempfile::tempdir().unwrap();
+    let mut third = StateMachine::new(cellplane_storage::open(dir3.path()).unwrap()).unwrap();
+    third
+        .install_snapshot(&meta, Box::new(std::io::Cursor::new(old)))
+        .await
+        .unwrap();
+    let reader = third.reader();
+    let leases = reader.leases().unwrap();
+    assert_eq!(leases.len(), 2);
+    assert!(leases.iter().all(|(_, r)| r.owner.is_none()));
+    let (rec, keys) = reader.lease_with_keys(9).unwrap().unwrap();
+    assert_eq!((rec.ttl, rec.owner), (30, None));
+    assert_eq!(keys, vec![b"/a/k".to_vec()]);
+    let (out, _) = apply_one(&mut third, 4, Command::LeaseRevoke(9)).await;
+    assert!(out.unwrap().is_ok());
+    assert!(reader.range(&get("/a/k")).unwrap().kvs.is_empty());
 }

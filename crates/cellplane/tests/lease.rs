@@ -1,6 +1,7 @@
 //! The etcd Lease API on a cell and through the router: grant, attach, keep-alive,
 //! time-to-live with keys, revoke, expiry deleting keys with delete events, leases
-//! surviving a leader change; with our client and with the real etcdctl.
+//! surviving a leader change; with our client and with the real etcdctl; leases
+//! belonging to the tenant a router names in `cellplane-tenant`.
 
 mod common;
 
@@ -10,8 +11,8 @@ use cellplane_proto::etcdserverpb::lease_client::LeaseClient;
 use cellplane_proto::etcdserverpb::watch_client::WatchClient;
 use cellplane_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest,
-    LeaseTimeToLiveRequest, PutRequest, WatchCreateRequest, WatchRequest, WatchResponse,
-    watch_request,
+    LeaseTimeToLiveRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    WatchResponse, request_op, watch_request,
 };
 use cellplane_proto::mvccpb::event::EventType;
 use common::{TestCell, TestEnv, channel, etcdctl, get, put};
@@ -29,8 +30,25 @@ fn put_with_lease(k: &str, lease: i64) -> PutRequest {
 }
 
 async fn keep_alive_once(c: &mut LeaseClient<Channel>, id: i64) -> i64 {
+    keep_alive_as(c, None, id).await
+}
+
+/// A request as a router passes it on for `tenant` (`None`: an operator's).
+fn as_tenant<T>(tenant: Option<&str>, inner: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(inner);
+    if let Some(t) = tenant {
+        r.metadata_mut()
+            .insert("cellplane-tenant", t.parse().unwrap());
+    }
+    r
+}
+
+async fn keep_alive_as(c: &mut LeaseClient<Channel>, tenant: Option<&str>, id: i64) -> i64 {
     let mut s = c
-        .lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id }))
+        .lease_keep_alive(as_tenant(
+            tenant,
+            tokio_stream::once(LeaseKeepAliveRequest { id }),
+        ))
         .await
         .expect("keep-alive")
         .into_inner();
@@ -396,4 +414,120 @@ async fn leases_through_the_router_live_in_the_tenants_cell() {
     assert!(ok, "{out}");
     let (ok, out) = etcdctl(&router, &["get", "/b/svc"], None);
     assert!(ok && out.trim().is_empty(), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_lease_answers_only_to_that_tenant_through_a_follower() {
+    let cell = TestCell::start(3);
+    let leader = cell.leader(Duration::from_secs(30)).await;
+    let follower = cell.members.iter().find(|m| m.id != leader).unwrap();
+    let mut lc = lease_client(follower.client).await;
+    let mut kv = cell.kv(follower.id).await;
+    let (a, b) = (Some("a"), Some("b"));
+
+    let grant = |tenant| as_tenant(tenant, LeaseGrantRequest { ttl: 60, id: 0 });
+    let la = lc.lease_grant(grant(a)).await.unwrap().into_inner().id;
+    let lb = lc.lease_grant(grant(b)).await.unwrap().into_inner().id;
+    kv.put(put_with_lease("/a/k", la)).await.unwrap();
+    let ttl = |tenant, id| as_tenant(tenant, LeaseTimeToLiveRequest { id, keys: true });
+    let list = |tenant| as_tenant(tenant, LeaseLeasesRequest {});
+    let ids = |r: cellplane_proto::etcdserverpb::LeaseLeasesResponse| {
+        let mut v: Vec<i64> = r.leases.iter().map(|l| l.id).collect();
+        v.sort();
+        v
+    };
+
+    // Tenant b sees a's lease as one that does not exist, and changes nothing.
+    let e = lc
+        .lease_revoke(as_tenant(b, LeaseRevokeRequest { id: la }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.message(), "etcdserver: requested lease not found");
+    assert_eq!(keep_alive_as(&mut lc, b, la).await, 0);
+    let t = lc
+        .lease_time_to_live(ttl(b, la))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((t.ttl, t.granted_ttl), (-1, 0));
+    assert!(t.keys.is_empty(), "b saw a's keys: {:?}", t.keys);
+    let listed = ids(lc.lease_leases(list(b)).await.unwrap().into_inner());
+    assert_eq!(listed, vec![lb]);
+
+    // Tenant a sees its own lease, and only it.
+    let t = lc
+        .lease_time_to_live(ttl(a, la))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.granted_ttl, 60);
+    assert_eq!(t.keys, vec![b"/a/k".to_vec()]);
+    assert_eq!(keep_alive_as(&mut lc, a, la).await, 60);
+    let listed = ids(lc.lease_leases(list(a)).await.unwrap().into_inner());
+    assert_eq!(listed, vec![la]);
+    let t = lc
+        .lease_time_to_live(ttl(a, lb))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.ttl, -1);
+
+    // An operator (no metadata) sees every lease.
+    let mut both = vec![la, lb];
+    both.sort();
+    let listed = ids(lc.lease_leases(list(None)).await.unwrap().into_inner());
+    assert!(both.iter().all(|id| listed.contains(id)), "{listed:?}");
+    let t = lc
+        .lease_time_to_live(ttl(None, la))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.granted_ttl, 60);
+
+    // a's lease holds only a's keys, on every write path.
+    let e = kv.put(put_with_lease("/b/x", la)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert_eq!(e.message(), "etcdserver: permission denied");
+    let txn = TxnRequest {
+        success: vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put_with_lease("/a/t", la))),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put_with_lease("/ax", la))),
+            },
+        ],
+        ..Default::default()
+    };
+    let e = kv.txn(txn).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    for k in ["/b/x", "/a/t", "/ax"] {
+        let r = kv.range(get(k)).await.unwrap().into_inner();
+        assert!(r.kvs.is_empty(), "{k} written");
+    }
+
+    // Malformed metadata is refused, not taken for an operator's call.
+    let e = lc.lease_leases(list(Some("_x"))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // The owner revokes its lease, and its key goes with it.
+    lc.lease_revoke(as_tenant(a, LeaseRevokeRequest { id: la }))
+        .await
+        .unwrap();
+    assert!(
+        kv.range(get("/a/k"))
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .is_empty()
+    );
+    assert_eq!(keep_alive_as(&mut lc, a, la).await, 0);
+    // An operator may revoke any lease.
+    lc.lease_revoke(as_tenant(None, LeaseRevokeRequest { id: lb }))
+        .await
+        .unwrap();
+    let listed = ids(lc.lease_leases(list(b)).await.unwrap().into_inner());
+    assert!(listed.is_empty(), "{listed:?}");
 }
