@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::record::histogram;
 use crate::scenario::{Scenario, WatchMode};
 use crate::target::{Attribution, Connections, Target};
-use crate::workload::{KeySpace, prefix_end};
+use cellplane_proto::prefix_end;
+
+use crate::workload::KeySpace;
 
 /// What one watch stream measured: its tenant and its delivery latencies (µs).
 pub struct StreamResult {

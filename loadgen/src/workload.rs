@@ -183,18 +183,6 @@ impl KeySpace {
     }
 }
 
-/// The end of the range of every key starting with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// One request's result.
 #[derive(Debug, Clone)]
 pub struct Done {
@@ -529,7 +517,5 @@ mod tests {
         assert_eq!(tenant_of_key("acme/x"), Some("acme"));
         assert_eq!(tenant_of_key("/bench/"), Some("bench"));
         assert_eq!(tenant_of_key("flat"), None);
-        assert_eq!(prefix_end(b"/a/"), b"/a0");
-        assert_eq!(prefix_end(&[b'a', 0xff]), b"b");
     }
 }

@@ -62,30 +62,8 @@ pub fn request_tenant<T>(request: &Request<T>) -> Result<Option<String>, Status>
     let name = value
         .to_str()
         .map_err(|_| bad("not a printable ASCII string".into()))?;
-    check_tenant_name(name).map_err(bad)?;
+    cellplane_security::check_tenant_name(name).map_err(|e| bad(e.to_string()))?;
     Ok(Some(name.to_string()))
-}
-
-/// The rule of tenant names (as `cellplane_security::identity::check_tenant_name`):
-/// 1 to 64 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit.
-fn check_tenant_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("tenant name {name:?} must be 1 to 64 characters"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(format!(
-            "tenant name {name:?} may hold only ASCII letters, digits, '-', '_' and '.'"
-        ));
-    }
-    if !name.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err(format!(
-            "tenant name {name:?} must start with a letter or digit"
-        ));
-    }
-    Ok(())
 }
 
 /// `inner` forwarded to the leader once, on behalf of `tenant` if any.

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
 use crate::error::DiscoveryError;
-use crate::keys::prefix_end;
+use cellplane_proto::prefix_end;
 
 type Result<T> = std::result::Result<T, DiscoveryError>;
 

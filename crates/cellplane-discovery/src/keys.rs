@@ -29,18 +29,6 @@ pub fn service_prefix(namespace: &str, service: &str) -> Vec<u8> {
     format!("{ROOT}{namespace}/{service}/").into_bytes()
 }
 
-/// The smallest key after every key with `prefix` (etcd's prefix range end).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// The value stored for `instance` (without its mod_revision).
 pub fn encode(instance: &Instance) -> Vec<u8> {
     let mut stored = instance.clone();
@@ -100,8 +88,6 @@ mod tests {
             b"/_cellplane/discovery/a/web/web-1"
         );
         assert_eq!(service_prefix("a", "web"), b"/_cellplane/discovery/a/web/");
-        assert_eq!(prefix_end(b"/x/"), b"/x0");
-        assert_eq!(prefix_end(&[0xff]), vec![0]);
         assert_eq!(id_of(b"/p/", b"/p/id-1"), Some("id-1"));
         assert_eq!(id_of(b"/p/", b"/q/id-1"), None);
     }

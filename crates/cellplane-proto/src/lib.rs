@@ -34,3 +34,31 @@ pub mod discovery {
 pub mod grpc_health {
     tonic::include_proto!("grpc.health.v1");
 }
+
+/// etcd's prefix range end: the smallest key after every key that starts with
+/// `prefix` (trailing 0xff bytes dropped, the last byte left incremented), or
+/// `"\0"` (no end: every key from the prefix on) when no byte is left. A range
+/// `[prefix, prefix_end(prefix))` is what `etcdctl get --prefix` asks for.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends_as_etcd_computes_them() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+}

@@ -556,15 +556,21 @@ impl CellStream {
         }
     }
 
-    /// A handle to send on the stream from another task.
+    /// A handle to send on the stream from another task; `None` for a
+    /// server-streaming call, whose one request is already sent.
     pub fn sender(&self) -> Option<mpsc::Sender<Bytes>> {
         self.tx.clone()
     }
+}
 
-    /// Closes the request side (a server-streaming call sends one request).
-    pub fn close_send(&mut self) {
-        self.tx = None;
-    }
+/// The shape of a streaming call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Requests keep coming after the first (a watch).
+    Bidirectional,
+    /// One request, then answers (a discovery watch): the request side ends after
+    /// the first, as the server waits for it to before answering.
+    ServerStreaming,
 }
 
 impl CellClient {
@@ -675,6 +681,7 @@ impl CellClient {
     pub async fn open_stream(
         &self,
         path: &'static str,
+        kind: StreamKind,
         first: Bytes,
         tenant: Option<&str>,
     ) -> Result<CellStream, Status> {
@@ -697,6 +704,16 @@ impl CellClient {
             let (tx, rx) = mpsc::channel(STREAM_REQUEST_BUFFER);
             // The buffer is empty: the first request always fits.
             let _ = tx.try_send(first.clone());
+            // A server-streaming call's request side ends with its one request:
+            // the sender is dropped here, not merely left unused (the server
+            // answers only once the request side has ended).
+            let tx = match kind {
+                StreamKind::Bidirectional => Some(tx),
+                StreamKind::ServerStreaming => {
+                    drop(tx);
+                    None
+                }
+            };
             let mut grpc = tonic::client::Grpc::new(self.inner.members[i].channel.clone())
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(self.max_message_bytes);
@@ -712,7 +729,7 @@ impl CellClient {
             match opened {
                 Ok(Ok(resp)) => {
                     return Ok(CellStream {
-                        tx: Some(tx),
+                        tx,
                         rx: resp.into_inner(),
                         cell: name.clone(),
                         shutdown: self.shutdown.clone(),

@@ -17,7 +17,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
-use crate::cell_client::{CallKind, CellClient, CellStream, Cells};
+use crate::cell_client::{CallKind, CellClient, CellStream, Cells, StreamKind};
 use crate::map_source::MapHolder;
 use crate::routes::{self, Route};
 use crate::scope::{self, Action, Scope, TENANT_METADATA};
@@ -158,10 +158,16 @@ impl Admitted {
     pub async fn open_stream<Req: prost::Message>(
         &self,
         path: &'static str,
+        kind: StreamKind,
         first: &Req,
     ) -> Result<CellStream, Status> {
         self.cell
-            .open_stream(path, first.encode_to_vec().into(), self.scope.tenant())
+            .open_stream(
+                path,
+                kind,
+                first.encode_to_vec().into(),
+                self.scope.tenant(),
+            )
             .await
     }
 }

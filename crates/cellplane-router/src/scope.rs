@@ -82,17 +82,7 @@ impl From<ScopeError> for Status {
     }
 }
 
-/// The smallest key after every key with `prefix` (etcd's prefix end).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+use cellplane_proto::prefix_end;
 
 /// `/T/`: the first key of tenant T's namespace.
 pub fn namespace(tenant: &str) -> Vec<u8> {

@@ -76,19 +76,7 @@ pub fn tenant_namespace(tenant: &str) -> (Vec<u8>, Vec<u8>) {
     (start.clone(), prefix_end(&start))
 }
 
-/// etcd's prefix end: the smallest key after every key starting with `prefix`
-/// (trailing 0xff bytes dropped, the last byte left incremented; "\0" when none is
-/// left, meaning no end).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+use cellplane_proto::prefix_end;
 
 /// Whether `key` lies in `tenant`'s namespace.
 pub(crate) fn in_namespace(tenant: &str, key: &[u8]) -> bool {

@@ -16,14 +16,28 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 pub struct TlsArgs {
     /// Trust this CA certificate (PEM) and connect over TLS (`cells/secrets/ca.crt`
     /// after `cellplane certs generate`).
-    #[arg(long, global = true, env = "CELLPLANE_CACERT")]
+    #[arg(long, global = true, env = "CELLPLANE_CACERT", value_name = "FILE")]
     pub cacert: Option<PathBuf>,
     /// Prove who you are with this client certificate (PEM): a tenant's or an
     /// operator's (`cellplane certs issue`).
-    #[arg(long, global = true, env = "CELLPLANE_CERT", requires = "key")]
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        value_name = "FILE",
+        global = true,
+        env = "CELLPLANE_CERT",
+        requires = "tls_key"
+    )]
     pub cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, global = true, env = "CELLPLANE_KEY", requires = "cert")]
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        value_name = "FILE",
+        global = true,
+        env = "CELLPLANE_KEY",
+        requires = "tls_cert"
+    )]
     pub key: Option<PathBuf>,
 }
 

@@ -61,18 +61,7 @@ pub enum KvCmd {
     },
 }
 
-/// The end of the range holding every key that starts with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // All 0xff (or empty): every key from the prefix on.
-    vec![0]
-}
+use cellplane_proto::prefix_end;
 
 fn range_end(key: &str, prefix: bool) -> Vec<u8> {
     if prefix {
@@ -208,17 +197,5 @@ async fn watch(
                 crate::outln!("  previous: {}", String::from_utf8_lossy(&p.value));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefix_end;
-
-    #[test]
-    fn prefix_ends_as_etcd_computes_them() {
-        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }

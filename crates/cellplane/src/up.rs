@@ -115,17 +115,26 @@ pub fn load_env(dir: &Path) -> anyhow::Result<EnvDef> {
             dir.display()
         );
     }
+    // The role decides what routers may do on a cell once TLS is on: the
+    // directory must say it is one (or routers could write the map), and no other
+    // cell may.
     for (path, def) in &cells {
         let is_directory = def.name == routers.directory;
-        if is_directory != (def.role == cellplane_cell::CellRole::Directory) {
+        let says_directory = def.role == cellplane_cell::CellRole::Directory;
+        if says_directory && !is_directory {
             bail!(
-                "{}: field `role`: cell `{}` {} the directory named in {}, so its role must be \
-                 \"{}\"",
+                "{}: field `role`: cell `{}` says it is the directory, but {} names `{}`",
                 path.display(),
                 def.name,
-                if is_directory { "is" } else { "is not" },
                 routers_path.display(),
-                if is_directory { "directory" } else { "tenants" }
+                routers.directory
+            );
+        }
+        if is_directory && !says_directory && def.tls.is_some() {
+            bail!(
+                "{}: field `role`: the directory cell needs `role = \"directory\"` with [tls], \
+                 so that routers may only read it",
+                path.display()
             );
         }
     }

@@ -38,7 +38,7 @@ async fn tenants_route_to_their_cells_and_a_dead_cell_stays_alone() {
     let mut r = env.router_kv().await;
 
     // a, b, c are pinned to alpha, beta, gamma; the key's first segment names the
-    // tenant, with or without a leading slash.
+    // tenant (auth is off), and a key without one is refused.
     for (i, (tenant, cell)) in [("a", "alpha"), ("b", "beta"), ("c", "gamma")]
         .iter()
         .enumerate()
@@ -48,17 +48,25 @@ async fn tenants_route_to_their_cells_and_a_dead_cell_stays_alone() {
         for j in 0..3 {
             assert_eq!(present_in(&env, j, &key).await, i == j, "{key} in cell {j}");
         }
-        assert_eq!(
-            put_cell(&mut r, &format!("{tenant}/plain")).await.unwrap(),
-            *cell
-        );
+        let e = put_cell(&mut r, &format!("{tenant}/plain"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     }
-    // The metadata names the tenant explicitly.
-    let mut req = tonic::Request::new(put("settings", "x"));
-    req.metadata_mut()
-        .insert("cellplane-tenant", "b".parse().unwrap());
-    let resp = r.put(req).await.unwrap();
+    // The metadata names the tenant explicitly, and only narrows: its keys must
+    // still be under /b/.
+    let with_b = |key: &str| {
+        let mut req = tonic::Request::new(put(key, "x"));
+        req.metadata_mut()
+            .insert("cellplane-tenant", "b".parse().unwrap());
+        req
+    };
+    let resp = r.put(with_b("/b/settings")).await.unwrap();
     assert_eq!(resp.metadata().get("cellplane-cell").unwrap(), "beta");
+    for key in ["settings", "/a/settings"] {
+        let e = r.put(with_b(key)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{key}: {e:?}");
+    }
     // A prefix range inside one tenant routes; one spanning tenants is refused.
     let resp = r
         .range(RangeRequest {
@@ -78,8 +86,12 @@ async fn tenants_route_to_their_cells_and_a_dead_cell_stays_alone() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("isolated"), "{}", e.message());
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("touches only keys in"),
+        "{}",
+        e.message()
+    );
     let e = r.put(put("notenant", "v")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
@@ -331,7 +343,7 @@ async fn watches_through_the_router_follow_their_cells_and_fail_alone() {
     .unwrap();
     let refused = next_resp(&mut responses).await;
     assert!(
-        refused.canceled && refused.cancel_reason.contains("isolated"),
+        refused.canceled && refused.cancel_reason.contains("touches only keys in"),
         "{refused:?}"
     );
 

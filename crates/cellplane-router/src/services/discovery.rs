@@ -19,7 +19,7 @@ use futures::Stream;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::cell_client::CallKind;
+use crate::cell_client::{CallKind, StreamKind};
 use crate::core::{Admitted, Core, with_cell};
 use crate::scope::Action;
 
@@ -113,11 +113,13 @@ impl Discovery for RouterDiscovery {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let a = self.admit(&request, &request.get_ref().namespace)?;
-        let mut stream = a
-            .open_stream("/cellplane.discovery.v1.Discovery/Watch", request.get_ref())
+        let stream = a
+            .open_stream(
+                "/cellplane.discovery.v1.Discovery/Watch",
+                StreamKind::ServerStreaming,
+                request.get_ref(),
+            )
             .await?;
-        // A server-streaming call: its one request is sent.
-        stream.close_send();
         let out = futures::stream::unfold(stream, |mut s| async move {
             match s.message().await {
                 Ok(Some(b)) => Some((

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cell_client::CellStream;
+use crate::cell_client::{CellStream, StreamKind};
 use crate::core::{Caller, Core};
 use crate::scope::Action;
 
@@ -197,7 +197,10 @@ impl Proxy {
         let first = WatchRequest {
             request_union: Some(create),
         };
-        match a.open_stream(WATCH, &first).await {
+        match a
+            .open_stream(WATCH, StreamKind::Bidirectional, &first)
+            .await
+        {
             Ok(stream) => {
                 let Some(sender) = stream.sender() else {
                     return self
