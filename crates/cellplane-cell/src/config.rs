@@ -488,6 +488,9 @@ impl CellDef {
         if r.max_entries_per_append == 0 {
             return Err(bad("raft.max_entries_per_append".into(), "must be > 0"));
         }
+        if r.peer_rpc_timeout_ms == 0 {
+            return Err(bad("raft.peer_rpc_timeout_ms".into(), "must be > 0"));
+        }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
             return Err(bad(

@@ -60,10 +60,19 @@ pub enum SourceError {
 pub const LKG_FILE: &str = "cellmap.last-known-good.json";
 
 pub fn read_map_file(path: &Path) -> Result<CellMap, SourceError> {
-    let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
+    use std::io::Read;
+    let io = |source| SourceError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // Read no more than a map may be (plus one byte, so an oversized file is
+    // refused by the parser with the size limit, not read whole).
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(cellplane_map::MAX_MAP_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     let parsed = if path.extension().is_some_and(|e| e == "json") {
         CellMap::from_json(&bytes)
     } else {

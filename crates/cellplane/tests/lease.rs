@@ -474,7 +474,7 @@ async fn a_tenants_lease_answers_only_to_that_tenant_through_a_follower() {
     assert_eq!(t.ttl, -1);
 
     // An operator (no metadata) sees every lease.
-    let mut both = vec![la, lb];
+    let mut both = [la, lb];
     both.sort();
     let listed = ids(lc.lease_leases(list(None)).await.unwrap().into_inner());
     assert!(both.iter().all(|id| listed.contains(id)), "{listed:?}");
