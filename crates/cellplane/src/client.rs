@@ -192,9 +192,9 @@ impl TargetArgs {
         let channel = if eps.len() == 1 {
             let ep = eps.remove(0);
             let uri = ep.uri().to_string();
-            ep.connect()
-                .await
-                .with_context(|| format!("cannot reach {uri}"))?
+            ep.connect().await.with_context(|| {
+                format!("cannot reach {uri} (if it serves TLS, pass --cacert, and --cert/--key or --user)")
+            })?
         } else {
             Channel::balance_list(eps.into_iter())
         };

@@ -26,7 +26,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let s = RouterAdminClient::new(channel)
         .status(RouterStatusRequest {})
         .await
-        .context("router status failed")?
+        .context(
+            "router status failed (if the router serves TLS, pass --cacert and an operator's \
+             --cert and --key)",
+        )?
         .into_inner();
     let directory = if s.directory_reachable {
         "directory reachable".to_string()
