@@ -507,6 +507,19 @@ async fn cells_and_the_directory_admit_only_their_callers() {
         assert_ne!(e.code(), Code::Ok);
     }
 
+    // etcdctl with an operator's certificate works against a member directly.
+    let (cert, key) = pki.issue("operator-o", &Identity::Operator("o".into()));
+    let args = [
+        format!("--cacert={}", pki.ca_path().display()),
+        format!("--cert={}", cert.display()),
+        format!("--key={}", key.display()),
+        "endpoint".to_string(),
+        "status".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out) = common::etcdctl(&format!("https://{}", member.client), &args, None);
+    assert!(ok, "etcdctl endpoint status over TLS: {out}");
+
     // The peer port: only the cell's own members speak Raft.
     for (who, id) in [
         ("an operator", Identity::Operator("o".into())),
