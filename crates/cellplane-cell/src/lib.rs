@@ -5,6 +5,8 @@
 //!
 //! Main types: [`config::CellDef`] (a cell as defined in `cells/`), [`node::run`]
 //! (run one member until shut down), [`service::KvService`] (the etcd KV API),
+//! [`maintenance::MaintenanceService`] and [`cluster::ClusterService`] (etcd's
+//! Maintenance and Cluster services),
 //! [`watch::WatchService`] (watches from the in-memory event log, handed by key
 //! to the streams that watch it),
 //! [`lease::LeaseService`] and [`lease::Lessor`] (leases; expiry on the leader),
@@ -24,10 +26,12 @@
 #![forbid(unsafe_code)]
 
 mod access;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod lease;
+pub mod maintenance;
 pub mod metrics;
 mod metrics_loop;
 pub mod network;

@@ -27,13 +27,15 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::Raft;
 use crate::access::{AccessLayer, Policy, Port};
+use crate::cluster::ClusterService;
 use crate::config::NodeConfig;
 use crate::error::NodeError;
+use crate::maintenance::MaintenanceService;
 use crate::metrics::Metrics;
 use crate::network::{Network, RaftService};
 use crate::proposer::{ProposalError, Proposer};
 use crate::read_index::ReadBarrier;
-use crate::service::{ClusterService, KvService, MaintenanceService};
+use crate::service::KvService;
 
 /// The listeners of one member. Tests bind them to port 0 and pass them in, so
 /// nothing races for a port between choosing it and binding it.

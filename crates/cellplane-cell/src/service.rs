@@ -1,5 +1,5 @@
-//! The etcd-compatible gRPC services of a member: KV, Maintenance.Status and
-//! Cluster.MemberList.
+//! The etcd KV service of a member (Maintenance is in `maintenance`, Cluster in
+//! `cluster`).
 //!
 //! Any member serves any request. Writes are proposed through Raft on the leader: a
 //! follower sends them to the leader in batches over the peer transport (see
@@ -11,12 +11,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cellplane_proto::etcdserverpb::cluster_server::Cluster;
-use cellplane_proto::etcdserverpb::maintenance_server::Maintenance;
 use cellplane_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, Member,
-    MemberListRequest, MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use cellplane_storage::{Command, KvError};
 use prost::Message;
@@ -260,77 +257,5 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
             .await
         })
         .await
-    }
-}
-
-pub struct MaintenanceService {
-    shared: Arc<Shared>,
-}
-
-impl MaintenanceService {
-    pub fn new(shared: Arc<Shared>) -> MaintenanceService {
-        MaintenanceService { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl Maintenance for MaintenanceService {
-    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let s = &self.shared;
-        let m = s.raft.metrics().borrow().clone();
-        let applied = *s.applied.borrow();
-        let db = s.store.size_bytes() as i64;
-        let mut header = s.header(applied.revision);
-        header.raft_term = m.current_term;
-        Ok(Response::new(StatusResponse {
-            header: Some(header),
-            version: ETCD_API_VERSION.to_string(),
-            db_size: db,
-            leader: m.current_leader.unwrap_or(0),
-            raft_index: m.last_log_index.unwrap_or(0),
-            raft_term: m.current_term,
-            raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            errors: vec![],
-            db_size_in_use: db,
-            is_learner: false,
-        }))
-    }
-}
-
-pub struct ClusterService {
-    shared: Arc<Shared>,
-}
-
-impl ClusterService {
-    pub fn new(shared: Arc<Shared>) -> ClusterService {
-        ClusterService { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl Cluster for ClusterService {
-    async fn member_list(
-        &self,
-        _r: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
-        let s = &self.shared;
-        let m = s.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership().clone();
-        let learners: std::collections::BTreeSet<u64> = membership.learner_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| Member {
-                id: *id,
-                name: node.name.clone(),
-                peer_ur_ls: vec![format!("http://{}", node.peer_addr)],
-                client_ur_ls: vec![format!("http://{}", node.client_addr)],
-                is_learner: learners.contains(id),
-            })
-            .collect();
-        let applied = *s.applied.borrow();
-        Ok(Response::new(MemberListResponse {
-            header: Some(s.header(applied.revision)),
-            members,
-        }))
     }
 }
