@@ -3,8 +3,9 @@
 //! `generate` makes a CA (unless one is there) and, at the paths the cell files
 //! and `routers.toml` name, a certificate and key for every member (naming its
 //! cell and id, valid for its addresses and loopback) and every router, plus an
-//! operator's and one for each tenant pinned in the static map, and the routers'
-//! token key. Existing files are kept unless `--force`, so a rerun fills gaps.
+//! operator's and one for each tenant pinned in the static map, the routers'
+//! token key and, with auth on, an empty credentials file. Existing files are
+//! kept unless `--force`, so a rerun fills gaps.
 //! `issue` adds a certificate for one tenant or operator.
 //!
 //! The CA key sits next to the CA certificate (`ca.key` beside `ca.crt`): fine for
@@ -267,7 +268,22 @@ pub fn generate(env: &EnvDef, days: u32, force: bool) -> anyhow::Result<usize> {
         .with_context(|| format!("cannot write {}", token_key.display()))?;
         written += 1;
     }
+    if env.routers.auth.enabled && ensure_credentials(env)? {
+        written += 1;
+    }
     Ok(written)
+}
+
+/// Creates the routers' credentials file, empty, when it does not exist (a router
+/// with auth on needs one to start; `cellplane tenant add` fills it). Returns
+/// whether it wrote one.
+pub fn ensure_credentials(env: &EnvDef) -> anyhow::Result<bool> {
+    let creds = env.routers.base_dir.join(&env.routers.auth.credentials);
+    if creds.exists() {
+        return Ok(false);
+    }
+    cellplane_security::Credentials::default().save(&creds)?;
+    Ok(true)
 }
 
 /// The CA and the operator certificate `generate` writes (`operator-admin`).

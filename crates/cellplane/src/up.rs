@@ -334,9 +334,8 @@ impl Security {
             );
         }
         if args.auth {
-            let creds = env.routers.base_dir.join(&env.routers.auth.credentials);
-            if !creds.exists() {
-                cellplane_security::Credentials::default().save(&creds)?;
+            if crate::certs_cmd::ensure_credentials(env)? {
+                let creds = env.routers.base_dir.join(&env.routers.auth.credentials);
                 println!(
                     "--auth: created an empty {}; add tenants with `cellplane tenant add <name>`",
                     creds.display()

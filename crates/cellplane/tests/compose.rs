@@ -6,9 +6,10 @@
 //!
 //! With a Docker daemon: builds the image, brings the environment up under a
 //! project of its own, runs puts and gets for tenants a, b and c (cells alpha,
-//! beta, gamma) through both routers, and in turn partitions alpha, pauses beta
-//! and kills gamma with `deploy/compose/fault.sh`. Each time the other two
-//! tenants must see zero errors, the faulted one must fail, and after `heal` it
+//! beta, gamma) through both routers over TLS, each with its tenant certificate
+//! (`cellplane certs generate` makes them first), and in turn partitions alpha,
+//! pauses beta and kills gamma with `deploy/compose/fault.sh`. Each time the other
+//! two tenants must see zero errors, the faulted one must fail, and after `heal` it
 //! must recover with its data. Without a daemon it says so and passes;
 //! `CELLPLANE_REQUIRE_DOCKER=1` (set by `.ci/run` when Docker answers) makes that
 //! a failure instead.
@@ -180,12 +181,15 @@ impl Project {
         c
     }
 
-    /// The host address Docker published `port` of `service` on.
+    /// The loopback address Docker published `port` of `service` on (the
+    /// routers' certificates name 127.0.0.1, not the 0.0.0.0 Docker reports).
     fn port(&self, service: &str, port: u16) -> SocketAddr {
         let out = ok(self.cmd().args(["port", service, &port.to_string()]));
-        out.trim()
+        let published: SocketAddr = out
+            .trim()
             .parse()
-            .unwrap_or_else(|e| panic!("port {service} {port}: `{out}`: {e}"))
+            .unwrap_or_else(|e| panic!("port {service} {port}: `{out}`: {e}"));
+        SocketAddr::from(([127, 0, 0, 1], published.port()))
     }
 
     fn fault(&self, args: &str) {
@@ -330,8 +334,19 @@ async fn one_request(
     }
 }
 
-async fn client(addr: SocketAddr) -> KvClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// A client of a router acting as `tenant`, by the certificate `cellplane certs
+/// generate` wrote for it (the Compose environment runs TLS and auth).
+async fn client(addr: SocketAddr, tenant: &str) -> KvClient<tonic::transport::Channel> {
+    let secrets = compose_dir().join("cells/secrets");
+    let tls = cellplane_security::TlsFiles {
+        ca: secrets.join("ca.crt"),
+        cert: secrets.join(format!("tenant-{tenant}.crt")),
+        key: secrets.join(format!("tenant-{tenant}.key")),
+    }
+    .load()
+    .unwrap_or_else(|e| panic!("tenant {tenant}'s certificate: {e}"))
+    .client();
+    let channel = cellplane_security::endpoint(&addr.to_string(), Some(&tls))
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(12))
@@ -352,7 +367,7 @@ async fn load(
 ) {
     let mut clients = Vec::new();
     for r in &routers {
-        clients.push(client(*r).await);
+        clients.push(client(*r, tenant).await);
     }
     let mut i = 0u64;
     while !stop.is_cancelled() {
@@ -417,6 +432,11 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     ok(Command::new(repo().join("deploy/build-image.sh"))
         .env("CELLPLANE_BIN", env!("CARGO_BIN_EXE_cellplane")));
     remove_leftovers(&tool);
+    // The environment runs TLS and auth: its certificates, keys, token key and
+    // credentials file, made as the operator would (existing ones are kept).
+    ok(Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["certs", "generate", "--cells"])
+        .arg(compose_dir().join("cells")));
     let env = cellplane::up::load_env(&compose_dir().join("cells")).unwrap();
     let project = Project {
         tool,
@@ -450,8 +470,8 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
         .collect();
 
     // A marker per tenant, read back at the end: faults lose no acknowledged write.
-    let mut kv = client(routers[0]).await;
     for (tenant, _) in TENANTS {
+        let mut kv = client(routers[0], tenant).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let put = kv
@@ -542,6 +562,7 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     check_results(&results.lock().unwrap(), &fault_phases);
 
     for (tenant, _) in TENANTS {
+        let mut kv = client(routers[0], tenant).await;
         let got = kv
             .range(RangeRequest {
                 key: format!("/{tenant}/marker").into_bytes(),

@@ -368,3 +368,159 @@ fn committed_manifests_are_a_fresh_render() {
     let stale = deploy::stale_files(&dir, &files).unwrap();
     assert!(stale.is_empty(), "stale files in deploy/k8s: {stale:?}");
 }
+
+/// TLS is on by default: `cellplane certs generate --cells deploy/k8s/cells`
+/// writes every file the kustomization turns into Secrets, each pod mounts its
+/// own workload's Secret where its cell file looks for it, and the certificates
+/// there are ones the processes load: a member's names its cell and id and the
+/// DNS name its peers dial.
+#[test]
+fn secrets_are_generated_and_mounted() {
+    let out = tempfile::tempdir().unwrap();
+    let cellplane = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "cellplane {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let cells = repo().join("cells");
+    let (cells, out_dir) = (cells.to_str().unwrap(), out.path().to_str().unwrap());
+    cellplane(&[
+        "deploy", "render", "k8s", "--cells", cells, "--out", out_dir,
+    ]);
+    let deployed_cells = out.path().join("cells");
+    cellplane(&[
+        "certs",
+        "generate",
+        "--cells",
+        deployed_cells.to_str().unwrap(),
+    ]);
+
+    let objs = objects(out.path());
+    let kustomization = of_kind(&objs, "Kustomization");
+    assert_eq!(kustomization.len(), 1);
+    let k = kustomization[0];
+    let mut generated: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for g in at(k, "secretGenerator").as_array().unwrap() {
+        let files: Vec<String> = at(g, "files")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        for f in &files {
+            assert!(
+                out.path().join(f).is_file(),
+                "Secret {}: {f} is not written by `cellplane certs generate`",
+                s(g, "name")
+            );
+        }
+        generated.insert(s(g, "name").to_string(), files);
+    }
+    let resources: Vec<&str> = at(k, "resources")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for (file, _) in objs.iter().filter(|(_, o)| o["kind"] != "Kustomization") {
+        assert!(
+            resources.contains(&file.as_str()),
+            "{file} is not a resource"
+        );
+    }
+
+    let env = cellplane::up::load_env(&deployed_cells).unwrap();
+    let workloads: Vec<&Value> = of_kind(&objs, "StatefulSet")
+        .into_iter()
+        .chain(of_kind(&objs, "Deployment"))
+        .collect();
+    assert_eq!(workloads.len(), env.cells.len() + 1);
+    for w in workloads {
+        let name = s(w, "metadata/name");
+        let pod = at(w, "spec/template/spec");
+        let volume = at(pod, "volumes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"].is_object())
+            .unwrap_or_else(|| panic!("{name}: no Secret mounted though TLS is on"));
+        let secret = s(volume, "secret/secretName");
+        let files = generated
+            .get(secret)
+            .unwrap_or_else(|| panic!("{name}: Secret {secret} is not generated"));
+        let container = at(pod, "containers/0");
+        let mount = at(container, "volumeMounts")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap_or_else(|| panic!("{name}: the Secret volume is not mounted"));
+        assert_eq!(s(mount, "mountPath"), deploy::k8s::SECRETS_MOUNT, "{name}");
+        // What the process opens, as the pod sees it: its file's paths taken
+        // from the cells mount, which must land in this Secret.
+        let needs: Vec<PathBuf> = match s(w, "kind") {
+            "StatefulSet" => {
+                let def = env
+                    .cells
+                    .iter()
+                    .map(|(_, d)| d)
+                    .find(|d| deploy::k8s::cell_object(&d.name) == name)
+                    .unwrap();
+                for m in &def.members {
+                    let tls = def.member_tls(m.id).unwrap().load().unwrap();
+                    assert_eq!(
+                        tls.own_identity().unwrap(),
+                        cellplane_security::Identity::Member {
+                            cell: def.name.clone(),
+                            id: m.id
+                        }
+                    );
+                }
+                let tls = def.tls.as_ref().unwrap();
+                let mut p = vec![tls.ca.clone()];
+                for m in &def.members {
+                    p.extend(m.cert.clone());
+                    p.extend(m.key.clone());
+                }
+                p
+            }
+            _ => {
+                let r = &env.routers;
+                let me = r.router(1).unwrap();
+                let mut p = vec![r.tls.as_ref().unwrap().ca.clone()];
+                p.extend(me.cert.clone());
+                p.extend(me.key.clone());
+                p.extend([r.auth.credentials.clone(), r.auth.token_key.clone()]);
+                p
+            }
+        };
+        // `../secrets` from the cells mount is the Secret's mount.
+        assert_eq!(
+            Path::new(deploy::CELLS_MOUNT)
+                .parent()
+                .unwrap()
+                .join("secrets"),
+            Path::new(deploy::k8s::SECRETS_MOUNT)
+        );
+        for rel in needs {
+            let dir = rel.parent().unwrap();
+            assert_eq!(
+                dir,
+                Path::new("../secrets"),
+                "{name}: {} is not under ../secrets",
+                rel.display()
+            );
+            let file = format!("secrets/{}", rel.file_name().unwrap().to_string_lossy());
+            assert!(
+                files.contains(&file),
+                "{name}: needs {file}, which Secret {secret} lacks"
+            );
+        }
+    }
+}

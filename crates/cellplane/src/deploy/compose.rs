@@ -94,6 +94,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         member_host: &member_host,
         routers,
         header: HEADER,
+        secrets: "secrets",
     };
     let mut files: Rendered = super::deployed_cells(env, &placement)?
         .into_iter()

@@ -14,19 +14,25 @@
 //! - `router.yaml`: the Deployment, Service and PodDisruptionBudget
 //!   `cellplane-router`. Routers are interchangeable: every replica runs router 1
 //!   of the rendered `routers.toml`, listening on every interface.
+//! - `cells/`: the ConfigMap's files as a folder, for `cellplane certs generate
+//!   --cells deploy/k8s/cells` (certificates for the pods' DNS names).
+//! - `kustomization.yaml`: every manifest, and a Secret per cell and one for the
+//!   routers made from `deploy/k8s/secrets/` ([`SECRETS_MOUNT`] in the pods; the
+//!   cell files name `../secrets/<file>` from the cells mount).
 //!
 //! Names are relative (`cellplane-alpha-0.cellplane-alpha`), so the manifests work
 //! in whichever namespace they are applied to. Readiness is `/readyz` and liveness
 //! `/healthz` on each process's http port.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::{CELLS_MOUNT, IMAGE, MEMBER_PORTS, Placement, ROUTER_PORTS, Rendered};
 use crate::up::EnvDef;
+use cellplane_router::config::RouterDef;
 
 /// The ConfigMap holding the rendered `cells/` folder.
 pub const CONFIG_MAP: &str = "cellplane-cells";
@@ -95,13 +101,18 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         member_host: &member_host,
         routers: vec![super::deployed_router(env, 1)],
         header: HEADER,
+        secrets: "../secrets",
     };
     let cells = super::deployed_cells(env, &placement)?;
+    let secrets = secret_sets(env, &placement.routers);
     let data: BTreeMap<String, String> = cells
         .iter()
         .map(|(p, t)| (p.display().to_string(), t.clone()))
         .collect();
-    let mut files = Rendered::new();
+    let mut files: Rendered = cells
+        .iter()
+        .map(|(p, t)| (PathBuf::from("cells").join(p), t.clone()))
+        .collect();
     files.insert(
         PathBuf::from("cells.yaml"),
         documents(&[json!({
@@ -161,12 +172,12 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                             ],
                             "readinessProbe": readiness,
                             "livenessProbe": liveness,
-                            "volumeMounts": [
-                                cells_mount(),
-                                { "name": "data", "mountPath": "/data" },
-                            ],
+                            "volumeMounts": with_secrets_mount(
+                                vec![cells_mount(), json!({ "name": "data", "mountPath": "/data" })],
+                                secrets.contains_key(&name),
+                            ),
                         }],
-                        "volumes": [cells_volume()],
+                        "volumes": with_secrets_volume(vec![cells_volume()], &name, &secrets),
                     },
                 },
                 "volumeClaimTemplates": [{
@@ -234,12 +245,16 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                         ],
                         "readinessProbe": readiness,
                         "livenessProbe": liveness,
-                        "volumeMounts": [
-                            cells_mount(),
-                            { "name": "state", "mountPath": "/state" },
-                        ],
+                        "volumeMounts": with_secrets_mount(
+                            vec![cells_mount(), json!({ "name": "state", "mountPath": "/state" })],
+                            secrets.contains_key(ROUTER_OBJECT),
+                        ),
                     }],
-                    "volumes": [cells_volume(), { "name": "state", "emptyDir": {} }],
+                    "volumes": with_secrets_volume(
+                        vec![cells_volume(), json!({ "name": "state", "emptyDir": {} })],
+                        ROUTER_OBJECT,
+                        &secrets,
+                    ),
                 },
             },
         },
@@ -254,7 +269,109 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         PathBuf::from("router.yaml"),
         documents(&[service, deployment, budget])?,
     );
+    let resources: Vec<String> = files
+        .keys()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.insert(
+        PathBuf::from(KUSTOMIZATION),
+        kustomization(&resources, &secrets)?,
+    );
     Ok(files)
+}
+
+/// The kustomization `kubectl apply -k deploy/k8s/` applies: every manifest, and
+/// the Secrets made from the files `cellplane certs generate --cells
+/// deploy/k8s/cells` writes to `deploy/k8s/secrets/` (never committed).
+pub const KUSTOMIZATION: &str = "kustomization.yaml";
+
+/// Where the Secret of a pod is mounted; the deployed cell files name their TLS
+/// files as `../secrets/<file>` relative to [`CELLS_MOUNT`].
+pub const SECRETS_MOUNT: &str = "/etc/cellplane/secrets";
+
+/// The Secret of a StatefulSet or of the routers' Deployment.
+pub fn secret_name(object: &str) -> String {
+    format!("{object}-secrets")
+}
+
+/// Object (a cell's StatefulSet, the routers' Deployment) → the files, relative to
+/// `deploy/k8s/`, its Secret holds. A cell's Secret holds the CA and its own
+/// members' certificates and keys only (a pod template is shared by the cell's
+/// members, so each member can read its cell-mates' keys; no other cell's); the
+/// routers' holds the CA, the router certificate, the credentials and the token
+/// key. Objects without TLS or auth have none.
+fn secret_sets(env: &EnvDef, routers: &[RouterDef]) -> BTreeMap<String, Vec<String>> {
+    let file = |p: &Path| super::secret_path("secrets", p).display().to_string();
+    let mut sets = BTreeMap::new();
+    for (_, def) in &env.cells {
+        let Some(tls) = &def.tls else { continue };
+        let mut files = vec![file(&tls.ca)];
+        for m in &def.members {
+            files.extend([&m.cert, &m.key].into_iter().flatten().map(|p| file(p)));
+        }
+        sets.insert(cell_object(&def.name), files);
+    }
+    let r = &env.routers;
+    let mut files = Vec::new();
+    if let Some(tls) = &r.tls {
+        files.push(file(&tls.ca));
+        for def in routers {
+            files.extend([&def.cert, &def.key].into_iter().flatten().map(|p| file(p)));
+        }
+    }
+    if r.auth.enabled {
+        files.push(file(&r.auth.credentials));
+        files.push(file(&r.auth.token_key));
+    }
+    if !files.is_empty() {
+        sets.insert(ROUTER_OBJECT.to_string(), files);
+    }
+    sets
+}
+
+fn with_secrets_mount(mut mounts: Vec<Value>, has: bool) -> Vec<Value> {
+    if has {
+        mounts.push(json!({ "name": "secrets", "mountPath": SECRETS_MOUNT, "readOnly": true }));
+    }
+    mounts
+}
+
+fn with_secrets_volume(
+    mut volumes: Vec<Value>,
+    object: &str,
+    secrets: &BTreeMap<String, Vec<String>>,
+) -> Vec<Value> {
+    if secrets.contains_key(object) {
+        volumes.push(json!({
+            "name": "secrets",
+            "secret": { "secretName": secret_name(object), "defaultMode": 0o400 },
+        }));
+    }
+    volumes
+}
+
+fn kustomization(
+    resources: &[String],
+    secrets: &BTreeMap<String, Vec<String>>,
+) -> anyhow::Result<String> {
+    let generators: Vec<Value> = secrets
+        .iter()
+        .map(|(object, files)| json!({ "name": secret_name(object), "files": files }))
+        .collect();
+    let doc = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+        "secretGenerator": generators,
+        // Fixed names: the manifests name the Secrets; a changed certificate is
+        // picked up by restarting the pods (`kubectl rollout restart`).
+        "generatorOptions": { "disableNameSuffixHash": true },
+    });
+    Ok(format!(
+        "{HEADER}# Needs deploy/k8s/secrets/: `cellplane certs generate --cells deploy/k8s/cells`.\n{}",
+        serde_saphyr::to_string(&doc).context("cannot encode the kustomization")?
+    ))
 }
 
 /// YAML documents, one after another, under the header.

@@ -194,6 +194,15 @@ pub struct Placement<'a> {
     pub routers: Vec<RouterDef>,
     /// The comment that opens every rendered file.
     pub header: &'a str,
+    /// Where the deployed processes find their TLS files and the routers'
+    /// credentials and token key, relative to the deployed `cells/` folder:
+    /// every such file keeps its name and moves there.
+    pub secrets: &'a str,
+}
+
+/// `file` moved into the folder `dir` (relative to the deployed `cells/`).
+pub(crate) fn secret_path(dir: &str, file: &Path) -> PathBuf {
+    Path::new(dir).join(file.file_name().unwrap_or(file.as_os_str()))
 }
 
 /// The `cells/` folder as deployed: file name → text. Cells keep their names,
@@ -205,7 +214,13 @@ pub fn deployed_cells(env: &EnvDef, placement: &Placement) -> anyhow::Result<Ren
     let mut endpoints: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (path, def) in &env.cells {
         let mut def = def.clone();
+        if let Some(tls) = &mut def.tls {
+            tls.ca = secret_path(placement.secrets, &tls.ca);
+        }
         for m in &mut def.members {
+            for file in [&mut m.cert, &mut m.key].into_iter().flatten() {
+                *file = secret_path(placement.secrets, file);
+            }
             let host = (placement.member_host)(&def.name, m.id);
             let addr = |port: u16| -> anyhow::Result<HostPort> {
                 format!("{host}:{port}")
@@ -248,7 +263,7 @@ pub fn deployed_cells(env: &EnvDef, placement: &Placement) -> anyhow::Result<Ren
             map.to_toml()
         ),
     );
-    let routers = RoutersDef {
+    let mut routers = RoutersDef {
         directory: env.routers.directory.clone(),
         static_map: PathBuf::from("routing.toml"),
         routers: placement.routers.clone(),
@@ -257,6 +272,17 @@ pub fn deployed_cells(env: &EnvDef, placement: &Placement) -> anyhow::Result<Ren
         auth: env.routers.auth.clone(),
         base_dir: PathBuf::new(),
     };
+    let secrets = placement.secrets;
+    if let Some(tls) = &mut routers.tls {
+        tls.ca = secret_path(secrets, &tls.ca);
+    }
+    for r in &mut routers.routers {
+        for file in [&mut r.cert, &mut r.key].into_iter().flatten() {
+            *file = secret_path(secrets, file);
+        }
+    }
+    routers.auth.credentials = secret_path(secrets, &routers.auth.credentials);
+    routers.auth.token_key = secret_path(secrets, &routers.auth.token_key);
     files.insert(
         PathBuf::from("routers.toml"),
         format!(
@@ -286,6 +312,8 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
         #[serde(skip_serializing_if = "Option::is_none")]
         watch: Option<&'a cellplane_cell::config::WatchSettings>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        maintenance: Option<&'a cellplane_cell::config::MaintenanceSettings>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         discovery: Option<&'a cellplane_discovery::Settings>,
     }
     fn unless_default<T: Default + PartialEq>(v: &T) -> Option<&T> {
@@ -299,6 +327,7 @@ fn cell_toml(def: &CellDef) -> anyhow::Result<String> {
         raft: unless_default(&def.raft),
         limits: unless_default(&def.limits),
         watch: unless_default(&def.watch),
+        maintenance: unless_default(&def.maintenance),
         discovery: unless_default(&def.discovery),
     })
     .context("cannot encode a cell definition")
