@@ -35,6 +35,19 @@ pub mod grpc_health {
     tonic::include_proto!("grpc.health.v1");
 }
 
+/// Largest range a cell answers by default (its `limits.max_response_bytes`),
+/// counted as key and value bytes plus [`RESPONSE_ENTRY_BYTES`] per key.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// What one key-value pair adds to a response besides its key and value (its
+/// revisions, version, lease and protobuf framing), at most.
+pub const RESPONSE_ENTRY_BYTES: usize = 48;
+
+/// What a response adds besides its key-value pairs (header, counts): the gRPC
+/// message limit for responses is the response limit plus this, in the cell
+/// and in the router alike.
+pub const RESPONSE_FRAME_BYTES: usize = 64 << 10;
+
 /// etcd's prefix range end: the smallest key after every key that starts with
 /// `prefix` (trailing 0xff bytes dropped, the last byte left incremented), or
 /// `"\0"` (no end: every key from the prefix on) when no byte is left. A range

@@ -13,12 +13,13 @@ pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_REV: &str = "rev";
 pub(crate) const CF_HIST: &str = "hist";
 pub(crate) const CF_LEASE: &str = "lease";
+pub(crate) const CF_ALARM: &str = "alarm";
 
 /// Column families that hold the state machine (everything a snapshot carries).
-pub(crate) const SM_CFS: [&str; 4] = [CF_KV, CF_REV, CF_HIST, CF_LEASE];
+pub(crate) const SM_CFS: [&str; 5] = [CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM];
 
 /// Every column family.
-const ALL_CFS: [&str; 6] = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE];
+const ALL_CFS: [&str; 7] = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM];
 
 /// One member's database. Cheap to clone.
 ///
@@ -33,6 +34,7 @@ const ALL_CFS: [&str; 6] = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE];
 /// - `lease`: leases (`l` + id → granted TTL) and the keys attached to each
 ///   (`k` + id + key), so that revoking or expiring a lease finds its keys without
 ///   a scan.
+/// - `alarm`: raised alarms, member id + alarm type → nothing (see `alarm`).
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: Arc<DB>,
@@ -83,8 +85,19 @@ impl Store {
     /// Live size of the database, in bytes: SST files and memtables of every column
     /// family.
     pub fn size_bytes(&self) -> u64 {
+        self.cfs_size(&ALL_CFS)
+    }
+
+    /// Size of the key-value state alone (versions, history, leases, alarms; not
+    /// the Raft log): what the space quota limits, as etcd's limits its backend
+    /// and not its WAL.
+    pub fn state_size_bytes(&self) -> u64 {
+        self.cfs_size(&SM_CFS)
+    }
+
+    fn cfs_size(&self, names: &[&str]) -> u64 {
         let mut total = 0;
-        for name in ALL_CFS {
+        for name in names {
             for prop in [
                 rocksdb::properties::TOTAL_SST_FILES_SIZE,
                 rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES,
@@ -102,6 +115,46 @@ impl Store {
 }
 
 impl Store {
+    /// etcd's defragmentation, RocksDB's way: compacts every column family over
+    /// its whole key range, so deleted and overwritten versions (compacted
+    /// history, purged log entries) leave the SST files and their space returns
+    /// to the disk. Blocks for as long as RocksDB takes: call it off the async
+    /// runtime. Reads and writes go on meanwhile (RocksDB compacts in the
+    /// background of its own writes).
+    pub fn defragment(&self) -> Result<(), crate::KvError> {
+        let mut opts = rocksdb::CompactOptions::default();
+        // Rewrite the bottommost level too: that is where deleted ranges sit.
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name))?;
+            self.db
+                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        Ok(())
+    }
+
+    /// A hash of every state-machine column family as one RocksDB snapshot sees
+    /// it (etcd's deprecated `Hash`: the whole store, not one revision). Reads
+    /// the database once, streaming: call it off the async runtime.
+    pub fn hash_all(&self) -> Result<u32, crate::KvError> {
+        use sha2::Digest;
+        let snap = self.db.snapshot();
+        let mut h = sha2::Sha256::new();
+        for name in SM_CFS {
+            let mut opts = rocksdb::ReadOptions::default();
+            opts.set_snapshot(&snap);
+            h.update(name.as_bytes());
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(name), opts, rocksdb::IteratorMode::Start)
+            {
+                let (k, v) = item?;
+                hash_entry(&mut h, &k, &v);
+            }
+        }
+        Ok(truncate_hash(h))
+    }
+
     /// True when this member has never taken part in its cell: no vote and no log.
     pub fn is_fresh(&self) -> Result<bool, rocksdb::Error> {
         let voted = self.db.get_cf(self.cf(CF_META), b"raft/vote")?.is_some();
@@ -113,4 +166,21 @@ impl Store {
         let purged = self.db.get_cf(self.cf(CF_META), b"raft/purged")?.is_some();
         Ok(!voted && !logged && !purged)
     }
+}
+
+/// Feeds one key-value pair to a hash, length-prefixed so that no two different
+/// sequences of pairs feed the same bytes.
+pub(crate) fn hash_entry(h: &mut sha2::Sha256, k: &[u8], v: &[u8]) {
+    use sha2::Digest;
+    h.update((k.len() as u64).to_be_bytes());
+    h.update(k);
+    h.update((v.len() as u64).to_be_bytes());
+    h.update(v);
+}
+
+/// The first four bytes of a SHA-256: etcd's hashes are `uint32` on the wire.
+pub(crate) fn truncate_hash(h: sha2::Sha256) -> u32 {
+    use sha2::Digest;
+    let d = h.finalize();
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }

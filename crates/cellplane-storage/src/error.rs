@@ -41,9 +41,22 @@ pub enum KvError {
     #[error("storage error: {0}")]
     Storage(String),
     /// A put attaches a tenant's lease to a key outside that tenant's namespace.
-    /// Last, so that the variants before it keep their encoding in responses.
+    /// New variants go last, so that the ones before keep their encoding in
+    /// responses.
     #[error("etcdserver: permission denied")]
     PermissionDenied,
+    /// A NOSPACE alarm is raised: the write would grow the store.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// A CORRUPT alarm is raised: no write until an operator disarms it.
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
+    /// A range would answer more than the cell's response limit.
+    #[error(
+        "etcdserver: range response larger than the cell's limits.max_response_bytes ({max} \
+         bytes): read it in pages (`limit`, then from the key after the last one returned)"
+    )]
+    ResponseTooLarge { max: usize },
 }
 
 impl From<rocksdb::Error> for KvError {

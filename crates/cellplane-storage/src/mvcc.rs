@@ -62,6 +62,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most compares, or ops in one branch, of a Txn (etcd: 128).
     pub max_txn_ops: usize,
+    /// Largest range answered, in key and value bytes: a bigger one is refused
+    /// before it is read into memory, naming the limit (etcd has none short of
+    /// gRPC's 2 GiB; paginate with `limit`).
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -69,9 +73,13 @@ impl Default for Limits {
         Limits {
             max_request_bytes: 3 * 512 * 1024,
             max_txn_ops: 128,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
+
+pub use cellplane_proto::DEFAULT_MAX_RESPONSE_BYTES;
+use cellplane_proto::RESPONSE_ENTRY_BYTES;
 
 /// The key interval `[key, range_end)` of a request, as etcd reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,16 +291,36 @@ pub(crate) fn finish_range(
     }
 }
 
+/// What [`KvReader::hash_kv`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvHash {
+    pub hash: u32,
+    /// The compaction revision: hashes compare only between equal ones.
+    pub compacted: i64,
+    /// The revision hashed up to.
+    pub revision: i64,
+}
+
 /// Reads of the key-value store. Every read uses a RocksDB snapshot, so it sees one
 /// revision and holds nothing the apply path waits for. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct KvReader {
     pub(crate) store: Store,
+    max_response_bytes: usize,
 }
 
 impl KvReader {
     pub fn new(store: Store) -> KvReader {
-        KvReader { store }
+        KvReader {
+            store,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+
+    /// The same reader, refusing ranges larger than `bytes`.
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> KvReader {
+        self.max_response_bytes = bytes;
+        self
     }
 
     /// The newest revision and the compaction revision.
@@ -301,6 +329,57 @@ impl KvReader {
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
         read_revisions(&self.store, &opts)
+    }
+
+    /// The raised alarms: (member id, etcd `AlarmType` value).
+    pub fn alarms(&self) -> Result<crate::AlarmSet, KvError> {
+        crate::alarm::read_alarms(&self.store, ReadOptions::default())
+    }
+
+    /// etcd's HashKV: a hash of every version and tombstone with a revision at
+    /// most `rev` (0: the newest) that the store holds, i.e. since the last
+    /// compaction. Members that applied the same log hold the same versions, so
+    /// two members' hashes at one revision with the same compaction revision
+    /// must agree; a difference is corruption. Streams the history once on a
+    /// RocksDB snapshot, holding one entry at a time: call it off the async
+    /// runtime.
+    pub fn hash_kv(&self, rev: i64) -> Result<KvHash, KvError> {
+        use sha2::Digest;
+        let snap = self.store.db.snapshot();
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snap);
+        let (current, compacted) = read_revisions(&self.store, &opts)?;
+        let rev = if rev <= 0 { current } else { rev };
+        if rev > current {
+            return Err(KvError::FutureRevision { current });
+        }
+        if rev < compacted {
+            return Err(KvError::Compacted { compacted });
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snap);
+        opts.set_iterate_upper_bound(
+            Rev {
+                main: rev.saturating_add(1),
+                sub: 0,
+            }
+            .encode()
+            .to_vec(),
+        );
+        let mut h = sha2::Sha256::new();
+        for item in self
+            .store
+            .db
+            .iterator_cf_opt(self.store.cf(CF_REV), opts, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            crate::db::hash_entry(&mut h, &k, &v);
+        }
+        Ok(KvHash {
+            hash: crate::db::truncate_hash(h),
+            compacted,
+            revision: rev,
+        })
     }
 
     /// Serves a Range (already checked with [`check_range`]).
@@ -313,7 +392,9 @@ impl KvReader {
         let (kvs, count) = if r.revision <= 0 || r.revision == current {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
-            let (recs, count) = scan_current_limited(&self.store, opts, &kr, scan_limit(r))?;
+            let budget = self.max_response_bytes;
+            let (recs, count) =
+                scan_current_limited(&self.store, opts, &kr, scan_limit(r), budget)?;
             (
                 recs.into_iter().map(|(k, rec)| rec.to_kv(&k)).collect(),
                 count,
@@ -327,7 +408,14 @@ impl KvReader {
             }
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
-            let kvs = scan_at(&self.store, opts, &kr, r.revision, &snap)?;
+            let kvs = scan_at(
+                &self.store,
+                opts,
+                &kr,
+                r.revision,
+                &snap,
+                self.max_response_bytes,
+            )?;
             let count = kvs.len();
             (kvs, count)
         };
@@ -386,6 +474,7 @@ pub(crate) fn scan_current_limited(
     mut opts: ReadOptions,
     kr: &KeyRange,
     keep: Option<usize>,
+    budget: usize,
 ) -> Result<(Vec<KeyRecord>, usize), KvError> {
     let KeyRange::Span { start, end } = kr else {
         let all = scan_current(store, opts, kr)?;
@@ -400,6 +489,7 @@ pub(crate) fn scan_current_limited(
     }
     let mut out = Vec::new();
     let mut count = 0;
+    let mut bytes = 0usize;
     let iter = store.db.iterator_cf_opt(
         store.cf(CF_KV),
         opts,
@@ -408,6 +498,10 @@ pub(crate) fn scan_current_limited(
     for item in iter {
         let (k, v) = item?;
         if keep.is_none_or(|n| out.len() < n) {
+            bytes = bytes.saturating_add(k.len() + v.len() + RESPONSE_ENTRY_BYTES);
+            if bytes > budget {
+                return Err(KvError::ResponseTooLarge { max: budget });
+            }
             out.push((k.to_vec(), decode_record(&v)?));
         }
         count += 1;
@@ -453,6 +547,7 @@ fn scan_at<D: rocksdb::DBAccess>(
     kr: &KeyRange,
     at: i64,
     snap: &rocksdb::SnapshotWithThreadMode<'_, D>,
+    budget: usize,
 ) -> Result<Vec<KeyValue>, KvError> {
     let (start, upper) = match kr {
         KeyRange::Single(k) => {
@@ -502,11 +597,16 @@ fn scan_at<D: rocksdb::DBAccess>(
     let mut out = Vec::with_capacity(chosen.len());
     let mut ropts = ReadOptions::default();
     ropts.set_snapshot(snap);
+    let mut bytes = 0usize;
     for (key, rev) in chosen {
         let raw = store
             .db
             .get_cf_opt(store.cf(CF_REV), rev.encode(), &ropts)?
             .ok_or_else(|| KvError::Storage(format!("history of {} lost", show(&key))))?;
+        bytes = bytes.saturating_add(raw.len() + RESPONSE_ENTRY_BYTES);
+        if bytes > budget {
+            return Err(KvError::ResponseTooLarge { max: budget });
+        }
         let rec: RevRecord = decode_record(&raw)?;
         if let Some(kv) = rec.kv {
             out.push(kv.to_kv(&key));

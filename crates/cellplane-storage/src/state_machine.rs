@@ -6,9 +6,10 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
 use cellplane_proto::etcdserverpb::{
-    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse,
-    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse, compare, request_op, response_op,
+    AlarmMember, AlarmResponse, CompactionResponse, Compare, DeleteRangeRequest,
+    DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    compare, request_op, response_op,
 };
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_proto::mvccpb::{Event, KeyValue};
@@ -22,8 +23,11 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
+use crate::alarm::{
+    AlarmSet, Effect, Raised, alarm_key, check_kind, gate, read_alarms, txn_writes,
+};
 use crate::codec::{Rev, hist_key, unescape_key};
-use crate::db::{CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, SM_CFS, Store};
+use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, SM_CFS, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
 use crate::lease::{
@@ -48,6 +52,8 @@ pub struct AppliedState {
     pub log_index: u64,
     pub revision: i64,
     pub compacted: i64,
+    /// The kinds of alarm raised in the cell.
+    pub alarms: Raised,
 }
 
 /// The state machine of one member.
@@ -57,6 +63,7 @@ pub struct StateMachine {
     membership: StoredMembership<NodeId, Member>,
     revision: i64,
     compacted: i64,
+    alarms: AlarmSet,
     published: watch::Sender<AppliedState>,
     /// Serializes writes of the stored snapshot: openraft may build one while it
     /// installs another, and an older one must never replace a newer one.
@@ -135,10 +142,12 @@ impl StateMachine {
         };
         let revision = read_i64(&store, &opts, KEY_REVISION).map_err(rd)?;
         let compacted = read_i64(&store, &opts, KEY_COMPACTED).map_err(rd)?;
+        let alarms = read_alarms(&store, ReadOptions::default()).map_err(rd)?;
         let (published, _) = watch::channel(AppliedState {
             log_index: applied.map(|l: LogId<NodeId>| l.index).unwrap_or(0),
             revision,
             compacted,
+            alarms: Raised::of(&alarms),
         });
         Ok(StateMachine {
             store,
@@ -146,6 +155,7 @@ impl StateMachine {
             membership,
             revision,
             compacted,
+            alarms,
             published,
             snapshot_lock: Arc::default(),
             events_tx: broadcast::channel(log.revisions.max(1)).0,
@@ -173,6 +183,7 @@ impl StateMachine {
             log_index: self.applied.map(|l| l.index).unwrap_or(0),
             revision: self.revision,
             compacted: self.compacted,
+            alarms: Raised::of(&self.alarms),
         };
         self.published.send_replace(state);
     }
@@ -204,6 +215,8 @@ struct Applier<'a> {
     lease_overlay: BTreeMap<i64, Option<LeaseRecord>>,
     revision: i64,
     compacted: i64,
+    /// Raised alarms, with this batch's earlier commands' changes.
+    alarms: AlarmSet,
     pending: Vec<PendingWrite>,
     undo: Vec<(Vec<u8>, Option<Option<KvRecord>>)>,
     /// Watch events of the command being executed.
@@ -356,8 +369,10 @@ impl Applier<'_> {
     fn execute_command(&mut self, cmd: &Command) -> Result<Vec<u8>, KvError> {
         let decode_err =
             |e: prost::DecodeError| KvError::Invalid(format!("undecodable command: {e}"));
+        let raised = Raised::of(&self.alarms);
         match cmd {
             Command::Put(b) => {
+                gate(raised, Effect::Grows)?;
                 let req = PutRequest::decode(b.as_slice()).map_err(decode_err)?;
                 self.check_put(&req)?;
                 let rev = self.revision + 1;
@@ -366,6 +381,7 @@ impl Applier<'_> {
                 Ok(resp.encode_to_vec())
             }
             Command::DeleteRange(b) => {
+                gate(raised, Effect::Shrinks)?;
                 let req = DeleteRangeRequest::decode(b.as_slice()).map_err(decode_err)?;
                 let mut sub = 0;
                 let resp = self.delete(&req, self.revision + 1, &mut sub)?;
@@ -376,6 +392,9 @@ impl Applier<'_> {
             }
             Command::Txn(b) => {
                 let req = TxnRequest::decode(b.as_slice()).map_err(decode_err)?;
+                if txn_writes(&req) {
+                    gate(raised, Effect::Grows)?;
+                }
                 let mut sub = 0;
                 let mut resp = self.txn(&req, self.revision + 1, &mut sub)?;
                 if sub > 0 {
@@ -388,12 +407,16 @@ impl Applier<'_> {
                 self.compact(*rev)?;
                 Ok(CompactionResponse::default().encode_to_vec())
             }
-            Command::LeaseGrant { id, ttl } => self.grant(*id, *ttl, None),
+            Command::LeaseGrant { id, ttl } => {
+                gate(raised, Effect::Grows)?;
+                self.grant(*id, *ttl, None)
+            }
             Command::LeaseRevoke(id) => {
                 self.revoke(*id)?;
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
             }
             Command::LeaseGrantOwned { id, ttl, owner } => {
+                gate(raised, Effect::Grows)?;
                 self.grant(*id, *ttl, Some(owner.clone()))
             }
             Command::LeaseRevokeOwned { id, owner } => {
@@ -404,7 +427,39 @@ impl Applier<'_> {
                 self.revoke(*id)?;
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
             }
+            Command::Alarm {
+                activate,
+                member,
+                alarm,
+            } => self.alarm(*activate, *member, *alarm),
         }
+    }
+
+    /// Raises or clears one alarm; answers etcd's `AlarmResponse` naming the alarm
+    /// that changed (none when it already was as asked).
+    fn alarm(&mut self, activate: bool, member: u64, alarm: i32) -> Result<Vec<u8>, KvError> {
+        check_kind(alarm)?;
+        let key = alarm_key(member, alarm).to_vec();
+        let changed = if activate {
+            self.alarms.insert((member, alarm))
+        } else {
+            self.alarms.remove(&(member, alarm))
+        };
+        if changed {
+            self.pending.push((CF_ALARM, key, activate.then(Vec::new)));
+        }
+        let alarms = changed
+            .then_some(AlarmMember {
+                member_id: member,
+                alarm,
+            })
+            .into_iter()
+            .collect();
+        Ok(AlarmResponse {
+            header: None,
+            alarms,
+        }
+        .encode_to_vec())
     }
 
     /// Creates lease `id`, owned by `owner` if given.
@@ -809,6 +864,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             lease_overlay: BTreeMap::new(),
             revision: self.revision,
             compacted: self.compacted,
+            alarms: self.alarms.clone(),
             pending: Vec::new(),
             undo: Vec::new(),
             pending_events: Vec::new(),
@@ -872,6 +928,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch,
             revision,
             compacted,
+            alarms,
             events,
             ..
         } = applier;
@@ -892,6 +949,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.revision = revision;
         self.compacted = compacted;
+        self.alarms = alarms;
         self.publish();
         Ok(out)
     }
@@ -965,6 +1023,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.membership = membership;
         self.revision = body.revision;
         self.compacted = body.compacted;
+        self.alarms = read_alarms(&self.store, ReadOptions::default()).map_err(rd)?;
         self.publish();
         Ok(())
     }

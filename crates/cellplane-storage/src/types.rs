@@ -73,6 +73,13 @@ pub enum Command {
     /// otherwise nothing happens and the outcome is "lease not found", as for a
     /// lease that does not exist, so that one tenant cannot probe for another's.
     LeaseRevokeOwned { id: i64, owner: String },
+    /// Raise (`activate`) or clear an alarm of `member` (etcd's `AlarmType`
+    /// value): see the `alarm` module.
+    Alarm {
+        activate: bool,
+        member: u64,
+        alarm: i32,
+    },
 }
 
 impl Command {
@@ -104,7 +111,8 @@ impl Command {
             | Command::LeaseGrant { .. }
             | Command::LeaseRevoke(_)
             | Command::LeaseGrantOwned { .. }
-            | Command::LeaseRevokeOwned { .. } => false,
+            | Command::LeaseRevokeOwned { .. }
+            | Command::Alarm { .. } => false,
         }
     }
 
@@ -116,6 +124,7 @@ impl Command {
             Command::LeaseGrant { .. } => 16,
             Command::LeaseGrantOwned { owner, .. } => 16 + owner.len(),
             Command::LeaseRevokeOwned { owner, .. } => 8 + owner.len(),
+            Command::Alarm { .. } => 13,
         }
     }
 }
@@ -135,6 +144,11 @@ impl std::fmt::Debug for Command {
             Command::LeaseRevokeOwned { id, owner } => {
                 write!(f, "LeaseRevokeOwned({id}, {owner:?})")
             }
+            Command::Alarm {
+                activate,
+                member,
+                alarm,
+            } => write!(f, "Alarm({activate}, {member}, {alarm})"),
         }
     }
 }
@@ -184,7 +198,13 @@ mod tests {
             owner: "a".into(),
         };
         assert_eq!(enc(&revoke), [7, 14, 1, b'a']);
-        for c in [owned, revoke] {
+        let alarm = Command::Alarm {
+            activate: true,
+            member: 2,
+            alarm: 1,
+        };
+        assert_eq!(enc(&alarm), [8, 1, 2, 2]);
+        for c in [owned, revoke, alarm] {
             assert_eq!(postcard::from_bytes::<Command>(&enc(&c)).unwrap(), c);
             assert!(!c.reads_history());
         }

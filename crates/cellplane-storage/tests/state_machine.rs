@@ -606,3 +606,184 @@ async fn owners_travel_in_snapshots_and_old_records_still_read() {
     assert!(out.unwrap().is_ok());
     assert!(reader.range(&get("/a/k")).unwrap().kvs.is_empty());
 }
+
+/// HashKV: members that applied the same log agree at every revision they both
+/// hold; a hash at a revision does not change as the store moves on; a member
+/// that holds a different version disagrees; revisions outside the held history
+/// are refused as etcd refuses them.
+#[tokio::test]
+async fn hash_kv_agrees_between_equal_histories_and_catches_a_difference() {
+    let open = || {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+        (dir, sm)
+    };
+    let (_a_dir, mut a) = open();
+    let (_b_dir, mut b) = open();
+    let (_c_dir, mut c) = open();
+    let log = |last: &str| {
+        vec![
+            entry(1, Command::Put(put("/k1", "1").encode_to_vec())),
+            entry(2, Command::Put(put("/k2", "2").encode_to_vec())),
+            entry(3, Command::Put(put("/k1", last).encode_to_vec())),
+        ]
+    };
+    a.apply(log("3")).await.unwrap();
+    b.apply(log("3")).await.unwrap();
+    c.apply(log("three")).await.unwrap();
+    let (ra, rb, rc) = (a.reader(), b.reader(), c.reader());
+    for rev in [0, 1, 2, 3] {
+        assert_eq!(
+            ra.hash_kv(rev).unwrap(),
+            rb.hash_kv(rev).unwrap(),
+            "rev {rev}"
+        );
+    }
+    assert_eq!(ra.hash_kv(0).unwrap().revision, 3);
+    assert_eq!(
+        ra.hash_kv(2).unwrap(),
+        rc.hash_kv(2).unwrap(),
+        "equal up to 2"
+    );
+    assert_ne!(ra.hash_kv(3).unwrap().hash, rc.hash_kv(3).unwrap().hash);
+
+    let at2 = ra.hash_kv(2).unwrap();
+    a.apply(vec![entry(
+        4,
+        Command::Put(put("/k3", "4").encode_to_vec()),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(ra.hash_kv(2).unwrap(), at2, "a hash at 2 stays put");
+    assert!(matches!(
+        ra.hash_kv(9),
+        Err(KvError::FutureRevision { current: 4 })
+    ));
+    a.apply(vec![entry(5, Command::Compact(3))]).await.unwrap();
+    assert!(matches!(
+        ra.hash_kv(2),
+        Err(KvError::Compacted { compacted: 3 })
+    ));
+    assert_eq!(ra.hash_kv(4).unwrap().compacted, 3);
+}
+
+/// A range larger than the reader's response limit is refused before it is
+/// read whole, at the newest revision and at a past one; a page of it is not.
+#[tokio::test]
+async fn ranges_past_the_response_limit_are_refused_and_pages_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let value = "x".repeat(10_000);
+    let entries = (1..=100)
+        .map(|i| {
+            entry(
+                i,
+                Command::Put(put(&format!("/r/{i:03}"), &value).encode_to_vec()),
+            )
+        })
+        .collect::<Vec<_>>();
+    sm.apply(entries).await.unwrap();
+    let reader = sm.reader().with_max_response_bytes(200_000);
+    let all = |revision: i64, limit: i64| RangeRequest {
+        key: b"/r/".to_vec(),
+        range_end: b"/r0".to_vec(),
+        revision,
+        limit,
+        ..Default::default()
+    };
+    for revision in [0, 50] {
+        let err = reader.range(&all(revision, 0)).unwrap_err();
+        assert_eq!(err, KvError::ResponseTooLarge { max: 200_000 });
+        assert!(
+            err.to_string().contains("limits.max_response_bytes"),
+            "{err}"
+        );
+    }
+    let page = reader.range(&all(0, 10)).unwrap();
+    assert_eq!(page.kvs.len(), 10);
+    assert!(page.more);
+    assert_eq!(page.count, 100);
+    assert_eq!(sm.reader().range(&all(0, 0)).unwrap().kvs.len(), 100);
+}
+
+/// An operator snapshot streams in chunks of the size asked, restores into a new
+/// store with the same keys, history hash and revisions, and a damaged or
+/// truncated file is refused and leaves no store behind.
+#[tokio::test]
+async fn snapshots_stream_in_chunks_and_restore_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = cellplane_storage::open(&dir.path().join("src")).unwrap();
+    let mut sm = StateMachine::new(store.clone()).unwrap();
+    let entries = (1..=300)
+        .map(|i| {
+            entry(
+                i,
+                Command::Put(
+                    put(&format!("/s/{}", i % 50), &"v".repeat(i as usize)).encode_to_vec(),
+                ),
+            )
+        })
+        .collect::<Vec<_>>();
+    sm.apply(entries).await.unwrap();
+    sm.apply(vec![entry(301, Command::Compact(100))])
+        .await
+        .unwrap();
+
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut lasts = 0;
+    let summary = cellplane_storage::export_snapshot(&store, 4096, |c, last| {
+        chunks.push(c);
+        lasts += usize::from(last);
+        true
+    })
+    .unwrap();
+    assert!(chunks.len() > 10);
+    assert_eq!(lasts, 1);
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c.len() == 4096));
+    let file: Vec<u8> = chunks.concat();
+    assert_eq!(summary.bytes, file.len() as u64);
+    assert_eq!(
+        file.len() % 512,
+        32,
+        "pages and a SHA-256, as etcdctl checks"
+    );
+    assert_eq!((summary.revision, summary.compacted), (300, 100));
+
+    let restored_dir = dir.path().join("restored");
+    let back = cellplane_storage::import_snapshot(&restored_dir, file.as_slice()).unwrap();
+    assert_eq!(back, summary);
+    let restored = StateMachine::new(cellplane_storage::open(&restored_dir).unwrap()).unwrap();
+    let (a, b) = (sm.reader(), restored.reader());
+    assert_eq!(b.revisions().unwrap(), (300, 100));
+    assert_eq!(a.hash_kv(0).unwrap(), b.hash_kv(0).unwrap());
+    let all = RangeRequest {
+        key: b"/s/".to_vec(),
+        range_end: b"/s0".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(a.range(&all).unwrap().kvs, b.range(&all).unwrap().kvs);
+    drop(restored);
+
+    // A flipped byte, a truncation, an etcd file: refused, nothing left behind.
+    let mut flipped = file.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x55;
+    let truncated = &file[..file.len() - 10];
+    for (what, bad) in [
+        ("flipped", flipped.as_slice()),
+        ("truncated", truncated),
+        ("etcd", &b"\x00\x00\x00\x00bolt"[..]),
+    ] {
+        let target = dir.path().join(what);
+        assert!(
+            cellplane_storage::import_snapshot(&target, bad).is_err(),
+            "{what}"
+        );
+        assert!(!target.exists(), "{what}: a failed restore left a store");
+    }
+    let again = cellplane_storage::import_snapshot(&restored_dir, file.as_slice());
+    assert!(matches!(
+        again,
+        Err(cellplane_storage::SnapshotError::NotEmpty(_))
+    ));
+}
