@@ -50,6 +50,9 @@ pub struct CellDef {
     pub limits: LimitSettings,
     #[serde(default)]
     pub watch: WatchSettings,
+    /// Auto-compaction, the space quota and the corruption check.
+    #[serde(default)]
+    pub maintenance: MaintenanceSettings,
     /// Service discovery hosted by every member (watch buffers, TTL polling,
     /// health-check concurrency).
     #[serde(default)]
@@ -116,6 +119,69 @@ impl Default for WatchSettings {
             stream_buffer_bytes: 4 << 20,
             event_log_max_revision_bytes: 64 << 10,
             progress_notify_ms: 600_000,
+        }
+    }
+}
+
+/// How a cell looks after itself (the `upkeep` module runs it, on the leader).
+/// The names follow etcd's flags.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceSettings {
+    /// etcd's `--auto-compaction-mode`: `periodic` keeps
+    /// `auto_compaction_retention_secs` of history, `revision` keeps the newest
+    /// `auto_compaction_retained_revisions` revisions, `off` keeps everything.
+    pub auto_compaction_mode: AutoCompaction,
+    pub auto_compaction_retention_secs: u64,
+    pub auto_compaction_retained_revisions: u64,
+    /// How often the leader considers compacting; 0: a tenth of the retention
+    /// (at least 1 s) in `periodic` mode, 5 minutes in `revision` mode, as etcd.
+    pub auto_compaction_interval_ms: u64,
+    /// etcd's `--quota-backend-bytes`: past this size of the key-value state
+    /// (versions, history, leases; not the Raft log) the cell raises NOSPACE and
+    /// refuses writes that grow it. etcd's default, 2 GiB.
+    pub quota_backend_bytes: u64,
+    /// How often the leader compares its store's size with the quota.
+    pub quota_check_ms: u64,
+    /// etcd's `--experimental-corrupt-check-time`: how often the leader compares
+    /// every member's HashKV at one revision; 0 turns the check off.
+    pub corrupt_check_secs: u64,
+}
+
+/// etcd's auto-compaction modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoCompaction {
+    Off,
+    Periodic,
+    Revision,
+}
+
+impl Default for MaintenanceSettings {
+    fn default() -> Self {
+        MaintenanceSettings {
+            auto_compaction_mode: AutoCompaction::Periodic,
+            auto_compaction_retention_secs: 3600,
+            auto_compaction_retained_revisions: 10_000,
+            auto_compaction_interval_ms: 0,
+            quota_backend_bytes: 2 << 30,
+            quota_check_ms: 1000,
+            corrupt_check_secs: 300,
+        }
+    }
+}
+
+impl MaintenanceSettings {
+    /// How often the leader considers compacting.
+    pub fn compaction_interval(&self) -> Duration {
+        if self.auto_compaction_interval_ms > 0 {
+            return Duration::from_millis(self.auto_compaction_interval_ms);
+        }
+        match self.auto_compaction_mode {
+            AutoCompaction::Periodic => {
+                Duration::from_secs((self.auto_compaction_retention_secs / 10).max(1))
+            }
+            AutoCompaction::Revision | AutoCompaction::Off => Duration::from_secs(300),
         }
     }
 }
@@ -347,6 +413,19 @@ pub struct LimitSettings {
     /// Client requests in flight on one member; more are refused with UNAVAILABLE
     /// instead of queueing.
     pub max_inflight_requests: usize,
+    /// Largest range answered, in key and value bytes (plus 48 per key): a
+    /// larger one is refused before it is read, with RESOURCE_EXHAUSTED naming
+    /// this field; clients page with `limit`. Routers' `max_response_bytes` must
+    /// match. gRPC responses are capped at this plus 64 KiB.
+    pub max_response_bytes: usize,
+}
+
+impl LimitSettings {
+    /// The gRPC message limit for responses.
+    pub fn max_response_message_bytes(&self) -> usize {
+        self.max_response_bytes
+            .saturating_add(cellplane_proto::RESPONSE_FRAME_BYTES)
+    }
 }
 
 impl Default for LimitSettings {
@@ -356,6 +435,7 @@ impl Default for LimitSettings {
             max_txn_ops: 128,
             request_timeout_ms: 5_000,
             max_inflight_requests: 10_000,
+            max_response_bytes: cellplane_proto::DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -508,11 +588,34 @@ impl CellDef {
                 "must hold raft.max_entries_per_append requests of limits.max_request_bytes each",
             ));
         }
+        if l.max_response_bytes < 1 << 20 {
+            return Err(bad(
+                "limits.max_response_bytes".into(),
+                "must be at least 1 MiB",
+            ));
+        }
         if l.max_txn_ops == 0 {
             return Err(bad("limits.max_txn_ops".into(), "must be > 0"));
         }
         if l.request_timeout_ms == 0 {
             return Err(bad("limits.request_timeout_ms".into(), "must be > 0"));
+        }
+        let m = &self.maintenance;
+        for (field, v) in [
+            (
+                "maintenance.auto_compaction_retention_secs",
+                m.auto_compaction_retention_secs,
+            ),
+            (
+                "maintenance.auto_compaction_retained_revisions",
+                m.auto_compaction_retained_revisions,
+            ),
+            ("maintenance.quota_backend_bytes", m.quota_backend_bytes),
+            ("maintenance.quota_check_ms", m.quota_check_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(field.into(), "must be > 0"));
+            }
         }
         let w = &self.watch;
         for (field, v) in [

@@ -41,6 +41,11 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseExists => Status::failed_precondition(e.to_string()),
         KvError::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         KvError::PermissionDenied => Status::permission_denied(e.to_string()),
+        // etcd's codes: clients (etcdctl, clientv3) recognise these two.
+        KvError::NoSpace | KvError::ResponseTooLarge { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        KvError::Corrupt => Status::data_loss(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::EmptyKey
         | KvError::KeyNotFound

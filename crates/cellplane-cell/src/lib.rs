@@ -11,7 +11,8 @@
 //! to the streams that watch it),
 //! [`lease::LeaseService`] and [`lease::Lessor`] (leases; expiry on the leader),
 //! [`network::Network`] (Raft over gRPC), [`read_index::ReadBarrier`] (batched
-//! linearizable reads).
+//! linearizable reads); `upkeep` runs auto-compaction, the space quota and the
+//! corruption check on the leader.
 //!
 //! With TLS on, both gRPC ports require a client certificate and a tower layer
 //! (`access`) admits only the identities each port serves: the peer port its own
@@ -39,6 +40,7 @@ pub mod node;
 pub mod proposer;
 pub mod read_index;
 pub mod service;
+mod upkeep;
 pub mod watch;
 mod watch_hub;
 

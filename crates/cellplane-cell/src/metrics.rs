@@ -36,6 +36,12 @@ pub struct Metrics {
     pub log_synced_appends: Gauge,
     pub proposals_failed: Counter,
     pub leases_expired: Counter,
+    pub auto_compactions: Counter,
+    pub corruption_checks: Counter,
+    pub state_size_bytes: Gauge,
+    /// 1 while an alarm of the kind is raised in the cell.
+    pub alarm_nospace: Gauge,
+    pub alarm_corrupt: Gauge,
     pub requests: Family<ResultLabels, Counter>,
     pub request_seconds: Family<MethodLabels, Histogram>,
 }
@@ -58,6 +64,11 @@ impl Metrics {
             log_synced_appends: Gauge::default(),
             proposals_failed: Counter::default(),
             leases_expired: Counter::default(),
+            auto_compactions: Counter::default(),
+            corruption_checks: Counter::default(),
+            state_size_bytes: Gauge::default(),
+            alarm_nospace: Gauge::default(),
+            alarm_corrupt: Gauge::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(|| {
                 // 100 µs .. ~6.5 s
@@ -68,6 +79,31 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
+        registry.register(
+            "auto_compactions",
+            "Compactions this member proposed as leader (auto-compaction)",
+            m.auto_compactions.clone(),
+        );
+        registry.register(
+            "corruption_checks",
+            "Corruption checks this member ran as leader",
+            m.corruption_checks.clone(),
+        );
+        registry.register(
+            "state_size_bytes",
+            "Size of the key-value state (what the space quota limits)",
+            m.state_size_bytes.clone(),
+        );
+        registry.register(
+            "alarm_nospace",
+            "1 while a NOSPACE alarm is raised in the cell",
+            m.alarm_nospace.clone(),
+        );
+        registry.register(
+            "alarm_corrupt",
+            "1 while a CORRUPT alarm is raised in the cell",
+            m.alarm_corrupt.clone(),
+        );
         registry.register(
             "raft_is_leader",
             "1 if this member is the leader",

@@ -18,6 +18,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = size_tick.tick() => {
                 let m = &shared.metrics;
                 m.db_size_bytes.set(shared.store.size_bytes() as i64);
+                m.state_size_bytes.set(shared.store.state_size_bytes() as i64);
+                let alarms = shared.applied.borrow().alarms;
+                m.alarm_nospace.set(i64::from(alarms.no_space));
+                m.alarm_corrupt.set(i64::from(alarms.corrupt));
                 m.log_syncs.set(shared.sync_stats.syncs.load(std::sync::atomic::Ordering::Relaxed) as i64);
                 m.log_synced_appends
                     .set(shared.sync_stats.appends.load(std::sync::atomic::Ordering::Relaxed) as i64);

@@ -180,7 +180,7 @@ impl Shared {
     pub fn kv_client(&self, id: NodeId) -> Result<KvClient<Channel>, NodeError> {
         let max = self.limits.max_request_bytes + (1 << 20);
         Ok(KvClient::new(self.channel(id)?)
-            .max_decoding_message_size(usize::MAX)
+            .max_decoding_message_size(self.config.cell.limits.max_response_message_bytes())
             .max_encoding_message_size(max))
     }
 
@@ -270,7 +270,9 @@ pub async fn run(
     // Subscribed before Raft starts applying, so the hub sees every revision.
     let events = sm.events().subscribe();
     let watch_hub = crate::watch_hub::Hub::new(config.cell.watch.event_log_revisions);
-    let reader = sm.reader();
+    let reader = sm
+        .reader()
+        .with_max_response_bytes(config.cell.limits.max_response_bytes);
     let applied = sm.subscribe();
     let r = &config.cell.raft;
     let client_tls = config.tls.as_ref().map(|t| t.client());
@@ -299,6 +301,7 @@ pub async fn run(
     let (proposer, proposer_task) = Proposer::start(
         raft.clone(),
         crate::proposer::ForwardSettings {
+            max_response_bytes: config.cell.limits.max_response_message_bytes(),
             me: config.id,
             network: network.clone(),
             timeout: config.request_timeout(),
@@ -310,6 +313,7 @@ pub async fn run(
     let limits = Limits {
         max_request_bytes: config.cell.limits.max_request_bytes,
         max_txn_ops: config.cell.limits.max_txn_ops,
+        max_response_bytes: config.cell.limits.max_response_bytes,
     };
     let shared = Arc::new(Shared {
         id: config.id,
@@ -343,6 +347,7 @@ pub async fn run(
         shared.clone(),
         shutdown.child_token(),
     ));
+    crate::upkeep::spawn(&shared, &tasks, &shutdown);
 
     // Service discovery, served here over this member's own etcd API; its health
     // checker runs while this member leads.
@@ -369,25 +374,34 @@ pub async fn run(
 
     // Servers.
     let max_req = config.cell.limits.max_request_bytes + (512 << 10);
+    let max_resp = config.cell.limits.max_response_message_bytes();
     let client_router = server(&config, Port::Client)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(
             KvServer::new(KvService::new(shared.clone()))
                 .max_decoding_message_size(max_req)
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(max_resp),
         )
         .add_service(
             WatchServer::new(crate::watch::WatchService::new(shared.clone()))
                 .max_decoding_message_size(max_req)
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(max_resp),
         )
-        .add_service(LeaseServer::new(crate::lease::LeaseService::new(
-            shared.clone(),
-        )))
-        .add_service(MaintenanceServer::new(MaintenanceService::new(
-            shared.clone(),
-        )))
-        .add_service(ClusterServer::new(ClusterService::new(shared.clone())))
+        .add_service(
+            LeaseServer::new(crate::lease::LeaseService::new(shared.clone()))
+                .max_decoding_message_size(max_req)
+                .max_encoding_message_size(max_resp),
+        )
+        .add_service(
+            MaintenanceServer::new(MaintenanceService::new(shared.clone()))
+                .max_decoding_message_size(max_req)
+                .max_encoding_message_size(max_resp),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(shared.clone()))
+                .max_decoding_message_size(max_req)
+                .max_encoding_message_size(max_resp),
+        )
         .add_service(discovery);
     let peer_router = server(&config, Port::Peer)?.add_service(
         RaftServer::new(RaftService::new(
@@ -397,8 +411,9 @@ pub async fn run(
         ))
         .max_decoding_message_size(r.max_peer_message_bytes)
         // The outcomes of a forwarded batch (a txn's range results) may be
-        // larger than any request; every other answer is small.
-        .max_encoding_message_size(usize::MAX),
+        // larger than any request, up to a response's limit; every other answer
+        // is small.
+        .max_encoding_message_size(max_resp.max(r.max_peer_message_bytes)),
     );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();

@@ -106,6 +106,8 @@ pub struct Proposer {
 
 /// How a follower reaches the leader with its batches.
 pub struct ForwardSettings {
+    /// The gRPC limit of a response: a batch's outcomes are at most this.
+    pub max_response_bytes: usize,
     /// This member.
     pub me: NodeId,
     pub network: Network,
@@ -321,8 +323,9 @@ async fn send(
         .network
         .client(leader, addr)
         .map_err(|e| Sent::Failed(format!("cannot reach leader {leader}: {e}")))?;
-    // Outcomes (a txn's range results) may be larger than any request.
-    let mut client = client.max_decoding_message_size(usize::MAX);
+    // Outcomes (a txn's range results) may be larger than any request, up to a
+    // response's limit.
+    let mut client = client.max_decoding_message_size(forward.max_response_bytes);
     let n = batch.0.len();
     let payload = encode(&ProposeRequest {
         from: forward.me,

@@ -23,6 +23,11 @@ use cellplane_proto::prefix_end;
 
 type Result<T> = std::result::Result<T, DiscoveryError>;
 
+/// The largest answer read from the member's etcd API: a cell's default
+/// response limit and its frame allowance.
+const MAX_RESPONSE: usize =
+    cellplane_proto::DEFAULT_MAX_RESPONSE_BYTES + cellplane_proto::RESPONSE_FRAME_BYTES;
+
 /// Clients of one cell's KV, Lease and Watch services. Cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
@@ -51,9 +56,9 @@ impl Etcd {
 
     pub fn new(channel: Channel, timeout: Duration) -> Etcd {
         Etcd {
-            kv: KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel).max_decoding_message_size(usize::MAX),
+            watch: WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE),
             timeout,
         }
     }

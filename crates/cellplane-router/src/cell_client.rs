@@ -369,11 +369,21 @@ fn with_tenant<T>(body: T, tenant: &Option<MetadataValue<Ascii>>) -> tonic::Requ
     r
 }
 
+/// The gRPC message limits towards cells: requests as large as the router
+/// accepts, responses as large as a cell sends (its `limits.max_response_bytes`
+/// and the frame allowance); a larger answer fails with a status naming the
+/// limit instead of being buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    pub request: usize,
+    pub response: usize,
+}
+
 /// Innermost service: sends an attempt to one member.
 #[derive(Clone)]
 struct Picker {
     cell: Arc<CellInner>,
-    max_message_bytes: usize,
+    limits: MessageLimits,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -394,8 +404,8 @@ struct MemberError {
 impl Picker {
     fn grpc(&self, member: usize) -> tonic::client::Grpc<Channel> {
         tonic::client::Grpc::new(self.cell.members[member].channel.clone())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(self.max_message_bytes)
+            .max_decoding_message_size(self.limits.response)
+            .max_encoding_message_size(self.limits.request)
     }
 }
 
@@ -520,7 +530,7 @@ pub struct CellClient {
     stack: Stack,
     streams: Arc<Semaphore>,
     settings: PoolSettings,
-    max_message_bytes: usize,
+    limits: MessageLimits,
     shutdown: CancellationToken,
 }
 
@@ -578,7 +588,7 @@ impl CellClient {
         name: &str,
         endpoints: &[String],
         settings: &PoolSettings,
-        max_message_bytes: usize,
+        limits: MessageLimits,
         tls: Option<&ClientTlsConfig>,
         shutdown: CancellationToken,
     ) -> Result<CellClient, String> {
@@ -621,14 +631,14 @@ impl CellClient {
             .retry(policy)
             .service(Picker {
                 cell: inner.clone(),
-                max_message_bytes,
+                limits,
             });
         Ok(CellClient {
             inner,
             stack,
             streams: Arc::new(Semaphore::new(settings.max_streams)),
             settings: settings.clone(),
-            max_message_bytes,
+            limits,
             shutdown,
         })
     }
@@ -715,8 +725,8 @@ impl CellClient {
                 }
             };
             let mut grpc = tonic::client::Grpc::new(self.inner.members[i].channel.clone())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(self.max_message_bytes);
+                .max_decoding_message_size(self.limits.response)
+                .max_encoding_message_size(self.limits.request);
             let req = with_tenant(tokio_stream::wrappers::ReceiverStream::new(rx), &tenant);
             let opened = tokio::time::timeout(deadline, async {
                 grpc.ready()
@@ -803,7 +813,7 @@ type Entry = (Vec<String>, CellClient, CancellationToken);
 pub struct Cells {
     by_cell: RwLock<HashMap<String, Entry>>,
     settings: PoolSettings,
-    max_message_bytes: usize,
+    limits: MessageLimits,
     tls: Option<ClientTlsConfig>,
     shutdown: CancellationToken,
 }
@@ -811,14 +821,14 @@ pub struct Cells {
 impl Cells {
     pub fn new(
         settings: PoolSettings,
-        max_message_bytes: usize,
+        limits: MessageLimits,
         tls: Option<ClientTlsConfig>,
         shutdown: CancellationToken,
     ) -> Arc<Cells> {
         Arc::new(Cells {
             by_cell: RwLock::default(),
             settings,
-            max_message_bytes,
+            limits,
             tls,
             shutdown,
         })
@@ -847,7 +857,7 @@ impl Cells {
                 &cell.name,
                 &cell.endpoints,
                 &self.settings,
-                self.max_message_bytes,
+                self.limits,
                 self.tls.as_ref(),
                 stop.clone(),
             ) {

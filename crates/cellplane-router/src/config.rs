@@ -98,6 +98,23 @@ pub struct RouterSettings {
     pub directory_timeout_ms: u64,
     /// Largest request accepted, in bytes (a cell refuses more than 1.5 MiB anyway).
     pub max_request_bytes: usize,
+    /// Largest range answered, as the cells count it: set it to the cells'
+    /// `limits.max_response_bytes` (both default to 64 MiB). The router accepts
+    /// and sends gRPC responses up to this plus a frame allowance; a cell's
+    /// larger answer fails with RESOURCE_EXHAUSTED naming the limit.
+    pub max_response_bytes: usize,
+}
+
+impl RouterSettings {
+    /// gRPC message limits for requests and responses, towards cells and clients.
+    pub fn message_limits(&self) -> crate::cell_client::MessageLimits {
+        crate::cell_client::MessageLimits {
+            request: self.max_request_bytes,
+            response: self
+                .max_response_bytes
+                .saturating_add(cellplane_proto::RESPONSE_FRAME_BYTES),
+        }
+    }
 }
 
 impl Default for RouterSettings {
@@ -107,6 +124,7 @@ impl Default for RouterSettings {
             directory_poll_ms: 1_000,
             directory_timeout_ms: 1_000,
             max_request_bytes: 2 << 20,
+            max_response_bytes: cellplane_proto::DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -165,6 +183,7 @@ impl RoutersDef {
             ("settings.directory_poll_ms", s.directory_poll_ms),
             ("settings.directory_timeout_ms", s.directory_timeout_ms),
             ("settings.max_request_bytes", s.max_request_bytes as u64),
+            ("settings.max_response_bytes", s.max_response_bytes as u64),
         ] {
             if v == 0 {
                 return Err(invalid(format!("field `{field}`: must be > 0")));

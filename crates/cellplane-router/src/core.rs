@@ -186,28 +186,9 @@ mod tests {
     use super::*;
     use crate::cell_client::PoolSettings;
     use crate::map_source::{ActiveMap, MapSource};
-    use cellplane_map::CellMap;
 
     fn core(dir: &std::path::Path) -> Arc<Core> {
-        let map = CellMap::from_toml(
-            r#"
-version = 1
-buckets = 8
-[[cells]]
-name = "alpha"
-endpoints = ["127.0.0.1:1"]
-[[cells]]
-name = "beta"
-endpoints = ["127.0.0.1:2"]
-[[ranges]]
-from = 0
-to = 7
-cell = "alpha"
-[tenants]
-b = "beta"
-"#,
-        )
-        .unwrap();
+        let map = crate::routes::tests::map();
         let maps = MapHolder::new(
             ActiveMap {
                 map: Arc::new(map.clone()),
@@ -217,7 +198,7 @@ b = "beta"
         );
         let cells = Cells::new(
             PoolSettings::default(),
-            1 << 20,
+            crate::config::RouterSettings::default().message_limits(),
             None,
             tokio_util::sync::CancellationToken::new(),
         );

@@ -67,10 +67,11 @@ pub fn for_operator(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn map() -> CellMap {
+    /// Two cells, every bucket on alpha, tenant `b` pinned to beta.
+    pub(crate) fn map() -> CellMap {
         CellMap::from_toml(
             r#"
 version = 3

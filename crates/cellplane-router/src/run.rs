@@ -61,12 +61,8 @@ pub async fn run(
     .map_err(RouterError::Config)?;
     let initial = boot(&dir, &config).await?;
     let holder = MapHolder::new(initial.clone(), config.state_dir.clone());
-    let cells = Cells::new(
-        s.pool.clone(),
-        s.max_request_bytes,
-        client_tls,
-        shutdown.child_token(),
-    );
+    let limits = s.message_limits();
+    let cells = Cells::new(s.pool.clone(), limits, client_tls, shutdown.child_token());
     cells.reconcile(&initial.map);
     let auth = Arc::new(Authenticator::new(config.auth.clone())?);
     if !auth.enabled() {
@@ -100,21 +96,22 @@ pub async fn run(
         .add_service(
             KvServer::new(RouterKv::new(core.clone()))
                 .max_decoding_message_size(s.max_request_bytes)
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(limits.response),
         )
         .add_service(
             WatchServer::new(RouterWatch::new(core.clone()))
                 .max_decoding_message_size(s.max_request_bytes)
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(limits.response),
         )
         .add_service(
             LeaseServer::new(RouterLease::new(core.clone()))
-                .max_decoding_message_size(s.max_request_bytes),
+                .max_decoding_message_size(s.max_request_bytes)
+                .max_encoding_message_size(limits.response),
         )
         .add_service(
             DiscoveryServer::new(RouterDiscovery::new(core.clone()))
                 .max_decoding_message_size(s.max_request_bytes)
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(limits.response),
         )
         .add_service(
             AuthServer::new(RouterAuth::new(auth.clone())).max_decoding_message_size(64 << 10),

@@ -45,6 +45,7 @@ pub mod kv_cmd;
 pub mod lease_cmd;
 pub mod map_cmd;
 pub mod signals;
+pub mod snapshot_cmd;
 pub mod status_cmd;
 pub mod svc_cmd;
 pub mod tenant_cmd;

@@ -84,6 +84,8 @@ enum Cmd {
     Certs(cellplane::certs_cmd::CertsArgs),
     /// Add, remove and list the tenants and operators that log in with a password.
     Tenant(cellplane::tenant_cmd::TenantArgs),
+    /// Operator snapshots: restore one into a new cell.
+    Snapshot(cellplane::snapshot_cmd::SnapshotArgs),
 }
 
 /// Where a member listens, when that differs from the address the cell definition
@@ -159,6 +161,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Svc(args) => cellplane::svc_cmd::run(args).await,
             Cmd::Certs(args) => cellplane::certs_cmd::run(args),
             Cmd::Tenant(args) => cellplane::tenant_cmd::run(args),
+            Cmd::Snapshot(args) => cellplane::snapshot_cmd::run(args),
         }
     })
 }

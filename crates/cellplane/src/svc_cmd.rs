@@ -204,7 +204,9 @@ pub async fn run(args: SvcArgs) -> anyhow::Result<()> {
         _ => false,
     };
     let client = DiscoveryClient::new(args.target.connect(streaming).await?)
-        .max_decoding_message_size(usize::MAX);
+        .max_decoding_message_size(
+            cellplane_proto::DEFAULT_MAX_RESPONSE_BYTES + cellplane_proto::RESPONSE_FRAME_BYTES,
+        );
     let mut c = client.clone();
     let ns = namespace.clone();
     match args.command {

@@ -74,6 +74,26 @@ impl TestCell {
     }
 
     fn start_full(name: &str, n: usize, extra_toml: &str, pki: Option<&TestPki>) -> TestCell {
+        let mut cell = Self::define(name, n, extra_toml, pki);
+        cell.start_all();
+        cell
+    }
+
+    /// Starts every member and waits until each is ready.
+    pub fn start_all(&mut self) {
+        for id in 1..=self.members.len() as u64 {
+            self.spawn(id);
+        }
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// The folder holding member `id`'s data directory as `<id>`.
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A cell's definition, written, with no member started yet.
+    pub fn define(name: &str, n: usize, extra_toml: &str, pki: Option<&TestPki>) -> TestCell {
         let dir = tempfile::tempdir().expect("tempdir");
         let addrs = free_addrs(3 * n);
         let mut toml = format!("name = \"{name}\"\n{extra_toml}\n");
@@ -102,24 +122,19 @@ impl TestCell {
                 client,
                 peer,
                 http,
-                data_dir: dir.path().join(format!("m{id}")),
+                data_dir: dir.path().join("data").join(id.to_string()),
                 log: dir.path().join(format!("m{id}.log")),
                 child: None,
             });
         }
         let def_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&def_path, toml).expect("write cell definition");
-        let mut cell = TestCell {
+        TestCell {
             dir,
             def_path,
             members,
             tls: pki.map(|p| p.client(&Identity::Operator("test-operator".into()))),
-        };
-        for id in 1..=n as u64 {
-            cell.spawn(id);
         }
-        cell.wait_ready(Duration::from_secs(60));
-        cell
     }
 
     pub fn member(&self, id: u64) -> &MemberProc {
@@ -400,6 +415,18 @@ impl TestEnv {
             ),
         )
         .unwrap();
+        Self::assemble(cells, directory, folder, r, None)
+    }
+
+    /// The environment of `folder` (routers.toml written), with the directory's
+    /// definition and the static map beside it.
+    fn assemble(
+        cells: Vec<TestCell>,
+        directory: TestCell,
+        folder: tempfile::TempDir,
+        r: Vec<SocketAddr>,
+        pki: Option<TestPki>,
+    ) -> TestEnv {
         std::fs::copy(&directory.def_path, folder.path().join("directory.toml")).unwrap();
         let env = TestEnv {
             cells,
@@ -409,7 +436,7 @@ impl TestEnv {
             router_admin: r[1],
             router_http: r[2],
             router: None,
-            pki: None,
+            pki,
         };
         std::fs::write(
             env.folder.path().join("routing.toml"),
@@ -469,23 +496,7 @@ impl TestEnv {
             ),
         )
         .unwrap();
-        std::fs::copy(&directory.def_path, folder.path().join("directory.toml")).unwrap();
-        let env = TestEnv {
-            cells,
-            directory,
-            folder,
-            router_client: r[0],
-            router_admin: r[1],
-            router_http: r[2],
-            router: None,
-            pki: Some(pki),
-        };
-        std::fs::write(
-            env.folder.path().join("routing.toml"),
-            env.static_map(1, &[]),
-        )
-        .unwrap();
-        env
+        Self::assemble(cells, directory, folder, r, Some(pki))
     }
 
     /// The environment's CA (a secure environment only).

@@ -1,0 +1,236 @@
+//! How a cell looks after itself, on its leader: auto-compaction, the space
+//! quota and the corruption check ([`MaintenanceSettings`]). Each is a loop that
+//! does its work only while this member leads, and proposes what it decides
+//! through Raft (a `Compact`, an `Alarm`), so every member applies the same
+//! thing at the same log position. A new leader picks up where the old one left
+//! off: the state they act on is replicated or sampled on every member.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use cellplane_proto::etcdserverpb::{AlarmType, HashKvRequest};
+use cellplane_storage::{Command, KvError, KvHash};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AutoCompaction, MaintenanceSettings};
+use crate::node::Shared;
+
+/// Starts the three loops; they end with `shutdown`.
+pub fn spawn(
+    shared: &Arc<Shared>,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let m = shared.config.cell.maintenance.clone();
+    if m.auto_compaction_mode != AutoCompaction::Off {
+        tasks.spawn(auto_compaction(
+            shared.clone(),
+            m.clone(),
+            shutdown.child_token(),
+        ));
+    }
+    tasks.spawn(quota(shared.clone(), m.clone(), shutdown.child_token()));
+    if m.corrupt_check_secs > 0 {
+        tasks.spawn(corruption_check(shared.clone(), m, shutdown.child_token()));
+    }
+}
+
+fn leading(shared: &Shared) -> bool {
+    shared.raft.metrics().borrow().current_leader == Some(shared.id)
+}
+
+/// Waits one `period`; false once `shutdown` is cancelled.
+async fn tick(period: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(period) => true,
+    }
+}
+
+/// Proposes `cmd` if this member leads; logs what went wrong otherwise.
+async fn propose(shared: &Shared, cmd: Command, what: &str) -> Option<Result<(), KvError>> {
+    match shared.propose(cmd).await {
+        Ok((resp, _)) => match resp.outcome {
+            Some(Ok(_)) => Some(Ok(())),
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
+        },
+        Err(_) => {
+            tracing::debug!(what, "not proposed: this member no longer leads");
+            None
+        }
+    }
+}
+
+/// etcd's auto-compaction. `periodic`: every member samples its applied revision
+/// on each interval, so a new leader knows which revision was current
+/// `retention` ago; the leader compacts to it. `revision`: the leader compacts to
+/// the newest revision minus the retained count.
+async fn auto_compaction(shared: Arc<Shared>, m: MaintenanceSettings, shutdown: CancellationToken) {
+    let period = m.compaction_interval();
+    let retention = Duration::from_secs(m.auto_compaction_retention_secs);
+    // A sample per interval, for one retention and one more: bounded by the
+    // ratio of the two (at most 11 with the default interval).
+    let keep = (retention.as_millis() / period.as_millis().max(1)) as usize + 2;
+    let mut samples: VecDeque<(Instant, i64)> = VecDeque::with_capacity(keep.min(4096));
+    while tick(period, &shutdown).await {
+        let now = Instant::now();
+        let applied = *shared.applied.borrow();
+        samples.push_back((now, applied.revision));
+        while samples.len() > keep.min(4096) {
+            samples.pop_front();
+        }
+        if !leading(&shared) {
+            continue;
+        }
+        let target = match m.auto_compaction_mode {
+            AutoCompaction::Periodic => samples
+                .iter()
+                .rev()
+                .find(|(t, _)| now.duration_since(*t) >= retention)
+                .map(|(_, r)| *r),
+            AutoCompaction::Revision => Some(
+                applied
+                    .revision
+                    .saturating_sub(m.auto_compaction_retained_revisions as i64),
+            ),
+            AutoCompaction::Off => None,
+        };
+        let Some(target) = target.filter(|r| *r > applied.compacted) else {
+            continue;
+        };
+        match propose(&shared, Command::Compact(target), "auto-compaction").await {
+            Some(Ok(())) => {
+                shared.metrics.auto_compactions.inc();
+                tracing::info!(revision = target, "auto-compacted");
+            }
+            // Compacted meanwhile by an operator: nothing to do.
+            Some(Err(KvError::Compacted { .. })) | None => {}
+            Some(Err(e)) => tracing::warn!(revision = target, error = %e, "auto-compaction failed"),
+        }
+    }
+}
+
+/// The space quota: the leader raises NOSPACE (for itself) once its key-value
+/// state passes `quota_backend_bytes`. Every member holds the same state, so the
+/// leader's size stands for the cell's. Only an operator disarms the alarm
+/// (after compacting, defragmenting and checking the size), as with etcd.
+async fn quota(shared: Arc<Shared>, m: MaintenanceSettings, shutdown: CancellationToken) {
+    let period = Duration::from_millis(m.quota_check_ms);
+    while tick(period, &shutdown).await {
+        let size = shared.store.state_size_bytes();
+        if !leading(&shared) || size <= m.quota_backend_bytes {
+            continue;
+        }
+        if shared.applied.borrow().alarms.no_space {
+            continue;
+        }
+        let raise = Command::Alarm {
+            activate: true,
+            member: shared.id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        if let Some(Ok(())) = propose(&shared, raise, "NOSPACE alarm").await {
+            tracing::error!(
+                size,
+                quota = m.quota_backend_bytes,
+                "space quota exceeded: NOSPACE raised, writes that grow the store are refused \
+                 until an operator compacts, defragments and disarms it"
+            );
+        }
+    }
+}
+
+/// etcd's corruption check: the leader hashes its history at its applied
+/// revision and asks every other member for HashKV at the same revision. A member
+/// with the same compaction revision and another hash holds different data: the
+/// leader raises CORRUPT for it (for itself, when every other member that
+/// answered agrees with each other and not with it).
+async fn corruption_check(
+    shared: Arc<Shared>,
+    m: MaintenanceSettings,
+    shutdown: CancellationToken,
+) {
+    let period = Duration::from_secs(m.corrupt_check_secs);
+    while tick(period, &shutdown).await {
+        if !leading(&shared) || shared.applied.borrow().alarms.corrupt {
+            continue;
+        }
+        let reader = shared.reader.clone();
+        let mine = match tokio::task::spawn_blocking(move || reader.hash_kv(0)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "corruption check: cannot hash the local store");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let mut differ = Vec::new();
+        let mut agree = 0;
+        for member in &shared.config.cell.members {
+            if member.id == shared.id {
+                continue;
+            }
+            match peer_hash(&shared, member.id, mine.revision).await {
+                Some(h) if h.compacted != mine.compacted => {}
+                Some(h) if h.hash == mine.hash => agree += 1,
+                Some(h) => differ.push((member.id, h)),
+                None => {}
+            }
+        }
+        shared.metrics.corruption_checks.inc();
+        if differ.is_empty() {
+            continue;
+        }
+        let peers_agree = differ.windows(2).all(|w| w[0].1.hash == w[1].1.hash);
+        let suspects: Vec<u64> = if agree == 0 && differ.len() >= 2 && peers_agree {
+            vec![shared.id]
+        } else {
+            differ.iter().map(|(id, _)| *id).collect()
+        };
+        for id in suspects {
+            tracing::error!(
+                member = id,
+                revision = mine.revision,
+                "corruption check: member's history hashes differently at the same revision; \
+                 raising CORRUPT (writes stop until an operator replaces it and disarms)"
+            );
+            let raise = Command::Alarm {
+                activate: true,
+                member: id,
+                alarm: AlarmType::Corrupt as i32,
+            };
+            let _ = propose(&shared, raise, "CORRUPT alarm").await;
+        }
+    }
+}
+
+/// Member `id`'s HashKV at `revision`, or None when it cannot answer yet (behind,
+/// unreachable, compacted past it).
+async fn peer_hash(shared: &Shared, id: u64, revision: i64) -> Option<KvHash> {
+    let channel = shared.channel(id).ok()?;
+    let mut client = MaintenanceClient::new(channel);
+    // A member that has not applied `revision` yet gets a few chances.
+    for _ in 0..5 {
+        let call = client.hash_kv(HashKvRequest { revision });
+        match tokio::time::timeout(shared.config.request_timeout(), call).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                return Some(KvHash {
+                    hash: r.hash,
+                    compacted: r.compact_revision,
+                    revision: r.hash_revision,
+                });
+            }
+            // Behind (a future revision) or compacted past it: both OUT_OF_RANGE;
+            // waiting helps the first and costs the second a second at most.
+            Ok(Err(s)) if s.code() == tonic::Code::OutOfRange => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
