@@ -66,6 +66,10 @@ pub struct CellDef {
     /// The folder the definition was read from: relative paths start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was read from (empty when parsed from text): membership
+    /// changes read it again for a new member's addresses.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// What a cell is for.
@@ -466,7 +470,9 @@ impl CellDef {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut def = Self::parse(&text, path)?;
+        def.source = path.to_path_buf();
+        Ok(def)
     }
 
     /// Parses and validates; `path` names the source in errors, and its folder is
@@ -685,6 +691,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// This member's TLS material; `None`: plaintext on every port.
     pub tls: Option<cellplane_security::TlsMaterial>,
+    /// Joining a running cell (`cellplane node --join`): never initialize one.
+    pub join: bool,
 }
 
 impl NodeConfig {

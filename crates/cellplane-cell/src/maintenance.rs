@@ -93,7 +93,7 @@ impl Maintenance for MaintenanceService {
                 })
                 .collect(),
             db_size_in_use: db,
-            is_learner: false,
+            is_learner: !s.is_voter(),
         }))
     }
 

@@ -165,6 +165,31 @@ impl Shared {
         }
     }
 
+    /// Whether this member votes in its cell. A learner (or a member that has not
+    /// received any membership yet) does not, and serves only serializable
+    /// reads, as etcd's learners.
+    pub fn is_voter(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id)
+    }
+
+    /// etcd's refusal of what a learner does not serve (UNAVAILABLE, so clients
+    /// try another endpoint).
+    pub fn refuse_learner(&self) -> Result<(), tonic::Status> {
+        if self.is_voter() {
+            Ok(())
+        } else {
+            Err(tonic::Status::unavailable(
+                "etcdserver: rpc not supported for learner",
+            ))
+        }
+    }
+
     /// Waits until a leader is known or the deadline passes.
     pub async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Option<NodeId> {
         let mut m = self.raft.metrics();
@@ -194,12 +219,20 @@ impl Shared {
         if let Some(c) = map.get(&id) {
             return Ok(c.clone());
         }
-        let member = self
-            .config
-            .cell
-            .member(id)
-            .ok_or(NodeError::UnknownMember(id))?;
-        let channel = client_endpoint(&member.client.to_string(), self.members.tls.as_ref())?
+        // The cell file this member started with, else the membership (a member
+        // added since, whose addresses came from the file as it is now).
+        let addr = match self.config.cell.member(id) {
+            Some(m) => m.client.to_string(),
+            None => {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                m.membership()
+                    .get_node(&id)
+                    .map(|n| n.client_addr.clone())
+                    .filter(|a| !a.is_empty())
+                    .ok_or(NodeError::UnknownMember(id))?
+            }
+        };
+        let channel = client_endpoint(&addr, self.members.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -445,7 +478,9 @@ pub async fn run(
     ));
     tasks.close();
 
-    if fresh {
+    if fresh && config.join {
+        tracing::info!("--join: waiting for the leader to add this member and send it the log");
+    } else if fresh {
         initialize_once(&config, &raft, &me, client_tls.as_ref(), shutdown.clone()).await?;
     }
     tracing::info!(

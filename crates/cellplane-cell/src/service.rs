@@ -100,6 +100,7 @@ impl KvService {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let s = &self.shared;
+        s.refuse_learner()?;
         // A follower hands the write to the leader in a batch (never a request
         // that already travelled its one hop).
         match s.propose_with(cmd, !forwarded).await {
@@ -181,6 +182,7 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
             cellplane_storage::mvcc_check::range(&req).map_err(kv_status)?;
             let s = &self.shared;
             if !req.serializable {
+                s.refuse_learner()?;
                 let mut applied = s.applied.clone();
                 s.barrier
                     .wait_linearizable(&mut applied)

@@ -44,6 +44,11 @@ enum Cmd {
         /// local environment only (anyone who reaches a port may call it).
         #[arg(long)]
         plaintext: bool,
+        /// Join a running cell: never initialize one, even with empty data; wait
+        /// for the leader to add this member (`etcdctl member add`) and send it
+        /// the log or a snapshot. For a member that replaces a lost one.
+        #[arg(long)]
+        join: bool,
     },
     /// Run one router: forwards each tenant's requests to its cell.
     Router {
@@ -124,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 parent_pid,
                 listen,
                 plaintext,
+                join,
             } => {
                 let opts = NodeOpts {
                     id,
@@ -132,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                     parent_pid,
                     listen,
                     plaintext,
+                    join,
                 };
                 node(cell, opts).await
             }
@@ -174,6 +181,7 @@ struct NodeOpts {
     parent_pid: Option<u32>,
     listen: ListenArgs,
     plaintext: bool,
+    join: bool,
 }
 
 async fn node(cell: PathBuf, opts: NodeOpts) -> anyhow::Result<()> {
@@ -184,6 +192,7 @@ async fn node(cell: PathBuf, opts: NodeOpts) -> anyhow::Result<()> {
         parent_pid,
         listen,
         plaintext,
+        join,
     } = opts;
     let cell = cellplane_cell::CellDef::load(&cell)?;
     let id = match id {
@@ -220,6 +229,7 @@ async fn node(cell: PathBuf, opts: NodeOpts) -> anyhow::Result<()> {
         id,
         data_dir,
         tls,
+        join,
     };
     let me = config
         .cell

@@ -137,11 +137,38 @@ impl TestCell {
         }
     }
 
+    /// Appends member `id` to the cell file, on fresh ports, without starting
+    /// it (what an operator does before `etcdctl member add`).
+    pub fn define_member(&mut self, id: u64) -> &MemberProc {
+        let addrs = free_addrs(3);
+        let (client, peer, http) = (addrs[0], addrs[1], addrs[2]);
+        let mut toml = std::fs::read_to_string(&self.def_path).expect("read cell file");
+        toml.push_str(&format!(
+            "[[members]]\nid = {id}\nclient = \"{client}\"\npeer = \"{peer}\"\nhttp = \"{http}\"\n"
+        ));
+        std::fs::write(&self.def_path, toml).expect("write cell file");
+        self.members.push(MemberProc {
+            id,
+            client,
+            peer,
+            http,
+            data_dir: self.dir.path().join("data").join(id.to_string()),
+            log: self.dir.path().join(format!("m{id}.log")),
+            child: None,
+        });
+        self.member(id)
+    }
+
     pub fn member(&self, id: u64) -> &MemberProc {
         &self.members[(id - 1) as usize]
     }
 
     pub fn spawn(&mut self, id: u64) {
+        self.spawn_with(id, &[]);
+    }
+
+    /// Starts member `id` with extra `cellplane node` arguments (`--join`).
+    pub fn spawn_with(&mut self, id: u64, extra: &[&str]) {
         let def = self.def_path.clone();
         let m = &mut self.members[(id - 1) as usize];
         assert!(m.child.is_none(), "member {id} already running");
@@ -155,6 +182,7 @@ impl TestCell {
             .arg(&def)
             .args(["--id", &id.to_string(), "--data-dir"])
             .arg(&m.data_dir)
+            .args(extra)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
