@@ -44,7 +44,7 @@ async fn client(rec: Arc<Recorder>, id: u64, members: Vec<SocketAddr>, stop: Can
     while !stop.is_cancelled() {
         n += 1;
         let key = format!("/h/{}", n % 3);
-        let input = if n % 2 == 0 {
+        let input = if n.is_multiple_of(2) {
             KvInput::Put {
                 value: format!("{id}-{n}"),
             }
