@@ -46,6 +46,20 @@ const DIRECTORY_READS: &[&str] = &[
     "/etcdserverpb.Cluster/MemberList",
 ];
 
+/// Operator calls a router never makes, refused to routers on every cell: a
+/// router forwards tenants' requests; membership, alarms, defragmentation and
+/// backups are an operator's.
+const OPERATOR_ONLY: &[&str] = &[
+    "/etcdserverpb.Cluster/MemberAdd",
+    "/etcdserverpb.Cluster/MemberRemove",
+    "/etcdserverpb.Cluster/MemberUpdate",
+    "/etcdserverpb.Cluster/MemberPromote",
+    "/etcdserverpb.Maintenance/Alarm",
+    "/etcdserverpb.Maintenance/Defragment",
+    "/etcdserverpb.Maintenance/Snapshot",
+    "/etcdserverpb.Maintenance/MoveLeader",
+];
+
 impl Policy {
     pub fn new(cell: &str, role: CellRole, port: Port) -> Policy {
         Policy {
@@ -63,7 +77,8 @@ impl Policy {
             (Port::Peer, _) => false,
             (Port::Client, Identity::Operator(_)) => true,
             (Port::Client, Identity::Router(_)) => {
-                self.role == CellRole::Tenants || DIRECTORY_READS.contains(&path)
+                (self.role == CellRole::Tenants && !OPERATOR_ONLY.contains(&path))
+                    || DIRECTORY_READS.contains(&path)
             }
             (Port::Client, _) => false,
         };
@@ -79,6 +94,10 @@ impl Policy {
             (_, Identity::Tenant(_)) => format!(
                 "{caller} may not call cell {} directly: tenants reach their cell through a \
                  router",
+                self.cell
+            ),
+            (_, Identity::Router(_)) if OPERATOR_ONLY.contains(&path) => format!(
+                "{caller} may not call {path} on cell {}: it is an operator's call",
                 self.cell
             ),
             (_, Identity::Router(_)) => format!(
@@ -197,6 +216,11 @@ mod tests {
         let e = cell.check(&Identity::Tenant("a".into()), put).unwrap_err();
         assert!(e.message().contains("through a router"), "{}", e.message());
         assert!(cell.check(&member("beta"), put).is_err());
+        for op in OPERATOR_ONLY {
+            let e = cell.check(&Identity::Router(1), op).unwrap_err();
+            assert!(e.message().contains("operator"), "{}", e.message());
+            assert!(cell.check(&Identity::Operator("o".into()), op).is_ok());
+        }
 
         let dir = Policy::new("directory", CellRole::Directory, Port::Client);
         assert!(

@@ -286,7 +286,15 @@ impl WatchStream {
         let dispatched = self.index(id, &w.range);
         let caught_up = current.max(dispatched);
         let history = if start <= caught_up {
-            match self.shared.reader.history(start, caught_up) {
+            // Read off the runtime's threads: a catch-up from an old revision can
+            // scan much of the stored history (only the watched range is kept).
+            let reader = self.shared.reader.clone();
+            let range = w.range.clone();
+            let read =
+                tokio::task::spawn_blocking(move || reader.history(start, caught_up, Some(&range)))
+                    .await
+                    .unwrap_or_else(|e| Err(KvError::Storage(format!("history read failed: {e}"))));
+            match read {
                 Ok(h) => h,
                 Err(KvError::Compacted { compacted }) => {
                     self.unindex(id, &w.range);
@@ -400,7 +408,7 @@ impl WatchStream {
     fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
         if rev.elided {
             // Too large for the in-memory log: read this revision from RocksDB.
-            match self.shared.reader.history(rev.revision, rev.revision) {
+            match self.shared.reader.history(rev.revision, rev.revision, None) {
                 Ok(stored) => {
                     for r in &stored {
                         self.deliver_events(r)?;

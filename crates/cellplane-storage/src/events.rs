@@ -8,7 +8,7 @@ use rocksdb::{IteratorMode, ReadOptions};
 use crate::codec::{Rev, escape_key, hist_key, unescape_key};
 use crate::db::{CF_HIST, CF_REV};
 use crate::error::KvError;
-use crate::mvcc::{KvReader, RevRecord, decode_record};
+use crate::mvcc::{KeyRange, KvReader, RevRecord, decode_record};
 
 /// Every event of one revision, in the order the revision wrote them. Events carry
 /// the previous version of their key; watchers that did not ask for it drop it.
@@ -39,10 +39,17 @@ impl RevisionEvents {
 }
 
 impl KvReader {
-    /// The events of revisions `from..=to`, read from the stored history (for a
-    /// watcher that starts behind the in-memory event log). Refused with
-    /// `Compacted` when `from` is below the compaction.
-    pub fn history(&self, from: i64, to: i64) -> Result<Vec<RevisionEvents>, KvError> {
+    /// The events of revisions `from..=to` on keys in `range` (every key with
+    /// `None`), read from the stored history (for a watcher that starts behind
+    /// the in-memory event log). Only events in the range are built and kept, so
+    /// a watcher of one prefix holds that prefix's history, not the cell's.
+    /// Refused with `Compacted` when `from` is below the compaction.
+    pub fn history(
+        &self,
+        from: i64,
+        to: i64,
+        range: Option<&KeyRange>,
+    ) -> Result<Vec<RevisionEvents>, KvError> {
         let snap = self.store.db.snapshot();
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
@@ -69,6 +76,9 @@ impl KvReader {
             let rev =
                 Rev::decode(&k).ok_or_else(|| KvError::Storage("corrupt revision key".into()))?;
             let rec: RevRecord = decode_record(&v)?;
+            if range.is_some_and(|r| !r.contains(&rec.key)) {
+                continue;
+            }
             let prev = self.previous_version(&snap, &rec.key, rev)?;
             let event = Event {
                 r#type: if rec.kv.is_some() {

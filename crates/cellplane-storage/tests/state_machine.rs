@@ -787,3 +787,29 @@ async fn snapshots_stream_in_chunks_and_restore_exactly() {
         Err(cellplane_storage::SnapshotError::NotEmpty(_))
     ));
 }
+
+/// A watcher's catch-up reads only its range's events from the history.
+#[tokio::test]
+async fn history_keeps_only_the_watched_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let entries = (1..=40)
+        .map(|i| {
+            let key = if i % 4 == 0 { "/a/k" } else { "/b/k" };
+            entry(i, Command::Put(put(key, &i.to_string()).encode_to_vec()))
+        })
+        .collect::<Vec<_>>();
+    sm.apply(entries).await.unwrap();
+    let reader = sm.reader();
+    let a = cellplane_storage::KeyRange::new(b"/a/", b"/a0");
+    let only_a = reader.history(1, 40, Some(&a)).unwrap();
+    let revisions: Vec<i64> = only_a.iter().map(|r| r.revision).collect();
+    assert_eq!(revisions, (1..=10).map(|i| i * 4).collect::<Vec<_>>());
+    assert!(
+        only_a
+            .iter()
+            .flat_map(|r| &r.events)
+            .all(|e| e.kv.as_ref().unwrap().key == b"/a/k")
+    );
+    assert_eq!(reader.history(1, 40, None).unwrap().len(), 40);
+}
