@@ -56,6 +56,8 @@ const OPERATOR_ONLY: &[&str] = &[
     "/etcdserverpb.Cluster/MemberPromote",
     "/etcdserverpb.Maintenance/Alarm",
     "/etcdserverpb.Maintenance/Defragment",
+    "/etcdserverpb.Maintenance/Hash",
+    "/etcdserverpb.Maintenance/HashKV",
     "/etcdserverpb.Maintenance/Snapshot",
     "/etcdserverpb.Maintenance/MoveLeader",
 ];

@@ -164,10 +164,8 @@ impl Cluster for ClusterService {
                 "etcdserver: member ID already exist",
             ));
         }
-        if current
-            .iter()
-            .any(|m| m.peer_ur_ls.iter().any(|u| u.ends_with(&peer)))
-        {
+        let wanted = format!("http://{peer}");
+        if current.iter().any(|m| m.peer_ur_ls.contains(&wanted)) {
             return Err(Status::failed_precondition(
                 "etcdserver: Peer URLs already exists",
             ));

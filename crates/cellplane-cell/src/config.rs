@@ -24,6 +24,11 @@
 //! Addresses are `host:port`, the host an IP literal or a DNS name (in Kubernetes a
 //! member is `alpha-0.alpha:2379`: pod IPs change, names do not); see [`HostPort`].
 //!
+//! Tables besides `[[members]]` and `[tls]`, all optional: `[raft]`, `[limits]`
+//! (request and response sizes, deadlines, admission), `[watch]`,
+//! `[maintenance]` (auto-compaction, the space quota, the corruption check:
+//! [`MaintenanceSettings`]) and `[discovery]`.
+//!
 //! Every tuning field has a default; unknown fields are refused, so a typo is an
 //! error that names the field, not a setting silently ignored.
 

@@ -51,15 +51,20 @@ impl MaintenanceService {
     }
 
     /// Runs `work` on the blocking pool after any earlier whole-database
-    /// operation of this member has finished.
+    /// operation of this member has finished. The turn is held by the blocking
+    /// work itself, so a caller that gives up does not let the next one start
+    /// beside a scan that is still running.
     async fn heavy<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let _one = self.heavy.lock().await;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| Status::internal(format!("maintenance task failed: {e}")))?
+        let turn = self.heavy.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("maintenance task failed: {e}")))?
     }
 }
 
@@ -244,8 +249,8 @@ impl Maintenance for MaintenanceService {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "snapshot failed");
-                    let _ =
-                        tx.blocking_send(Err(Status::internal(format!("snapshot failed: {e}"))));
+                    // Never wait for a client that stopped reading.
+                    let _ = tx.try_send(Err(Status::internal(format!("snapshot failed: {e}"))));
                 }
             }
         });

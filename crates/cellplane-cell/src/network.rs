@@ -53,7 +53,7 @@ pub(crate) mod bytes_payload {
 /// Creates one client per peer; connections are made lazily and reused.
 #[derive(Clone)]
 pub struct Network {
-    channels: Arc<Mutex<HashMap<NodeId, Channel>>>,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
     max_message_bytes: usize,
     connect_timeout: Duration,
     /// This member's TLS identity toward its peers (mTLS), when TLS is on.
@@ -82,7 +82,9 @@ impl Network {
     ) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         let channel = {
             let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(&target) {
+            // Keyed by address too: a member whose peer address changed
+            // (MemberUpdate) is dialled at the new one.
+            match map.get(&(target, peer_addr.to_string())) {
                 Some(c) => c.clone(),
                 None => {
                     let c = cellplane_security::endpoint(peer_addr, self.tls.as_ref())?
@@ -91,7 +93,8 @@ impl Network {
                         .http2_keep_alive_interval(Duration::from_secs(5))
                         .keep_alive_timeout(Duration::from_secs(5))
                         .connect_lazy();
-                    map.insert(target, c.clone());
+                    map.retain(|(id, _), _| *id != target);
+                    map.insert((target, peer_addr.to_string()), c.clone());
                     c
                 }
             }

@@ -97,7 +97,7 @@ pub struct Shared {
 /// identity when TLS is on.
 struct MemberChannels {
     tls: Option<ClientTlsConfig>,
-    channels: Mutex<HashMap<NodeId, Channel>>,
+    channels: Mutex<HashMap<(NodeId, String), Channel>>,
 }
 
 /// Why a proposal did not produce a result here.
@@ -216,27 +216,33 @@ impl Shared {
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(&id) {
+        // The membership's address (it follows MemberAdd), else the cell file
+        // this member started with.
+        let from_membership = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .get_node(&id)
+                .map(|n| n.client_addr.clone())
+                .filter(|a| !a.is_empty())
+        };
+        let addr = match from_membership {
+            Some(a) => a,
+            None => self
+                .config
+                .cell
+                .member(id)
+                .map(|m| m.client.to_string())
+                .ok_or(NodeError::UnknownMember(id))?,
+        };
+        if let Some(c) = map.get(&(id, addr.clone())) {
             return Ok(c.clone());
         }
-        // The cell file this member started with, else the membership (a member
-        // added since, whose addresses came from the file as it is now).
-        let addr = match self.config.cell.member(id) {
-            Some(m) => m.client.to_string(),
-            None => {
-                let m = self.raft.metrics().borrow().membership_config.clone();
-                m.membership()
-                    .get_node(&id)
-                    .map(|n| n.client_addr.clone())
-                    .filter(|a| !a.is_empty())
-                    .ok_or(NodeError::UnknownMember(id))?
-            }
-        };
+        map.retain(|(known, _), _| *known != id);
         let channel = client_endpoint(&addr, self.members.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
-        map.insert(id, channel.clone());
+        map.insert((id, addr), channel.clone());
         Ok(channel)
     }
 }
@@ -334,7 +340,7 @@ pub async fn run(
     let (proposer, proposer_task) = Proposer::start(
         raft.clone(),
         crate::proposer::ForwardSettings {
-            max_response_bytes: config.cell.limits.max_response_message_bytes(),
+            max_response_bytes: crate::proposer::MAX_FORWARDED_REPLY_BYTES,
             me: config.id,
             network: network.clone(),
             timeout: config.request_timeout(),
@@ -446,7 +452,7 @@ pub async fn run(
         // The outcomes of a forwarded batch (a txn's range results) may be
         // larger than any request, up to a response's limit; every other answer
         // is small.
-        .max_encoding_message_size(max_resp.max(r.max_peer_message_bytes)),
+        .max_encoding_message_size(crate::proposer::MAX_FORWARDED_REPLY_BYTES),
     );
     let client_addr = listeners.client.local_addr().map_err(NodeError::Io)?;
     let stop = shutdown.clone();

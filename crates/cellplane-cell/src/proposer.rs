@@ -105,6 +105,12 @@ pub struct Proposer {
 }
 
 /// How a follower reaches the leader with its batches.
+/// The largest reply to a forwarded batch: the outcomes of up to a batch's
+/// commands, each of which may carry a txn's range results. Generous on
+/// purpose: a reply over it fails after the batch committed, and its clients
+/// see "outcome unknown", as after a lost connection.
+pub const MAX_FORWARDED_REPLY_BYTES: usize = 1 << 30;
+
 pub struct ForwardSettings {
     /// The gRPC limit of a response: a batch's outcomes are at most this.
     pub max_response_bytes: usize,

@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AutoCompaction, MaintenanceSettings};
 use crate::node::Shared;
 
+/// How long a member's HashKV (a scan of its history) may take.
+const HASH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Revision samples auto-compaction keeps (a few tens of KiB).
+const MAX_SAMPLES: usize = 4096;
+
 /// Starts the three loops; they end with `shutdown`.
 pub fn spawn(
     shared: &Arc<Shared>,
@@ -71,16 +77,24 @@ async fn propose(shared: &Shared, cmd: Command, what: &str) -> Option<Result<(),
 async fn auto_compaction(shared: Arc<Shared>, m: MaintenanceSettings, shutdown: CancellationToken) {
     let period = m.compaction_interval();
     let retention = Duration::from_secs(m.auto_compaction_retention_secs);
-    // A sample per interval, for one retention and one more: bounded by the
-    // ratio of the two (at most 11 with the default interval).
-    let keep = (retention.as_millis() / period.as_millis().max(1)) as usize + 2;
-    let mut samples: VecDeque<(Instant, i64)> = VecDeque::with_capacity(keep.min(4096));
+    // Samples span one retention and a little more, at most MAX_SAMPLES of
+    // them: with an interval much shorter than the retention, sample less often
+    // than the loop ticks (the compaction point is then up to retention /
+    // MAX_SAMPLES late, never early).
+    let sample_every = period.max(retention / MAX_SAMPLES as u32);
+    let keep = (retention.as_millis() / sample_every.as_millis().max(1)) as usize + 2;
+    let mut samples: VecDeque<(Instant, i64)> = VecDeque::with_capacity(keep);
     while tick(period, &shutdown).await {
         let now = Instant::now();
         let applied = *shared.applied.borrow();
-        samples.push_back((now, applied.revision));
-        while samples.len() > keep.min(4096) {
-            samples.pop_front();
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= sample_every)
+        {
+            samples.push_back((now, applied.revision));
+            while samples.len() > keep {
+                samples.pop_front();
+            }
         }
         if !leading(&shared) {
             continue;
@@ -169,26 +183,41 @@ async fn corruption_check(
         };
         let mut differ = Vec::new();
         let mut agree = 0;
-        for member in &shared.config.cell.members {
-            if member.id == shared.id {
-                continue;
-            }
-            match peer_hash(&shared, member.id, mine.revision).await {
+        // Every member of the membership in force, learners and members added
+        // since this one started included.
+        let members: Vec<u64> = {
+            let m = shared.raft.metrics().borrow().membership_config.clone();
+            m.membership().nodes().map(|(id, _)| *id).collect()
+        };
+        for id in members.into_iter().filter(|id| *id != shared.id) {
+            match peer_hash(&shared, id, mine.revision).await {
                 Some(h) if h.compacted != mine.compacted => {}
                 Some(h) if h.hash == mine.hash => agree += 1,
-                Some(h) => differ.push((member.id, h)),
+                Some(h) => differ.push((id, h)),
                 None => {}
             }
+        }
+        if agree + differ.len() == 0 {
+            continue;
         }
         shared.metrics.corruption_checks.inc();
         if differ.is_empty() {
             continue;
         }
         let peers_agree = differ.windows(2).all(|w| w[0].1.hash == w[1].1.hash);
-        let suspects: Vec<u64> = if agree == 0 && differ.len() >= 2 && peers_agree {
+        let suspects: Vec<u64> = if agree > 0 {
+            // The leader agrees with someone: the others are the odd ones out.
+            differ.iter().map(|(id, _)| *id).collect()
+        } else if differ.len() >= 2 && peers_agree {
+            // Everyone else agrees against the leader.
             vec![shared.id]
         } else {
-            differ.iter().map(|(id, _)| *id).collect()
+            // One answer against the leader's (or no two alike): who is wrong
+            // cannot be told; name both sides, writes stop either way.
+            tracing::error!("corruption check: cannot tell which member is corrupt");
+            std::iter::once(shared.id)
+                .chain(differ.iter().map(|(id, _)| *id))
+                .collect()
         };
         for id in suspects {
             tracing::error!(
@@ -215,7 +244,7 @@ async fn peer_hash(shared: &Shared, id: u64, revision: i64) -> Option<KvHash> {
     // A member that has not applied `revision` yet gets a few chances.
     for _ in 0..5 {
         let call = client.hash_kv(HashKvRequest { revision });
-        match tokio::time::timeout(shared.config.request_timeout(), call).await {
+        match tokio::time::timeout(HASH_TIMEOUT, call).await {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
                 return Some(KvHash {

@@ -125,6 +125,9 @@ impl Store {
         let mut opts = rocksdb::CompactOptions::default();
         // Rewrite the bottommost level too: that is where deleted ranges sit.
         opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        // Let RocksDB's own compactions run beside it, so level-0 files do not
+        // pile up and stall writes (the Raft log's included).
+        opts.set_exclusive_manual_compaction(false);
         for name in ALL_CFS {
             self.db.flush_cf(self.cf(name))?;
             self.db

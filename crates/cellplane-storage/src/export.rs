@@ -21,6 +21,7 @@
 //! It holds the state-machine column families (current keys, history, leases,
 //! alarms) as one RocksDB snapshot saw them, and nothing of Raft: a restored
 //! member starts a new Raft group whose first revision follows the snapshot's.
+//! Alarms are not restored (they name the old cell's members).
 //!
 //! Memory is bounded on both sides: export holds one chunk and one record at a
 //! time (the caller bounds how many chunks wait to be sent); import holds one
@@ -32,7 +33,7 @@ use std::path::Path;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 use sha2::{Digest, Sha256};
 
-use crate::db::{CF_META, SM_CFS, Store};
+use crate::db::{CF_ALARM, CF_META, SM_CFS, Store};
 use crate::error::KvError;
 use crate::mvcc::{KEY_COMPACTED, KEY_REVISION, read_i64};
 
@@ -179,18 +180,32 @@ impl<F: FnMut(Vec<u8>, bool) -> bool> Chunker<'_, F> {
     }
 }
 
-/// Reads a snapshot from `input` into a new store at `dir`, which must not hold
-/// one. Checks the format as it goes and the checksum at the end; on any error
-/// the directory is removed again, so a failed restore leaves nothing to start.
+/// Reads a snapshot from `input` into a new store at `dir`, which must not exist
+/// or be empty. The store is built beside it (`<dir>.partial`) and renamed into
+/// place only once the format and the checksum have been checked, so a restore
+/// that fails or is killed never leaves a store a member could start from.
 pub fn import(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotError> {
-    if dir.join("CURRENT").exists() {
+    let occupied = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied {
         return Err(SnapshotError::NotEmpty(dir.display().to_string()));
     }
-    let result = import_into(dir, input);
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(dir);
+    let mut partial = dir.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    // Left by a restore that was killed: ours by its name.
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
     }
-    result
+    match import_into(&partial, input) {
+        Ok(summary) => {
+            std::fs::rename(&partial, dir)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            Err(e)
+        }
+    }
 }
 
 fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotError> {
@@ -233,8 +248,13 @@ fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, Snapshot
                 let key = r.bytes(klen)?;
                 let vlen = r.len()?;
                 let value = r.bytes(vlen)?;
-                batch.put_cf(store.cf(name), key, value);
                 summary.pairs += 1;
+                // The old cell's alarms name its members, not the new cell's:
+                // a restored cell starts with none.
+                if name == CF_ALARM {
+                    continue;
+                }
+                batch.put_cf(store.cf(name), key, value);
                 if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
                     store
                         .db
