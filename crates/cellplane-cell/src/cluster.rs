@@ -42,8 +42,8 @@ impl ClusterService {
 
     /// The member list as etcd shows it, from the membership in force.
     fn members(&self) -> Vec<Member> {
-        let m = self.shared.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership().clone();
+        let stored = self.shared.membership();
+        let membership = stored.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         membership
             .nodes()
@@ -244,16 +244,12 @@ impl Cluster for ClusterService {
         }
         let r = r.into_inner();
         let peer = peer_addr(&r.peer_ur_ls)?;
-        let node = {
-            let m = self
-                .shared
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .clone();
-            m.membership().get_node(&r.id).cloned()
-        };
+        let node = self
+            .shared
+            .membership()
+            .membership()
+            .get_node(&r.id)
+            .cloned();
         let Some(mut node) = node else {
             return Err(Status::not_found("etcdserver: member not found"));
         };

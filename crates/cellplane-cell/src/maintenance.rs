@@ -87,16 +87,19 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             // As etcd: one entry per raised alarm (`etcdctl endpoint status`
             // shows them).
-            errors: s
-                .reader
-                .alarms()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(m, a)| {
-                    let name = AlarmType::try_from(a).map_or("UNKNOWN", |t| t.as_str_name());
-                    format!("memberID:{m} alarm:{name} ")
-                })
-                .collect(),
+            // The store is read only when the applied state says an alarm is up
+            // (routers probe Status every few seconds).
+            errors: if applied.alarms == cellplane_storage::Raised::default() {
+                Default::default()
+            } else {
+                s.reader.alarms().unwrap_or_default()
+            }
+            .into_iter()
+            .map(|(m, a)| {
+                let name = AlarmType::try_from(a).map_or("UNKNOWN", |t| t.as_str_name());
+                format!("memberID:{m} alarm:{name} ")
+            })
+            .collect(),
             db_size_in_use: db,
             is_learner: !s.is_voter(),
         }))

@@ -165,14 +165,16 @@ impl Shared {
         }
     }
 
+    /// The membership in force, as this member last applied it.
+    pub fn membership(&self) -> Arc<openraft::StoredMembership<NodeId, Member>> {
+        self.raft.metrics().borrow().membership_config.clone()
+    }
+
     /// Whether this member votes in its cell. A learner (or a member that has not
     /// received any membership yet) does not, and serves only serializable
     /// reads, as etcd's learners.
     pub fn is_voter(&self) -> bool {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
+        self.membership()
             .membership()
             .voter_ids()
             .any(|v| v == self.id)
@@ -218,13 +220,12 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner());
         // The membership's address (it follows MemberAdd), else the cell file
         // this member started with.
-        let from_membership = {
-            let m = self.raft.metrics().borrow().membership_config.clone();
-            m.membership()
-                .get_node(&id)
-                .map(|n| n.client_addr.clone())
-                .filter(|a| !a.is_empty())
-        };
+        let from_membership = self
+            .membership()
+            .membership()
+            .get_node(&id)
+            .map(|n| n.client_addr.clone())
+            .filter(|a| !a.is_empty());
         let addr = match from_membership {
             Some(a) => a,
             None => self

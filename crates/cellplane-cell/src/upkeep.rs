@@ -185,10 +185,12 @@ async fn corruption_check(
         let mut agree = 0;
         // Every member of the membership in force, learners and members added
         // since this one started included.
-        let members: Vec<u64> = {
-            let m = shared.raft.metrics().borrow().membership_config.clone();
-            m.membership().nodes().map(|(id, _)| *id).collect()
-        };
+        let members: Vec<u64> = shared
+            .membership()
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
         for id in members.into_iter().filter(|id| *id != shared.id) {
             match peer_hash(&shared, id, mine.revision).await {
                 Some(h) if h.compacted != mine.compacted => {}

@@ -285,30 +285,25 @@ async fn etcdctl_snapshot_save_restores_into_a_new_cell_with_equal_content() {
     assert!(ok && out.contains("Snapshot saved"), "{out}");
 
     let mut restored = TestCell::define("restored", 3, "", None);
-    let status = std::process::Command::new(common::bin())
-        .args(["snapshot", "restore"])
-        .arg(&file)
-        .arg("--cell")
-        .arg(&restored.def_path)
-        .arg("--data-dir")
-        .arg(restored.data_root())
-        .output()
-        .unwrap();
+    let restore = || {
+        std::process::Command::new(common::bin())
+            .args(["snapshot", "restore"])
+            .arg(&file)
+            .arg("--cell")
+            .arg(&restored.def_path)
+            .arg("--data-dir")
+            .arg(restored.data_root())
+            .output()
+            .unwrap()
+    };
+    let status = restore();
     assert!(
         status.status.success(),
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
     // Restoring over existing data is refused.
-    let again = std::process::Command::new(common::bin())
-        .args(["snapshot", "restore"])
-        .arg(&file)
-        .arg("--cell")
-        .arg(&restored.def_path)
-        .arg("--data-dir")
-        .arg(restored.data_root())
-        .output()
-        .unwrap();
+    let again = restore();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
