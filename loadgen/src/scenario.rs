@@ -162,6 +162,9 @@ pub enum Distribution {
     Uniform,
     /// Zipf over the key space: key 0 is the hottest.
     Zipf,
+    /// Key 0, 1, 2, … over all clients, wrapping at the end of the space: every
+    /// write makes a new key until the space is full (a keyspace that grows).
+    Sequential,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -110,6 +110,8 @@ pub struct KeySpace {
     width: usize,
     space: u64,
     zipf: Option<Zipf>,
+    /// The next key of a sequential distribution, shared by every client.
+    sequential: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// With `[tenants]`, their names and keys are `/<tenant><prefix>…`; without,
     /// the tenant of the prefix (if it has one) and keys are `<prefix>…`.
     pub tenants: Vec<String>,
@@ -139,6 +141,8 @@ impl KeySpace {
             space: k.space.max(1),
             zipf: (k.distribution == Distribution::Zipf)
                 .then(|| Zipf::new(k.space, k.zipf_exponent)),
+            sequential: (k.distribution == Distribution::Sequential)
+                .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0))),
             tenants,
             explicit_tenants,
         }
@@ -176,6 +180,9 @@ impl KeySpace {
 
     /// A random key number.
     pub fn pick(&self, rng: &mut StdRng) -> u64 {
+        if let Some(next) = &self.sequential {
+            return next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.space;
+        }
         match &self.zipf {
             Some(z) => z.sample(rng) - 1,
             None => rng.random_range(0..self.space),

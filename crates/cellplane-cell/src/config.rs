@@ -385,6 +385,10 @@ pub struct RaftSettings {
     pub max_entries_per_append: u64,
     /// Largest Raft message between members, in bytes.
     pub max_peer_message_bytes: usize,
+    /// Bytes of a snapshot sent in one message. A snapshot is built, sent,
+    /// received and installed through files, so a member holds about two
+    /// chunks of it at a time (read and encoded), whatever its size.
+    pub snapshot_chunk_bytes: usize,
     /// Timeout of one Raft RPC between members.
     pub peer_rpc_timeout_ms: u64,
     /// Write batches being replicated at once; while they are, new writes queue and
@@ -403,6 +407,7 @@ impl Default for RaftSettings {
             keep_entries_after_snapshot: 1_000,
             max_entries_per_append: 128,
             max_peer_message_bytes: 256 << 20,
+            snapshot_chunk_bytes: 4 << 20,
             peer_rpc_timeout_ms: 2_000,
             proposal_batches_in_flight: 2,
         }
@@ -597,6 +602,12 @@ impl CellDef {
             return Err(bad(
                 "raft.max_peer_message_bytes".into(),
                 "must hold raft.max_entries_per_append requests of limits.max_request_bytes each",
+            ));
+        }
+        if r.snapshot_chunk_bytes < 4096 || r.snapshot_chunk_bytes > r.max_peer_message_bytes / 2 {
+            return Err(bad(
+                "raft.snapshot_chunk_bytes".into(),
+                "must be at least 4096 and at most half of raft.max_peer_message_bytes",
             ));
         }
         if l.max_response_bytes < 1 << 20 {

@@ -47,6 +47,7 @@ pub fn kv_status(e: KvError) -> Status {
         }
         KvError::Corrupt => Status::data_loss(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
+        KvError::Installing => Status::unavailable(e.to_string()),
         KvError::EmptyKey
         | KvError::KeyNotFound
         | KvError::ValueProvided

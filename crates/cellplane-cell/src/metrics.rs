@@ -38,6 +38,8 @@ pub struct Metrics {
     pub leases_expired: Counter,
     pub auto_compactions: Counter,
     pub corruption_checks: Counter,
+    pub history_compacted_revision: Gauge,
+    pub history_versions_removed: Counter,
     pub state_size_bytes: Gauge,
     /// 1 while an alarm of the kind is raised in the cell.
     pub alarm_nospace: Gauge,
@@ -66,6 +68,8 @@ impl Metrics {
             leases_expired: Counter::default(),
             auto_compactions: Counter::default(),
             corruption_checks: Counter::default(),
+            history_compacted_revision: Gauge::default(),
+            history_versions_removed: Counter::default(),
             state_size_bytes: Gauge::default(),
             alarm_nospace: Gauge::default(),
             alarm_corrupt: Gauge::default(),
@@ -88,6 +92,16 @@ impl Metrics {
             "corruption_checks",
             "Corruption checks this member ran as leader",
             m.corruption_checks.clone(),
+        );
+        registry.register(
+            "history_compacted_revision",
+            "Compaction revision up to which this member has removed old versions from disk",
+            m.history_compacted_revision.clone(),
+        );
+        registry.register(
+            "history_versions_removed",
+            "Old versions this member removed from disk after compactions",
+            m.history_versions_removed.clone(),
         );
         registry.register(
             "state_size_bytes",

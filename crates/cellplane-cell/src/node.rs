@@ -276,7 +276,7 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
         max_payload_entries: r.max_entries_per_append,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
-        snapshot_max_chunk_size: (r.max_peer_message_bytes / 4) as u64,
+        snapshot_max_chunk_size: r.snapshot_chunk_bytes as u64,
         install_snapshot_timeout: r.peer_rpc_timeout_ms * 5,
         ..Default::default()
     };

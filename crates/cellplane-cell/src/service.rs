@@ -9,7 +9,7 @@
 //! serializable reads are served locally at once.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cellplane_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -21,6 +21,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{kv_status, node_status, read_status};
 use crate::node::{ProposeError, Shared};
+
+/// How long a `physical` Compact waits for the member to remove old versions.
+const PHYSICAL_COMPACTION_WAIT: Duration = Duration::from_secs(120);
 
 /// Set on a request a member forwards to the leader, so that a request never
 /// travels more than one hop (a stale leader view cannot bounce it around).
@@ -91,6 +94,32 @@ impl KvService {
     }
 
     /// Proposes a write here, or forwards it once to the leader with `forward`.
+    /// etcd's `physical` compaction: waits until this member has removed the
+    /// versions a compaction at `revision` hid (it does so in the background).
+    async fn removed_up_to(&self, revision: i64) -> Result<(), Status> {
+        let compactor = cellplane_storage::HistoryCompactor::new(self.shared.store.clone());
+        let deadline = tokio::time::Instant::now() + PHYSICAL_COMPACTION_WAIT;
+        loop {
+            let c = compactor.clone();
+            let done = tokio::task::spawn_blocking(move || c.targets())
+                .await
+                .map_err(|e| Status::internal(format!("compaction check failed: {e}")))?
+                .map_err(crate::error::kv_status)?
+                .1;
+            if done >= revision {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "compaction at {revision} is applied; this member is still removing the \
+                     old versions from disk (done up to {done}): retry without --physical, or \
+                     wait and watch cellplane_history_compacted_revision"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn write<T, F, Fut>(&self, cmd: Command, forwarded: bool, forward: F) -> Result<T, Status>
     where
         T: Message + Default + HasHeader,
@@ -251,12 +280,18 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
+        let (revision, physical) = (req.revision, req.physical);
         self.serve("Compact", async {
-            let cmd = Command::Compact(req.revision);
-            self.write(cmd, forwarded, |mut c| async move {
-                c.compact(forwarded_request(req)).await
-            })
-            .await
+            let cmd = Command::Compact(revision);
+            let resp = self
+                .write(cmd, forwarded, |mut c| async move {
+                    c.compact(forwarded_request(req)).await
+                })
+                .await?;
+            if physical {
+                self.removed_up_to(revision).await?;
+            }
+            Ok(resp)
         })
         .await
     }

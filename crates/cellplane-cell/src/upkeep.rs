@@ -4,6 +4,10 @@
 //! through Raft (a `Compact`, an `Alarm`), so every member applies the same
 //! thing at the same log position. A new leader picks up where the old one left
 //! off: the state they act on is replicated or sampled on every member.
+//!
+//! One loop runs on every member: removing, in the background and in steps,
+//! the versions an applied compaction made unreadable
+//! ([`cellplane_storage::HistoryCompactor`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cellplane_proto::etcdserverpb::{AlarmType, HashKvRequest};
-use cellplane_storage::{Command, KvError, KvHash};
+use cellplane_storage::{Command, CompactCursor, CompactStep, HistoryCompactor, KvError, KvHash};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AutoCompaction, MaintenanceSettings};
@@ -23,7 +27,14 @@ const HASH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Revision samples auto-compaction keeps (a few tens of KiB).
 const MAX_SAMPLES: usize = 4096;
 
-/// Starts the three loops; they end with `shutdown`.
+/// History entries one step of physical compaction looks at: a few
+/// milliseconds of work between which the member's other work runs.
+const COMPACTION_STEP_ENTRIES: usize = 10_000;
+
+/// The pause between two steps.
+const COMPACTION_STEP_PAUSE: Duration = Duration::from_millis(2);
+
+/// Starts the loops; they end with `shutdown`.
 pub fn spawn(
     shared: &Arc<Shared>,
     tasks: &tokio_util::task::TaskTracker,
@@ -37,10 +48,110 @@ pub fn spawn(
             shutdown.child_token(),
         ));
     }
+    tasks.spawn(remove_compacted_history(
+        shared.clone(),
+        shutdown.child_token(),
+    ));
     tasks.spawn(quota(shared.clone(), m.clone(), shutdown.child_token()));
     if m.corrupt_check_secs > 0 {
         tasks.spawn(corruption_check(shared.clone(), m, shutdown.child_token()));
     }
+}
+
+/// Every member: once a compaction is applied, removes the versions it made
+/// unreadable, step by step off the async runtime, then reclaims their space in
+/// RocksDB. A compaction applied meanwhile is taken up by the next pass.
+async fn remove_compacted_history(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let compactor = HistoryCompactor::new(shared.store.clone());
+    let mut applied = shared.applied.clone();
+    loop {
+        let (target, done) = match blocking(&compactor, |c| c.targets()).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the compaction revisions");
+                (0, 0)
+            }
+        };
+        shared.metrics.history_compacted_revision.set(done);
+        if target > done {
+            match compact_history(&compactor, target, &shared, &shutdown).await {
+                Some(Ok(())) => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, target, "removing compacted history failed; retrying later");
+                    if !tick(Duration::from_secs(10), &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+                None => return,
+            }
+        }
+        // Wait for the next compaction to be applied.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = applied.wait_for(|s| s.compacted > target) => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One pass up to `target`; None once `shutdown` is cancelled.
+async fn compact_history(
+    compactor: &HistoryCompactor,
+    target: i64,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), KvError>> {
+    let started = Instant::now();
+    let mut cursor = CompactCursor::default();
+    loop {
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        let step = blocking(compactor, move |c| {
+            c.step(target, cursor, COMPACTION_STEP_ENTRIES)
+        })
+        .await;
+        match step {
+            Ok(CompactStep::More(next)) => cursor = next,
+            Ok(CompactStep::Done(last)) => {
+                cursor = last;
+                break;
+            }
+            Err(e) => return Some(Err(e)),
+        }
+        // Let the apply path and readers have the disk and the CPU between steps
+        // (etcd pauses between its compaction batches the same way).
+        tokio::time::sleep(COMPACTION_STEP_PAUSE).await;
+    }
+    if let Err(e) = blocking(compactor, move |c| c.finish(target)).await {
+        return Some(Err(e));
+    }
+    shared
+        .metrics
+        .history_versions_removed
+        .inc_by(cursor.deleted());
+    tracing::info!(
+        target,
+        removed = cursor.deleted(),
+        ms = started.elapsed().as_millis() as u64,
+        "removed compacted history"
+    );
+    Some(Ok(()))
+}
+
+/// Runs `f` on the compactor off the async runtime.
+async fn blocking<T: Send + 'static>(
+    compactor: &HistoryCompactor,
+    f: impl FnOnce(&HistoryCompactor) -> Result<T, KvError> + Send + 'static,
+) -> Result<T, KvError> {
+    let c = compactor.clone();
+    tokio::task::spawn_blocking(move || f(&c))
+        .await
+        .unwrap_or_else(|e| Err(KvError::Storage(format!("compaction task failed: {e}"))))
 }
 
 fn leading(shared: &Shared) -> bool {

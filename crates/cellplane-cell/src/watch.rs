@@ -5,9 +5,13 @@
 //! watcher. One dispatcher per member (`watch_hub`) follows the ring and hands a
 //! revision only to the streams watching a key it touches (or holding a range
 //! watcher), so idle watchers cost no CPU per write. A watcher that starts behind
-//! reads the history from a RocksDB snapshot first. Limits, and what happens at
-//! them:
+//! reads the history of its range from RocksDB first, a page at a time (at most
+//! 4 MiB of events), each page sent as its client drains the stream's buffer.
+//! Limits, and what happens at them:
 //!
+//! - a catching-up watcher whose client takes nothing for 30 s ends its stream
+//!   as not read (below); one whose history is compacted part-way is canceled
+//!   with the compaction revision;
 //! - a stream that falls more than `watch.event_log_revisions` revisions behind
 //!   what it was handed (its mailbox fills, or the dispatcher itself lost
 //!   revisions from the ring) cancels its watchers, each with the revision to
@@ -32,7 +36,7 @@ use cellplane_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
 };
 use cellplane_proto::mvccpb::event::EventType;
-use cellplane_storage::{KeyRange, KvError, RevisionEvents};
+use cellplane_storage::{HistoryPage, KeyRange, KvError, RevisionEvents};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -44,6 +48,32 @@ use crate::watch_hub::{Next, Subscription};
 
 /// The watch id etcd uses for responses that belong to no watcher (progress).
 const NO_WATCH: i64 = -1;
+
+/// Bounds of one page of catch-up history (the page follows the stream's
+/// buffer size within them): what a catching-up watcher holds besides its
+/// stream's buffer.
+const MIN_CATCH_UP_PAGE_BYTES: usize = 64 << 10;
+const MAX_CATCH_UP_PAGE_BYTES: usize = 4 << 20;
+
+/// How long a catching-up watcher waits for its client to take something
+/// before the stream is ended as not read.
+const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+
+/// The response that cancels watcher `id` whose history was compacted.
+fn compacted_cancel(
+    header: Option<cellplane_proto::etcdserverpb::ResponseHeader>,
+    id: i64,
+    compacted: i64,
+) -> WatchResponse {
+    WatchResponse {
+        header,
+        watch_id: id,
+        canceled: true,
+        compact_revision: compacted,
+        cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
+        ..Default::default()
+    }
+}
 
 pub struct WatchService {
     shared: Arc<Shared>,
@@ -67,8 +97,10 @@ impl Watch for WatchService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.shared.config.cell.watch.stream_buffer);
         let queued = Arc::new(AtomicUsize::new(0));
+        let drained = Arc::new(tokio::sync::Notify::new());
         let stream = WatchStream {
             queued: queued.clone(),
+            drained: drained.clone(),
             shared: self.shared.clone(),
             events: self.shared.watch_hub.subscribe(),
             tx,
@@ -83,6 +115,7 @@ impl Watch for WatchService {
         let out = ReceiverStream::new(rx).map(move |item| {
             if let Ok(r) = &item {
                 queued.fetch_sub(r.encoded_len(), Ordering::Relaxed);
+                drained.notify_one();
             }
             item
         });
@@ -106,6 +139,8 @@ struct WatchStream {
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     /// Encoded bytes of the responses in `tx` not yet taken by the client.
     queued: Arc<AtomicUsize>,
+    /// Signalled when the client takes a response (a catch-up waits on it).
+    drained: Arc<tokio::sync::Notify>,
     watchers: BTreeMap<i64, Watcher>,
     /// Single-key watchers by key, so a revision costs a lookup per event, not a
     /// look at every watcher (10,000 idle watchers must cost nearly nothing).
@@ -285,48 +320,97 @@ impl WatchStream {
         // the hub had dispatched by then: every later revision reaches the mailbox.
         let dispatched = self.index(id, &w.range);
         let caught_up = current.max(dispatched);
-        let history = if start <= caught_up {
-            // Read off the runtime's threads: a catch-up from an old revision can
-            // scan much of the stored history (only the watched range is kept).
-            let reader = self.shared.reader.clone();
-            let range = w.range.clone();
-            let read =
-                tokio::task::spawn_blocking(move || reader.history(start, caught_up, Some(&range)))
-                    .await
-                    .unwrap_or_else(|e| Err(KvError::Storage(format!("history read failed: {e}"))));
-            match read {
-                Ok(h) => h,
+        let mut page = None;
+        if start <= caught_up {
+            match self.read_history(start, caught_up, &w.range).await {
+                Ok(p) => page = Some(p),
                 Err(KvError::Compacted { compacted }) => {
                     self.unindex(id, &w.range);
                     self.send(created)?;
-                    return self.send(WatchResponse {
-                        header: self.header(current),
-                        watch_id: id,
-                        canceled: true,
-                        compact_revision: compacted,
-                        cancel_reason: "etcdserver: mvcc: required revision has been compacted"
-                            .into(),
-                        ..Default::default()
-                    });
+                    return self.send(compacted_cancel(self.header(current), id, compacted));
                 }
                 Err(e) => {
                     self.unindex(id, &w.range);
                     return self.send(refuse(e.to_string()));
                 }
             }
-        } else {
-            Vec::new()
-        };
+        }
         self.send(created)?;
         self.next_id = self.next_id.max(id + 1);
-        for rev in &history {
-            if let Some(resp) = self.matching(id, &w, rev) {
-                self.send(resp)?;
+        // A page at a time, each sent as the client drains the buffer: the
+        // history behind a watcher may be far larger than what a stream holds.
+        while let Some(p) = page.take() {
+            for rev in &p.revisions {
+                if let Some(resp) = self.matching(id, &w, rev) {
+                    self.send_paced(resp).await?;
+                }
+            }
+            let Some(next) = p.next else { break };
+            match self.read_history(next, caught_up, &w.range).await {
+                Ok(p) => page = Some(p),
+                Err(e) => {
+                    // Compacted or failed part-way: the client resumes from the
+                    // first revision it has not been sent.
+                    self.unindex(id, &w.range);
+                    let header = self.header(self.current_revision());
+                    return self.send(match e {
+                        KvError::Compacted { compacted } => compacted_cancel(header, id, compacted),
+                        e => WatchResponse {
+                            header,
+                            watch_id: id,
+                            canceled: true,
+                            cancel_reason: format!("{e}; watch again from revision {next}"),
+                            ..Default::default()
+                        },
+                    });
+                }
             }
         }
         w.next = w.next.max(caught_up + 1);
         self.watchers.insert(id, w);
         Ok(())
+    }
+
+    /// One page of the stored history of `range`, read off the runtime's
+    /// threads (a catch-up from an old revision scans much of the history).
+    async fn read_history(
+        &self,
+        from: i64,
+        to: i64,
+        range: &KeyRange,
+    ) -> Result<HistoryPage, KvError> {
+        let reader = self.shared.reader.clone();
+        let range = range.clone();
+        let max_bytes = self
+            .shared
+            .config
+            .cell
+            .watch
+            .stream_buffer_bytes
+            .clamp(MIN_CATCH_UP_PAGE_BYTES, MAX_CATCH_UP_PAGE_BYTES);
+        tokio::task::spawn_blocking(move || reader.history_page(from, to, Some(&range), max_bytes))
+            .await
+            .unwrap_or_else(|e| Err(KvError::Storage(format!("history read failed: {e}"))))
+    }
+
+    /// Queues a catch-up response, waiting while the client drains the buffer;
+    /// a client that takes nothing for [`CATCH_UP_STALL`] is not reading.
+    async fn send_paced(&self, resp: WatchResponse) -> Result<(), Stop> {
+        let size = resp.encoded_len();
+        let limit = self.shared.config.cell.watch.stream_buffer_bytes;
+        let deadline = tokio::time::Instant::now() + CATCH_UP_STALL;
+        loop {
+            let queued = self.queued.load(Ordering::Relaxed);
+            if (queued == 0 || queued + size <= limit) && self.tx.capacity() > 0 {
+                return self.send(resp);
+            }
+            if tokio::time::timeout_at(deadline, self.drained.notified())
+                .await
+                .is_err()
+            {
+                return Err(Stop::Stalled);
+            }
+        }
     }
 
     /// Indexes watcher `id` here and, for its key or for every revision, in the

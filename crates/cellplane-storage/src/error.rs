@@ -57,6 +57,10 @@ pub enum KvError {
          bytes): read it in pages (`limit`, then from the key after the last one returned)"
     )]
     ResponseTooLarge { max: usize },
+    /// The member is installing a snapshot from its leader; its state is
+    /// incomplete until that is done.
+    #[error("member is installing a snapshot from its leader: retry, or read from another member")]
+    Installing,
 }
 
 impl From<rocksdb::Error> for KvError {

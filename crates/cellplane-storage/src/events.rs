@@ -24,33 +24,69 @@ pub struct RevisionEvents {
 impl RevisionEvents {
     /// Bytes of keys and values the events hold (what keeping them costs).
     pub fn payload_bytes(&self) -> usize {
-        self.events
-            .iter()
-            .map(|e| {
-                let kv = e.kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
-                let prev = e
-                    .prev_kv
-                    .as_ref()
-                    .map_or(0, |p| p.key.len() + p.value.len());
-                kv + prev
-            })
-            .sum()
+        self.events.iter().map(event_bytes).sum()
     }
 }
 
+fn event_bytes(e: &Event) -> usize {
+    let kv = e.kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
+    let prev = e
+        .prev_kv
+        .as_ref()
+        .map_or(0, |p| p.key.len() + p.value.len());
+    kv + prev
+}
+
+/// A page of stored history (see [`KvReader::history_page`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    pub revisions: Vec<RevisionEvents>,
+    /// Where to read on from, when the page stopped before the end asked for.
+    pub next: Option<i64>,
+}
+
+/// History entries one page looks at, matching or not, before it stops at the
+/// next revision boundary: bounds how long one read holds a thread.
+const MAX_SCANNED_PER_PAGE: usize = 100_000;
+
 impl KvReader {
     /// The events of revisions `from..=to` on keys in `range` (every key with
-    /// `None`), read from the stored history (for a watcher that starts behind
-    /// the in-memory event log). Only events in the range are built and kept, so
-    /// a watcher of one prefix holds that prefix's history, not the cell's.
-    /// Refused with `Compacted` when `from` is below the compaction.
+    /// `None`), read from the stored history, whole. For one revision or a short
+    /// span; a watcher catching up reads [`KvReader::history_page`]s.
     pub fn history(
         &self,
         from: i64,
         to: i64,
         range: Option<&KeyRange>,
     ) -> Result<Vec<RevisionEvents>, KvError> {
-        let snap = self.store.db.snapshot();
+        let mut out = Vec::new();
+        let mut from = from;
+        loop {
+            let page = self.history_page(from, to, range, usize::MAX)?;
+            out.extend(page.revisions);
+            match page.next {
+                Some(next) => from = next,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The events of revisions `from..=to` on keys in `range` (every key with
+    /// `None`), read from the stored history (for a watcher that starts behind
+    /// the in-memory event log), a page at a time: whole revisions, stopping
+    /// after the one that brings the page's keys and values past `max_bytes`, or
+    /// after [`MAX_SCANNED_PER_PAGE`] entries looked at. Only events in the
+    /// range are built and kept, so a watcher of one prefix holds at most a page
+    /// of that prefix's history. Refused with `Compacted` when `from` is below
+    /// the compaction.
+    pub fn history_page(
+        &self,
+        from: i64,
+        to: i64,
+        range: Option<&KeyRange>,
+        max_bytes: usize,
+    ) -> Result<HistoryPage, KvError> {
+        let snap = self.store.read_view()?;
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
         let (_, compacted) = self.revisions()?;
@@ -59,7 +95,7 @@ impl KvReader {
         }
         opts.set_iterate_upper_bound(
             Rev {
-                main: to + 1,
+                main: to.saturating_add(1),
                 sub: 0,
             }
             .encode()
@@ -67,6 +103,7 @@ impl KvReader {
         );
         let start = Rev { main: from, sub: 0 }.encode();
         let mut out: Vec<RevisionEvents> = Vec::new();
+        let (mut bytes, mut scanned, mut last_main) = (0usize, 0usize, None);
         for item in self.store.db.iterator_cf_opt(
             self.store.cf(CF_REV),
             opts,
@@ -75,6 +112,16 @@ impl KvReader {
             let (k, v) = item?;
             let rev =
                 Rev::decode(&k).ok_or_else(|| KvError::Storage("corrupt revision key".into()))?;
+            if last_main != Some(rev.main)
+                && (bytes >= max_bytes || scanned >= MAX_SCANNED_PER_PAGE)
+            {
+                return Ok(HistoryPage {
+                    revisions: out,
+                    next: Some(rev.main),
+                });
+            }
+            last_main = Some(rev.main);
+            scanned += 1;
             let rec: RevRecord = decode_record(&v)?;
             if range.is_some_and(|r| !r.contains(&rec.key)) {
                 continue;
@@ -96,6 +143,7 @@ impl KvReader {
                 }),
                 prev_kv: prev,
             };
+            bytes += event_bytes(&event);
             match out.last_mut() {
                 Some(last) if last.revision == rev.main => last.events.push(event),
                 _ => out.push(RevisionEvents {
@@ -105,7 +153,10 @@ impl KvReader {
                 }),
             }
         }
-        Ok(out)
+        Ok(HistoryPage {
+            revisions: out,
+            next: None,
+        })
     }
 
     /// The version of `key` just before `rev`, if it existed and was not deleted.

@@ -88,12 +88,22 @@ pub enum SnapshotError {
 pub fn export(
     store: &Store,
     chunk_bytes: usize,
+    send: impl FnMut(Vec<u8>, bool) -> bool,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let snap = store.read_view()?;
+    export_at(store, &snap, chunk_bytes, send)
+}
+
+/// [`export`] of the state `snap` sees.
+pub(crate) fn export_at(
+    store: &Store,
+    snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    chunk_bytes: usize,
     mut send: impl FnMut(Vec<u8>, bool) -> bool,
 ) -> Result<SnapshotSummary, SnapshotError> {
-    let snap = store.db.snapshot();
     let opts = || {
         let mut o = ReadOptions::default();
-        o.set_snapshot(&snap);
+        o.set_snapshot(snap);
         o
     };
     let mut out = Chunker {
@@ -210,6 +220,40 @@ pub fn import(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotE
 
 fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotError> {
     let store = crate::open(dir).map_err(|e| KvError::Storage(e.to_string()))?;
+    let mut batch = WriteBatch::default();
+    let summary = read_records(input, |name, key, value| {
+        // The old cell's alarms name its members, not the new cell's: a
+        // restored cell starts with none.
+        if name == CF_ALARM {
+            return Ok(());
+        }
+        batch.put_cf(store.cf(name), key, value);
+        if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
+            store
+                .db
+                .write(std::mem::take(&mut batch))
+                .map_err(KvError::from)?;
+        }
+        Ok(())
+    })?;
+    let meta = store.cf(CF_META);
+    batch.put_cf(meta, KEY_REVISION, summary.revision.to_be_bytes());
+    batch.put_cf(meta, KEY_COMPACTED, summary.compacted.to_be_bytes());
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    store.db.write_opt(batch, &opts).map_err(KvError::from)?;
+    Ok(summary)
+}
+
+/// Reads a snapshot from `input`, handing every key-value pair to `sink` with its
+/// column family, and checks the format, the padding and the checksum. The pairs
+/// reach `sink` before the checksum is checked: a caller that must not act on a
+/// damaged file reads it twice (once with a sink that does nothing). Holds one
+/// record at a time.
+pub(crate) fn read_records(
+    input: impl Read,
+    mut sink: impl FnMut(&'static str, Vec<u8>, Vec<u8>) -> Result<(), SnapshotError>,
+) -> Result<SnapshotSummary, SnapshotError> {
     let mut r = Hashing {
         inner: input,
         hash: Sha256::new(),
@@ -222,7 +266,6 @@ fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, Snapshot
     }
     let mut summary = SnapshotSummary::default();
     let mut cf: Option<&'static str> = None;
-    let mut batch = WriteBatch::default();
     loop {
         match r.u8()? {
             TAG_CF => {
@@ -249,18 +292,7 @@ fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, Snapshot
                 let vlen = r.len()?;
                 let value = r.bytes(vlen)?;
                 summary.pairs += 1;
-                // The old cell's alarms name its members, not the new cell's:
-                // a restored cell starts with none.
-                if name == CF_ALARM {
-                    continue;
-                }
-                batch.put_cf(store.cf(name), key, value);
-                if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
-                    store
-                        .db
-                        .write(std::mem::take(&mut batch))
-                        .map_err(KvError::from)?;
-                }
+                sink(name, key, value)?;
             }
             TAG_END => {
                 summary.revision = r.i64()?;
@@ -288,12 +320,6 @@ fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, Snapshot
     if r.inner.read(&mut extra)? != 0 {
         return Err(SnapshotError::Damaged("bytes after the checksum".into()));
     }
-    let meta = store.cf(CF_META);
-    batch.put_cf(meta, KEY_REVISION, summary.revision.to_be_bytes());
-    batch.put_cf(meta, KEY_COMPACTED, summary.compacted.to_be_bytes());
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
-    store.db.write_opt(batch, &opts).map_err(KvError::from)?;
     summary.bytes = r.bytes + 32;
     Ok(summary)
 }

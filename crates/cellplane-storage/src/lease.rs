@@ -142,12 +142,15 @@ pub(crate) fn read_lease(
 impl KvReader {
     /// The lease `id`, if it exists.
     pub fn lease(&self, id: i64) -> Result<Option<LeaseRecord>, KvError> {
-        read_lease(&self.store, &ReadOptions::default(), id)
+        let snap = self.store.read_view()?;
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snap);
+        read_lease(&self.store, &opts, id)
     }
 
     /// The lease `id` and the keys attached to it, read from one snapshot.
     pub fn lease_with_keys(&self, id: i64) -> Result<Option<LeaseWithKeys>, KvError> {
-        let snap = self.store.db.snapshot();
+        let snap = self.store.read_view()?;
         let opts = || {
             let mut o = ReadOptions::default();
             o.set_snapshot(&snap);
@@ -161,9 +164,13 @@ impl KvReader {
 
     /// Every lease, by id.
     pub fn leases(&self) -> Result<Vec<(i64, LeaseRecord)>, KvError> {
+        let snap = self.store.read_view()?;
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snap);
         let mut out = Vec::new();
-        for item in self.store.db.iterator_cf(
+        for item in self.store.db.iterator_cf_opt(
             self.store.cf(CF_LEASE),
+            opts,
             IteratorMode::From(&[LEASE_TAG], Direction::Forward),
         ) {
             let (k, v) = item?;

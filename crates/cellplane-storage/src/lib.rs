@@ -9,7 +9,11 @@
 //! - [`KvReader`]: the read path (ranges at the newest or a past revision), which
 //!   never blocks the apply path: it reads from RocksDB snapshots.
 //! - [`export_snapshot`] and [`import_snapshot`]: operator snapshots, streamed in
-//!   chunks in a checksummed format of our own.
+//!   chunks in a checksummed format of our own. Raft's own snapshots use the
+//!   same format, as files ([`SnapshotFile`]): built, sent, received and
+//!   installed in bounded pieces, never whole in memory.
+//! - [`HistoryCompactor`]: removes, in the background and in steps, the versions
+//!   an applied compaction hid (applying `Compact` itself changes one number).
 //!
 //! This is the only crate that depends on RocksDB. It depends on `cellplane-proto`
 //! for the etcd message types and on openraft for the storage traits; it knows
@@ -22,6 +26,7 @@
 
 mod alarm;
 mod codec;
+mod compactor;
 mod db;
 mod error;
 mod events;
@@ -29,19 +34,22 @@ mod export;
 mod lease;
 mod log_store;
 mod mvcc;
+mod snapshot_file;
 mod state_machine;
 mod types;
 
 pub use alarm::{AlarmSet, Raised};
+pub use compactor::{CompactCursor, CompactStep, HistoryCompactor};
 pub use db::{Store, open};
 pub use error::{KvError, OpenError};
-pub use events::RevisionEvents;
+pub use events::{HistoryPage, RevisionEvents};
 pub use export::{
     SnapshotError, SnapshotSummary, export as export_snapshot, import as import_snapshot,
 };
 pub use lease::{LeaseRecord, MAX_LEASE_TTL};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{DEFAULT_MAX_RESPONSE_BYTES, KeyRange, KvHash, KvReader, Limits};
+pub use snapshot_file::SnapshotFile;
 pub use state_machine::{AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, StateMachine};
 pub use types::{Batch, BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 

@@ -325,7 +325,7 @@ impl KvReader {
 
     /// The newest revision and the compaction revision.
     pub fn revisions(&self) -> Result<(i64, i64), KvError> {
-        let snap = self.store.db.snapshot();
+        let snap = self.store.read_view()?;
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
         read_revisions(&self.store, &opts)
@@ -333,19 +333,24 @@ impl KvReader {
 
     /// The raised alarms: (member id, etcd `AlarmType` value).
     pub fn alarms(&self) -> Result<crate::AlarmSet, KvError> {
-        crate::alarm::read_alarms(&self.store, ReadOptions::default())
+        let snap = self.store.read_view()?;
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snap);
+        crate::alarm::read_alarms(&self.store, opts)
     }
 
-    /// etcd's HashKV: a hash of every version and tombstone with a revision at
-    /// most `rev` (0: the newest) that the store holds, i.e. since the last
-    /// compaction. Members that applied the same log hold the same versions, so
-    /// two members' hashes at one revision with the same compaction revision
-    /// must agree; a difference is corruption. Streams the history once on a
-    /// RocksDB snapshot, holding one entry at a time: call it off the async
-    /// runtime.
+    /// etcd's HashKV: a hash of the history a reader can see up to `rev` (0:
+    /// the newest): every version and tombstone after the compaction revision,
+    /// and, at or below it, the version of each key a read at the compaction
+    /// revision returns. Members that applied the same log see the same history,
+    /// however far each has physically removed compacted versions (that runs in
+    /// the background, at each member's pace), so two members' hashes at one
+    /// revision with the same compaction revision must agree; a difference is
+    /// corruption. Streams the history once on a RocksDB snapshot, holding one
+    /// entry at a time: call it off the async runtime.
     pub fn hash_kv(&self, rev: i64) -> Result<KvHash, KvError> {
         use sha2::Digest;
-        let snap = self.store.db.snapshot();
+        let snap = self.store.read_view()?;
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
         let (current, compacted) = read_revisions(&self.store, &opts)?;
@@ -373,6 +378,11 @@ impl KvReader {
             .iterator_cf_opt(self.store.cf(CF_REV), opts, IteratorMode::Start)
         {
             let (k, v) = item?;
+            let r =
+                Rev::decode(&k).ok_or_else(|| KvError::Storage("corrupt revision key".into()))?;
+            if r.main <= compacted && !self.survives_compaction(&snap, r, &v, compacted)? {
+                continue;
+            }
             crate::db::hash_entry(&mut h, &k, &v);
         }
         Ok(KvHash {
@@ -382,9 +392,26 @@ impl KvReader {
         })
     }
 
+    /// Whether the history entry `r` (value `raw`), at or below `compacted`, is
+    /// one a compaction at `compacted` keeps: its key's newest version at or
+    /// below it, and not a tombstone.
+    fn survives_compaction(
+        &self,
+        snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+        r: Rev,
+        raw: &[u8],
+        compacted: i64,
+    ) -> Result<bool, KvError> {
+        let rec: RevRecord = decode_record(raw)?;
+        if rec.kv.is_none() {
+            return Ok(false);
+        }
+        Ok(newest_at_or_below(&self.store, snap, &rec.key, compacted)? == Some(r))
+    }
+
     /// Serves a Range (already checked with [`check_range`]).
     pub fn range(&self, r: &RangeRequest) -> Result<RangeResponse, KvError> {
-        let snap = self.store.db.snapshot();
+        let snap = self.store.read_view()?;
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snap);
         let (current, compacted) = read_revisions(&self.store, &opts)?;
@@ -613,6 +640,41 @@ fn scan_at<D: rocksdb::DBAccess>(
         }
     }
     Ok(out)
+}
+
+/// The revision of `key`'s newest version (or tombstone) at or below `rev`, as
+/// `snap` sees the history index.
+pub(crate) fn newest_at_or_below(
+    store: &Store,
+    snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    key: &[u8],
+    rev: i64,
+) -> Result<Option<Rev>, KvError> {
+    let mut lower = Vec::new();
+    escape_key(key, &mut lower);
+    let mut opts = ReadOptions::default();
+    opts.set_snapshot(snap);
+    opts.set_iterate_lower_bound(lower);
+    let top = crate::codec::hist_key(
+        key,
+        Rev {
+            main: rev,
+            sub: i64::MAX,
+        },
+    );
+    let mut iter = store.db.iterator_cf_opt(
+        store.cf(CF_HIST),
+        opts,
+        IteratorMode::From(&top, rocksdb::Direction::Reverse),
+    );
+    let Some(item) = iter.next() else {
+        return Ok(None);
+    };
+    let (k, _) = item?;
+    Ok(match unescape_key(&k) {
+        Some((k_key, rest)) if k_key == key => Rev::decode(rest),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

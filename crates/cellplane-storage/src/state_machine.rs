@@ -2,7 +2,7 @@
 //! builds and installs snapshots.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cellplane_proto::etcdserverpb::{
@@ -19,17 +19,19 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use prost::Message;
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
-use serde::{Deserialize, Serialize};
+use rocksdb::{ReadOptions, WriteBatch, WriteOptions};
+use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::alarm::{
     AlarmSet, Effect, Raised, alarm_key, check_kind, gate, read_alarms, txn_writes,
 };
-use crate::codec::{Rev, hist_key, unescape_key};
-use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, SM_CFS, Store};
+use crate::codec::{Rev, hist_key};
+use crate::compactor::KEY_PHYSICAL;
+use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
+use crate::export::SnapshotError;
 use crate::lease::{
     LeaseRecord, MAX_LEASE_TTL, attached_key, attached_keys, in_namespace, lease_key, read_lease,
 };
@@ -37,11 +39,18 @@ use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
     finish_range, read_i64, scan_current,
 };
+use crate::snapshot_file::{self, SnapshotFile, StoredSnapshot};
 use crate::types::{BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
-const KEY_APPLIED: &[u8] = b"sm/applied";
-const KEY_MEMBERSHIP: &[u8] = b"sm/membership";
-const KEY_SNAPSHOT: &[u8] = b"sm/snapshot";
+pub(crate) const KEY_APPLIED: &[u8] = b"sm/applied";
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"sm/membership";
+/// The snapshot this member holds ([`StoredSnapshot`]).
+const KEY_SNAPSHOT: &[u8] = b"sm/snapshot-file";
+/// Where snapshots were kept whole as one value, before they were files: such a
+/// record is dropped at open (openraft builds a new snapshot when it needs one).
+const KEY_LEGACY_SNAPSHOT: &[u8] = b"sm/snapshot";
+/// An install begun and not finished ([`StoredSnapshot`]).
+const KEY_INSTALLING: &[u8] = b"sm/installing";
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -98,22 +107,6 @@ impl Default for EventLogLimits {
 /// Revisions the in-memory event log keeps by default.
 pub const DEFAULT_EVENT_LOG_REVISIONS: usize = 4096;
 
-/// What a snapshot carries besides openraft's meta: the raw state-machine column
-/// families and the two revisions.
-#[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    revision: i64,
-    compacted: i64,
-    cfs: Vec<(String, Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>)>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, Member>,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-}
-
 fn rw(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
 }
@@ -130,6 +123,7 @@ impl StateMachine {
 
     /// Loads the state machine from `store`, with an event log bounded by `log`.
     pub fn open(store: Store, log: EventLogLimits) -> SResult<StateMachine> {
+        recover_snapshots(&store)?;
         let opts = ReadOptions::default();
         let get = |key: &[u8]| store.db.get_cf(store.cf(CF_META), key).map_err(rd);
         let applied = match get(KEY_APPLIED)? {
@@ -189,16 +183,126 @@ impl StateMachine {
     }
 
     fn read_snapshot(&self) -> SResult<Option<StoredSnapshot>> {
-        match self
-            .store
-            .db
-            .get_cf(self.store.cf(CF_META), KEY_SNAPSHOT)
-            .map_err(rd)?
-        {
-            Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(rd)?)),
-            None => Ok(None),
-        }
+        stored_snapshot(&self.store).map_err(rd)
     }
+}
+
+/// The snapshot record `store` holds.
+fn stored_snapshot(store: &Store) -> Result<Option<StoredSnapshot>, SnapshotError> {
+    match store
+        .db
+        .get_cf(store.cf(CF_META), KEY_SNAPSHOT)
+        .map_err(KvError::from)?
+    {
+        Some(b) => Ok(Some(
+            postcard::from_bytes(&b).map_err(|e| SnapshotError::Damaged(e.to_string()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// At open: finishes an install a crash interrupted, drops a snapshot record of
+/// the old in-database kind, and deletes snapshot files nothing refers to.
+fn recover_snapshots(store: &Store) -> SResult<()> {
+    let meta = store.cf(CF_META);
+    if let Some(b) = store.db.get_cf(meta, KEY_INSTALLING).map_err(rd)? {
+        let stored: StoredSnapshot = postcard::from_bytes(&b).map_err(rd)?;
+        tracing::warn!(
+            snapshot = %stored.meta.snapshot_id,
+            "finishing the install of a snapshot that a restart interrupted"
+        );
+        finish_install(store, &Mutex::new(()), &stored).map_err(|e| {
+            rw(format!(
+                "cannot finish installing snapshot {} from {}: {e}; wipe this member's data \
+                 directory and add it to its cell again",
+                stored.meta.snapshot_id,
+                stored.path(store).display()
+            ))
+        })?;
+    }
+    if store
+        .db
+        .get_cf(meta, KEY_LEGACY_SNAPSHOT)
+        .map_err(rd)?
+        .is_some()
+    {
+        store.db.delete_cf(meta, KEY_LEGACY_SNAPSHOT).map_err(rw)?;
+    }
+    let current = stored_snapshot(store).map_err(rd)?;
+    snapshot_file::remove_others(store, current.as_ref().map(|s| s.file.as_str()), true);
+    Ok(())
+}
+
+/// Installs the verified snapshot file `received` as this member's state: the
+/// file becomes the member's snapshot, the install is recorded, then carried
+/// out. Blocks.
+fn install_file(
+    store: &Store,
+    lock: &Mutex<()>,
+    meta: &SnapshotMeta<NodeId, Member>,
+    received: &std::path::Path,
+) -> Result<snapshot_file::StoredSnapshot, SnapshotError> {
+    let summary = snapshot_file::verify(received)?;
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        file: snapshot_file::snap_name(),
+    };
+    snapshot_file::adopt(store, received, &stored.path(store))?;
+    // Recorded first: a member killed part-way finishes the install at open.
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    let record = encode(&stored)?;
+    store
+        .db
+        .put_cf_opt(store.cf(CF_META), KEY_INSTALLING, record, &opts)
+        .map_err(KvError::from)?;
+    finish_install(store, lock, &stored)?;
+    tracing::info!(
+        snapshot = %stored.meta.snapshot_id,
+        bytes = summary.bytes,
+        pairs = summary.pairs,
+        revision = summary.revision,
+        "installed a snapshot"
+    );
+    Ok(stored)
+}
+
+/// Loads the recorded install's file into the state machine and makes its meta
+/// the member's; readers are refused until it is done. Blocks.
+fn finish_install(
+    store: &Store,
+    lock: &Mutex<()>,
+    stored: &StoredSnapshot,
+) -> Result<(), SnapshotError> {
+    let previous = stored_snapshot(store)?;
+    let installing = store.installing();
+    let summary = snapshot_file::load(store, &stored.path(store))?;
+    let m = store.cf(CF_META);
+    let mut batch = WriteBatch::default();
+    batch.put_cf(m, KEY_APPLIED, encode(&stored.meta.last_log_id)?);
+    batch.put_cf(m, KEY_MEMBERSHIP, encode(&stored.meta.last_membership)?);
+    batch.put_cf(m, KEY_REVISION, summary.revision.to_be_bytes());
+    batch.put_cf(m, KEY_COMPACTED, summary.compacted.to_be_bytes());
+    // The history came as the leader's store held it: remove what its
+    // compaction left from the start.
+    batch.delete_cf(m, KEY_PHYSICAL);
+    batch.put_cf(m, KEY_SNAPSHOT, encode(stored)?);
+    batch.delete_cf(m, KEY_INSTALLING);
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    {
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        store.db.write_opt(batch, &opts).map_err(KvError::from)?;
+    }
+    drop(installing);
+    if let Some(old) = previous.filter(|p| p.file != stored.file) {
+        let _ = std::fs::remove_file(old.path(store));
+    }
+    Ok(())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, SnapshotError> {
+    postcard::to_stdvec(v).map_err(|e| SnapshotError::Damaged(e.to_string()))
 }
 
 /// Applies the commands of one `apply` call into one write batch. Reads see the
@@ -706,8 +810,10 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// Drops history below `rev`, keeping for every key its newest version at or
-    /// below `rev` (reads at `rev` still work), as etcd does.
+    /// etcd's compaction: reads below `rev` are refused from now on (reads at
+    /// `rev` still work). Applying it changes one number; the versions it makes
+    /// unreadable are removed in the background ([`crate::HistoryCompactor`]),
+    /// so a compaction never holds up the apply path however long the history.
     fn compact(&mut self, rev: i64) -> Result<(), KvError> {
         if rev <= self.compacted {
             return Err(KvError::Compacted {
@@ -719,46 +825,6 @@ impl Applier<'_> {
                 current: self.revision,
             });
         }
-        let store = self.store;
-        let revs = store.cf(CF_REV);
-        let mut current_key: Option<Vec<u8>> = None;
-        // Versions at or below `rev` of the key being scanned, oldest first.
-        let mut old: Vec<(Vec<u8>, Rev)> = Vec::new();
-        let flush = |old: &mut Vec<(Vec<u8>, Rev)>,
-                     pending: &mut Vec<PendingWrite>|
-         -> Result<(), KvError> {
-            if let Some((newest_hk, newest)) = old.pop() {
-                // The newest old version stays unless it is a tombstone.
-                let tomb = match store.db.get_cf(revs, newest.encode())? {
-                    Some(b) => decode_record::<RevRecord>(&b)?.kv.is_none(),
-                    None => true,
-                };
-                if tomb {
-                    pending.push((CF_HIST, newest_hk, None));
-                    pending.push((CF_REV, newest.encode().to_vec(), None));
-                }
-            }
-            for (hk, r) in old.drain(..) {
-                pending.push((CF_HIST, hk, None));
-                pending.push((CF_REV, r.encode().to_vec(), None));
-            }
-            Ok(())
-        };
-        for item in store.db.iterator_cf(store.cf(CF_HIST), IteratorMode::Start) {
-            let (k, _) = item?;
-            let (key, rest) =
-                unescape_key(&k).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-            let r =
-                Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-            if current_key.as_deref() != Some(key.as_slice()) {
-                flush(&mut old, &mut self.pending)?;
-                current_key = Some(key);
-            }
-            if r.main <= rev {
-                old.push((k.to_vec(), r));
-            }
-        }
-        flush(&mut old, &mut self.pending)?;
         self.compacted = rev;
         Ok(())
     }
@@ -961,83 +1027,64 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapshotFile>> {
+        let path = snapshot_file::receive_path(&self.store).map_err(rw)?;
+        let file = SnapshotFile::create(&path).await.map_err(rw)?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotFile>,
     ) -> SResult<()> {
-        let data = snapshot.into_inner();
-        let body: SnapshotBody = postcard::from_bytes(&data).map_err(|e| {
-            StorageError::from(StorageIOError::read_snapshot(
+        let bad = |e: &dyn std::fmt::Display| -> StorageError<NodeId> {
+            StorageIOError::read_snapshot(
                 Some(meta.signature()),
                 &std::io::Error::other(e.to_string()),
-            ))
-        })?;
-        let mut batch = WriteBatch::default();
-        for name in SM_CFS {
-            let cf = self.store.cf(name);
-            for item in self.store.db.iterator_cf(cf, IteratorMode::Start) {
-                let (k, _) = item.map_err(rd)?;
-                batch.delete_cf(cf, k);
-            }
-        }
-        for (name, pairs) in &body.cfs {
-            if !SM_CFS.contains(&name.as_str()) {
-                return Err(rw(format!("snapshot has unknown column family {name}")));
-            }
-            let cf = self.store.cf(name);
-            for (k, v) in pairs {
-                batch.put_cf(cf, k, v);
-            }
-        }
-        let m = self.store.cf(CF_META);
-        let membership = meta.last_membership.clone();
-        batch.put_cf(
-            m,
-            KEY_APPLIED,
-            postcard::to_stdvec(&meta.last_log_id).map_err(rw)?,
-        );
-        batch.put_cf(
-            m,
-            KEY_MEMBERSHIP,
-            postcard::to_stdvec(&membership).map_err(rw)?,
-        );
-        batch.put_cf(m, KEY_REVISION, body.revision.to_be_bytes());
-        batch.put_cf(m, KEY_COMPACTED, body.compacted.to_be_bytes());
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
+            )
+            .into()
         };
-        batch.put_cf(m, KEY_SNAPSHOT, postcard::to_stdvec(&stored).map_err(rw)?);
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        {
-            let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.store.db.write_opt(batch, &opts).map_err(rw)?;
-        }
+        snapshot.sync().await.map_err(|e| bad(&e))?;
+        let received = snapshot.path().to_path_buf();
+        drop(snapshot);
+        let (store, lock, m) = (self.store.clone(), self.snapshot_lock.clone(), meta.clone());
+        // Checking and loading the file is blocking work, in bounded batches.
+        tokio::task::spawn_blocking(move || install_file(&store, &lock, &m, &received))
+            .await
+            .map_err(|e| bad(&e))?
+            .map_err(|e| bad(&e))?;
+        let opts = ReadOptions::default();
         self.applied = meta.last_log_id;
-        self.membership = membership;
-        self.revision = body.revision;
-        self.compacted = body.compacted;
+        self.membership = meta.last_membership.clone();
+        self.revision = read_i64(&self.store, &opts, KEY_REVISION).map_err(rd)?;
+        self.compacted = read_i64(&self.store, &opts, KEY_COMPACTED).map_err(rd)?;
         self.alarms = read_alarms(&self.store, ReadOptions::default()).map_err(rd)?;
         self.publish();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.read_snapshot()?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        let Some(stored) = self.read_snapshot()? else {
+            return Ok(None);
+        };
+        let path = stored.path(&self.store);
+        match SnapshotFile::open(&path).await {
+            Ok(file) => Ok(Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(file),
+            })),
+            Err(e) => {
+                // openraft builds a new one when it needs one.
+                tracing::warn!(file = %path.display(), error = %e, "the stored snapshot's file is missing");
+                Ok(None)
+            }
+        }
     }
 }
 
-/// Builds a snapshot from a RocksDB snapshot, so it runs beside the apply path
-/// without stopping it.
+/// Builds a snapshot from a RocksDB snapshot, into a file, so it runs beside
+/// the apply path without stopping it and holds one chunk at a time.
 pub struct SnapshotBuilder {
     store: Store,
     lock: Arc<Mutex<()>>,
@@ -1045,95 +1092,123 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
-        let store = self.store.clone();
+        let (store, lock) = (self.store.clone(), self.lock.clone());
         // Reading every key is blocking work: keep it off the async workers.
-        let (meta, data) = tokio::task::spawn_blocking(move || build(&store))
-            .await
-            .map_err(rd)??;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        let enc = postcard::to_stdvec(&stored).map_err(rw)?;
-        {
-            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            let newer_stored = match self
-                .store
-                .db
-                .get_cf(self.store.cf(CF_META), KEY_SNAPSHOT)
+        let (stored, file, path) =
+            tokio::task::spawn_blocking(move || build_and_store(&store, &lock))
+                .await
                 .map_err(rd)?
-            {
-                Some(b) => {
-                    let old: StoredSnapshot = postcard::from_bytes(&b).map_err(rd)?;
-                    old.meta.last_log_id > meta.last_log_id
-                }
-                None => false,
-            };
-            if !newer_stored {
-                self.store
-                    .db
-                    .put_cf(self.store.cf(CF_META), KEY_SNAPSHOT, enc)
-                    .map_err(rw)?;
-            }
-        }
+                .map_err(rd)?;
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: stored.meta,
+            snapshot: Box::new(SnapshotFile::from_std(file, path)),
         })
     }
 }
 
-fn build(store: &Store) -> SResult<(SnapshotMeta<NodeId, Member>, Vec<u8>)> {
-    let snap = store.db.snapshot();
-    let opts = || {
-        let mut o = ReadOptions::default();
-        o.set_snapshot(&snap);
-        o
-    };
-    let get = |key: &[u8]| {
-        store
-            .db
-            .get_cf_opt(store.cf(CF_META), key, &opts())
-            .map_err(rd)
-    };
-    let applied: Option<LogId<NodeId>> = match get(KEY_APPLIED)? {
-        Some(b) => postcard::from_bytes(&b).map_err(rd)?,
-        None => None,
-    };
-    let membership: StoredMembership<NodeId, Member> = match get(KEY_MEMBERSHIP)? {
-        Some(b) => postcard::from_bytes(&b).map_err(rd)?,
-        None => StoredMembership::default(),
-    };
-    let mut body = SnapshotBody {
-        revision: read_i64(store, &opts(), KEY_REVISION).map_err(rd)?,
-        compacted: read_i64(store, &opts(), KEY_COMPACTED).map_err(rd)?,
-        cfs: Vec::new(),
-    };
-    for name in SM_CFS {
-        let mut pairs = Vec::new();
-        for item in store
-            .db
-            .iterator_cf_opt(store.cf(name), opts(), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(rd)?;
-            pairs.push((
-                serde_bytes::ByteBuf::from(k.to_vec()),
-                serde_bytes::ByteBuf::from(v.to_vec()),
-            ));
-        }
-        body.cfs.push((name.to_string(), pairs));
+/// Builds a snapshot file and makes it the member's snapshot unless a newer one
+/// is stored already (an install may have overtaken the build). Blocks.
+fn build_and_store(
+    store: &Store,
+    lock: &Mutex<()>,
+) -> Result<(StoredSnapshot, std::fs::File, PathBuf), SnapshotError> {
+    let (stored, file, summary) = snapshot_file::build(store)?;
+    let path = stored.path(store);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let previous = stored_snapshot(store)?;
+    if previous
+        .as_ref()
+        .is_some_and(|p| p.meta.last_log_id > stored.meta.last_log_id)
+    {
+        // Still readable through `file` for whoever asked for this build.
+        let _ = std::fs::remove_file(&path);
+        return Ok((stored, file, path));
     }
-    let data = postcard::to_stdvec(&body).map_err(rw)?;
-    let snapshot_id = match applied {
-        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, body.revision),
-        None => format!("empty-{}", body.revision),
-    };
-    Ok((
-        SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        },
-        data,
-    ))
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    store
+        .db
+        .put_cf_opt(store.cf(CF_META), KEY_SNAPSHOT, encode(&stored)?, &opts)
+        .map_err(KvError::from)?;
+    if let Some(old) = previous {
+        let _ = std::fs::remove_file(old.path(store));
+    }
+    tracing::info!(
+        snapshot = %stored.meta.snapshot_id,
+        bytes = summary.bytes,
+        pairs = summary.pairs,
+        "built a snapshot"
+    );
+    Ok((stored, file, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use prost::Message;
+
+    use super::*;
+    use crate::types::Batch;
+
+    #[tokio::test]
+    async fn an_install_a_crash_interrupted_is_finished_at_open() {
+        let dir_a = tempfile::tempdir().unwrap();
+        let store_a = crate::open(dir_a.path()).unwrap();
+        let mut a = StateMachine::new(store_a.clone()).unwrap();
+        let entries = (1..=20u64).map(|i| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(Batch(vec![Command::Put(
+                PutRequest {
+                    key: b"/k".to_vec(),
+                    value: i.to_string().into_bytes(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )])),
+        });
+        a.apply(entries).await.unwrap();
+        let (stored, _file, _) = snapshot_file::build(&store_a).unwrap();
+
+        // Member B was killed right after recording the install: its state
+        // machine column families hold nothing of the snapshot yet.
+        let dir_b = tempfile::tempdir().unwrap();
+        let store_b = crate::open(dir_b.path()).unwrap();
+        let target = StoredSnapshot {
+            meta: stored.meta.clone(),
+            file: snapshot_file::snap_name(),
+        };
+        snapshot_file::adopt(&store_b, &stored.path(&store_a), &target.path(&store_b)).unwrap();
+        store_b
+            .db
+            .put_cf(
+                store_b.cf(CF_META),
+                KEY_INSTALLING,
+                encode(&target).unwrap(),
+            )
+            .unwrap();
+        drop(store_b);
+
+        let mut b = StateMachine::new(crate::open(dir_b.path()).unwrap()).unwrap();
+        let (applied, _) = b.applied_state().await.unwrap();
+        assert_eq!(applied.unwrap().index, 20);
+        let reader = b.reader();
+        assert_eq!(reader.revisions().unwrap(), (20, 0));
+        let got = reader
+            .range(&RangeRequest {
+                key: b"/k".to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.kvs[0].value, b"20");
+        assert!(
+            b.store
+                .db
+                .get_cf(b.store.cf(CF_META), KEY_INSTALLING)
+                .unwrap()
+                .is_none()
+        );
+        let current = b.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.snapshot_id, stored.meta.snapshot_id);
+    }
 }

@@ -1,7 +1,5 @@
 //! The openraft type configuration of a cell and the commands carried in its log.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::KvError;
@@ -27,7 +25,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapshot_file::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -80,7 +80,13 @@ async fn client(rec: Arc<Recorder>, id: u64, members: Vec<SocketAddr>, stop: Can
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_with_a_lost_disk_is_replaced_under_load_with_etcdctl() {
-    let mut cell = TestCell::start_named("repl", 3, "");
+    // Snapshots every 50 entries keeping 10: the new member catches up by
+    // snapshot (a file, streamed), then by the log.
+    let mut cell = TestCell::start_named(
+        "repl",
+        3,
+        "[raft]\nsnapshot_every_entries = 50\nkeep_entries_after_snapshot = 10\n",
+    );
     let leader = cell.leader(Duration::from_secs(30)).await;
     let lost = (1..=3).find(|i| *i != leader).unwrap();
     let survivors: Vec<u64> = (1..=3).filter(|i| *i != lost).collect();
@@ -167,6 +173,11 @@ async fn a_member_with_a_lost_disk_is_replaced_under_load_with_etcdctl() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert!(
+        cell.log_of(new).contains("installed a snapshot"),
+        "member 4 should have caught up by snapshot:\n{}",
+        cell.log_of(new)
+    );
     let (ok, out) = etcdctl(&live, &["member", "remove", &format!("{lost:x}")], None);
     assert!(ok, "member remove: {out}");
     tokio::time::sleep(Duration::from_secs(2)).await;

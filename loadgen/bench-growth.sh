@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Does a put get slower as the store grows? One 3-member cell (plaintext, on
+# free ports of 127.0.0.1, its own data in a temp dir) with auto-compaction in
+# revision mode, driven by scenarios/growing-keyspace.toml (every put a new key)
+# for DURATION; then the disk before and after compaction + defrag.
+#
+#   loadgen/bench-growth.sh [DURATION_SECS] [CLIENTS]
+#
+# Needs a release build (cargo build --release --workspace) and etcdctl. Prints
+# the p99 and throughput of each tenth of the run, the keys stored, and the
+# member's data on disk; the JSON report stays in $OUT (default /tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dur=${1:-600}
+clients=${2:-64}
+bin=${CARGO_TARGET_DIR:-target}/release
+out=${OUT:-/tmp}/bench-growth-$(date -u +%Y%m%dT%H%M%SZ).json
+work=$(mktemp -d /tmp/cellplane-growth.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Three members on ports nobody else uses (not alpha's: `cellplane up` may run).
+base=$((20000 + RANDOM % 20000))
+{
+  echo 'name = "grow"'
+  echo '[maintenance]'
+  echo 'auto_compaction_mode = "revision"'
+  echo 'auto_compaction_retained_revisions = 100000'
+  echo 'auto_compaction_interval_ms = 30000'
+  echo 'quota_backend_bytes = 8589934592'
+  for id in 1 2 3; do
+    p=$((base + 10 * id))
+    printf '[[members]]\nid = %d\nclient = "127.0.0.1:%d"\npeer = "127.0.0.1:%d"\nhttp = "127.0.0.1:%d"\n' \
+      "$id" "$p" $((p + 1)) $((p + 2))
+  done
+} > "$work/grow.toml"
+for id in 1 2 3; do
+  "$bin/cellplane" node --plaintext --cell "$work/grow.toml" --id $id --data-dir "$work/grow-$id" \
+    >"$work/grow-$id.log" 2>&1 &
+  pids+=($!)
+done
+for id in 1 2 3; do
+  port=$((base + 10 * id + 2))
+  for _ in $(seq 1 150); do
+    curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  curl -sf "127.0.0.1:$port/readyz" >/dev/null || { echo "member $id never ready" >&2; cat "$work/grow-$id.log" >&2; exit 1; }
+done
+eps=$(for id in 1 2 3; do printf '127.0.0.1:%d,' $((base + 10 * id)); done)
+eps=${eps%,}
+
+echo "# $(date -u +%FT%TZ) $(nproc) cores, ${dur}s of puts of new keys, $clients clients"
+"$bin/loadgen" run loadgen/scenarios/growing-keyspace.toml --target cell --cell grow \
+  --endpoints "$eps" --set "load.duration=$dur" --set "load.clients=$clients" \
+  --json "$out" --no-progress >/dev/null
+
+python3 - "$out" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+secs = r["series"][0]["points"]
+n = len(secs)
+tenth = max(1, n // 10)
+print("tenth  keys_at_end  puts/s   p99_ms(max of its seconds)  p99_ms(median of its seconds)")
+keys = 0
+for i in range(0, n, tenth):
+    chunk = secs[i:i + tenth]
+    ok = sum(s["ok"] for s in chunk)
+    keys += ok
+    p99s = sorted(s["p99_us"] for s in chunk if s["ok"])
+    if not p99s:
+        continue
+    print(f"{i // tenth + 1:>5}  {keys:>11}  {ok / len(chunk):>7.0f}  {p99s[-1] / 1000:>26.1f}  {p99s[len(p99s) // 2] / 1000:>29.1f}")
+PY
+
+du_mib() { du -sm "$work/grow-1" | cut -f1; }
+echo "member 1 on disk after the run: $(du_mib) MiB"
+rev=$(etcdctl --endpoints "$eps" endpoint status -w json | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2)
+etcdctl --endpoints "$eps" compact "$rev" --physical >/dev/null
+echo "member 1 on disk after compact $rev --physical: $(du_mib) MiB"
+etcdctl --endpoints "$eps" defrag >/dev/null
+echo "member 1 on disk after defrag: $(du_mib) MiB"
