@@ -78,10 +78,13 @@ for i in range(0, n, tenth):
     print(f"{i // tenth + 1:>5}  {keys:>11}  {ok / len(chunk):>7.0f}  {p99s[-1] / 1000:>26.1f}  {p99s[len(p99s) // 2] / 1000:>29.1f}")
 PY
 
+echo "snapshots built by member 1 (Raft's, every raft.snapshot_every_entries):"
+grep -o '"bytes":[0-9]*' "$work/grow-1.log" | head -50 | tr '\n' ' ' || true
+grep -c 'built a snapshot' "$work/grow-1.log" || true
 du_mib() { du -sm "$work/grow-1" | cut -f1; }
 echo "member 1 on disk after the run: $(du_mib) MiB"
 rev=$(etcdctl --endpoints "$eps" endpoint status -w json | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2)
-etcdctl --endpoints "$eps" compact "$rev" --physical >/dev/null
+etcdctl --endpoints "$eps" --command-timeout=600s compact "$rev" --physical >/dev/null
 echo "member 1 on disk after compact $rev --physical: $(du_mib) MiB"
-etcdctl --endpoints "$eps" defrag >/dev/null
+etcdctl --endpoints "$eps" --command-timeout=600s defrag >/dev/null
 echo "member 1 on disk after defrag: $(du_mib) MiB"

@@ -42,7 +42,7 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         KvError::PermissionDenied => Status::permission_denied(e.to_string()),
         // etcd's codes: clients (etcdctl, clientv3) recognise these two.
-        KvError::NoSpace | KvError::ResponseTooLarge { .. } => {
+        KvError::NoSpace | KvError::ResponseTooLarge { .. } | KvError::ApplyTooLarge { .. } => {
             Status::resource_exhausted(e.to_string())
         }
         KvError::Corrupt => Status::data_loss(e.to_string()),

@@ -27,8 +27,8 @@ const HASH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Revision samples auto-compaction keeps (a few tens of KiB).
 const MAX_SAMPLES: usize = 4096;
 
-/// History entries one step of physical compaction looks at: a few
-/// milliseconds of work between which the member's other work runs.
+/// Revisions one step of physical compaction looks at: a few milliseconds of
+/// work between which the member's other work runs.
 const COMPACTION_STEP_ENTRIES: usize = 10_000;
 
 /// The pause between two steps.
@@ -74,7 +74,7 @@ async fn remove_compacted_history(shared: Arc<Shared>, shutdown: CancellationTok
         };
         shared.metrics.history_compacted_revision.set(done);
         if target > done {
-            match compact_history(&compactor, target, &shared, &shutdown).await {
+            match compact_history(&compactor, done, target, &shared, &shutdown).await {
                 Some(Ok(())) => continue,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, target, "removing compacted history failed; retrying later");
@@ -98,9 +98,11 @@ async fn remove_compacted_history(shared: Arc<Shared>, shutdown: CancellationTok
     }
 }
 
-/// One pass up to `target`; None once `shutdown` is cancelled.
+/// One pass over the revisions `(from, target]`; None once `shutdown` is
+/// cancelled.
 async fn compact_history(
     compactor: &HistoryCompactor,
+    from: i64,
     target: i64,
     shared: &Shared,
     shutdown: &CancellationToken,
@@ -112,7 +114,7 @@ async fn compact_history(
             return None;
         }
         let step = blocking(compactor, move |c| {
-            c.step(target, cursor, COMPACTION_STEP_ENTRIES)
+            c.step(from, target, cursor, COMPACTION_STEP_ENTRIES)
         })
         .await;
         match step {
@@ -127,7 +129,7 @@ async fn compact_history(
         // (etcd pauses between its compaction batches the same way).
         tokio::time::sleep(COMPACTION_STEP_PAUSE).await;
     }
-    if let Err(e) = blocking(compactor, move |c| c.finish(target)).await {
+    if let Err(e) = blocking(compactor, move |c| c.finish(from, target)).await {
         return Some(Err(e));
     }
     shared

@@ -2,23 +2,30 @@
 //!
 //! A `Compact` command is applied as a change of one number (the compaction
 //! revision): reads below it are refused from then on, on every member at the
-//! same log index. Removing the versions themselves scans the whole history, so
-//! it runs outside the apply path, in steps of a bounded number of entries, at
-//! each member's own pace ([`HistoryCompactor`]). Until it is done the old
-//! versions take space but nobody can read them; HashKV looks only at what a
-//! reader can see, so members part-way through agree with those done.
+//! same log index. Removing the versions themselves runs outside the apply path,
+//! in steps of a bounded number of entries, at each member's own pace
+//! ([`HistoryCompactor`]). Until it is done the old versions take space but
+//! nobody can read them; HashKV looks only at what a reader can see, so members
+//! part-way through agree with those done.
 //!
-//! A step deletes, for every key, its versions at or below the target except the
-//! newest one, and that one too when it is a tombstone. Within a key it deletes
-//! older versions before newer ones, so at every point a read at or above the
-//! target sees what it saw before. When a pass is done, the deleted ranges are
-//! compacted in RocksDB so their space goes back to the disk, and the target is
-//! recorded; a member restarted mid-pass starts the pass again (deleting what is
-//! left is idempotent).
+//! A pass from the last target `P` to a new target `T` looks only at the
+//! revisions in `(P, T]`: a key no revision of that window wrote has, at or
+//! below `T`, the versions it had at or below `P`, which the last pass already
+//! reduced to at most one. For each key the window wrote, it deletes its
+//! versions at or below `T` except the newest, and that one too when it is a
+//! tombstone, in one write batch (so at every point a read at or above `T` sees
+//! what it saw before). The cost of a pass is the writes since the last one, not
+//! the size of the store. When a pass is done the window's range of the
+//! revision index is compacted in RocksDB, so its space returns to the disk,
+//! and `T` is recorded; a member restarted mid-pass runs the pass again
+//! (deleting what is left is idempotent), and a member whose state came from a
+//! snapshot starts from `P = 0`.
+
+use std::collections::HashSet;
 
 use rocksdb::{CompactOptions, IteratorMode, ReadOptions, WriteBatch};
 
-use crate::codec::{Rev, unescape_key};
+use crate::codec::{Rev, escape_key, hist_key, unescape_key};
 use crate::db::{CF_HIST, CF_META, CF_REV, Store};
 use crate::error::KvError;
 use crate::mvcc::{KEY_COMPACTED, RevRecord, decode_record, read_i64};
@@ -29,12 +36,8 @@ pub(crate) const KEY_PHYSICAL: &[u8] = b"sm/physically-compacted";
 /// Where a pass stands between two steps.
 #[derive(Debug, Default, Clone)]
 pub struct CompactCursor {
-    /// The last history-index key looked at.
+    /// The last revision-index key looked at.
     after: Option<Vec<u8>>,
-    /// The newest version at or below the target seen so far of the key being
-    /// scanned: deleted when a newer one turns up, kept (unless a tombstone) when
-    /// the key ends.
-    candidate: Option<(Vec<u8>, Rev)>,
     /// Entries deleted so far in this pass.
     deleted: u64,
 }
@@ -49,9 +52,9 @@ impl CompactCursor {
 /// What one step did.
 #[derive(Debug)]
 pub enum CompactStep {
-    /// More history to scan: call again with this cursor.
+    /// More of the window to look at: call again with this cursor.
     More(CompactCursor),
-    /// The pass reached the end of the history.
+    /// The pass reached the end of its window.
     Done(CompactCursor),
 }
 
@@ -67,7 +70,7 @@ impl HistoryCompactor {
     }
 
     /// The compaction revision (what a pass should reach) and the one history
-    /// has been physically removed up to.
+    /// has been physically removed up to (where the pass starts).
     pub fn targets(&self) -> Result<(i64, i64), KvError> {
         let opts = ReadOptions::default();
         Ok((
@@ -76,25 +79,40 @@ impl HistoryCompactor {
         ))
     }
 
-    /// Scans up to `max_entries` history entries from `cursor`, deleting those
-    /// a compaction at `target` removes. Blocks on RocksDB: call it off the
-    /// async runtime. `target` must not exceed the applied compaction revision.
+    /// Looks at up to `max_entries` revisions of the window `(from, target]`
+    /// from `cursor`, deleting the versions a compaction at `target` removes
+    /// from the keys they wrote. Blocks on RocksDB: call it off the async
+    /// runtime. `target` must not exceed the applied compaction revision.
     pub fn step(
         &self,
+        from: i64,
         target: i64,
         mut cursor: CompactCursor,
         max_entries: usize,
     ) -> Result<CompactStep, KvError> {
         let store = &self.store;
-        let mode = match &cursor.after {
-            Some(k) => IteratorMode::From(k, rocksdb::Direction::Forward),
-            None => IteratorMode::Start,
+        let start = match &cursor.after {
+            Some(k) => k.clone(),
+            None => Rev {
+                main: from.saturating_add(1),
+                sub: 0,
+            }
+            .encode()
+            .to_vec(),
         };
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(window_end(target).to_vec());
         let mut batch = WriteBatch::default();
+        let mut done_keys: HashSet<Vec<u8>> = HashSet::new();
         let mut scanned = 0usize;
         let mut finished = true;
-        for item in store.db.iterator_cf(store.cf(CF_HIST), mode) {
-            let (k, _) = item?;
+        let iter = store.db.iterator_cf_opt(
+            store.cf(CF_REV),
+            opts,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
             if cursor.after.as_deref() == Some(&*k) {
                 continue;
             }
@@ -103,28 +121,11 @@ impl HistoryCompactor {
                 break;
             }
             scanned += 1;
-            let (key, rest) =
-                unescape_key(&k).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-            let r =
-                Rev::decode(rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
-            let same_key = cursor
-                .candidate
-                .as_ref()
-                .is_some_and(|(hk, _)| unescape_key(hk).is_some_and(|(ck, _)| ck == key));
-            if !same_key {
-                self.settle(&mut cursor, &mut batch)?;
-            }
-            if r.main <= target {
-                // A newer version at or below the target: the older one goes.
-                if let Some((hk, old)) = cursor.candidate.replace((k.to_vec(), r)) {
-                    delete(store, &mut batch, &hk, old);
-                    cursor.deleted += 1;
-                }
+            let rec: RevRecord = decode_record(&v)?;
+            if done_keys.insert(rec.key.clone()) {
+                cursor.deleted += self.trim_key(&rec.key, target, &mut batch)?;
             }
             cursor.after = Some(k.to_vec());
-        }
-        if finished {
-            self.settle(&mut cursor, &mut batch)?;
         }
         store.db.write(batch)?;
         Ok(if finished {
@@ -134,27 +135,59 @@ impl HistoryCompactor {
         })
     }
 
-    /// The key being scanned ended: its newest old version stays unless it is a
-    /// tombstone.
-    fn settle(&self, cursor: &mut CompactCursor, batch: &mut WriteBatch) -> Result<(), KvError> {
-        let Some((hk, r)) = cursor.candidate.take() else {
-            return Ok(());
+    /// Deletes `key`'s versions at or below `target` but the newest, and the
+    /// newest too when it is a tombstone. Returns how many.
+    fn trim_key(&self, key: &[u8], target: i64, batch: &mut WriteBatch) -> Result<u64, KvError> {
+        let store = &self.store;
+        let mut lower = Vec::new();
+        escape_key(key, &mut lower);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower.clone());
+        opts.set_iterate_upper_bound(hist_key(
+            key,
+            Rev {
+                main: target.saturating_add(1),
+                sub: 0,
+            },
+        ));
+        let mut versions: Vec<(Vec<u8>, Rev)> = Vec::new();
+        for item in store.db.iterator_cf_opt(
+            store.cf(CF_HIST),
+            opts,
+            IteratorMode::From(&lower, rocksdb::Direction::Forward),
+        ) {
+            let (hk, _) = item?;
+            let rest = unescape_key(&hk)
+                .and_then(|(k, rest)| (k == key).then(|| rest.to_vec()))
+                .ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
+            let r =
+                Rev::decode(&rest).ok_or_else(|| KvError::Storage("corrupt history key".into()))?;
+            versions.push((hk.to_vec(), r));
+        }
+        let Some((newest_hk, newest)) = versions.pop() else {
+            return Ok(0);
         };
-        let tomb = match self.store.db.get_cf(self.store.cf(CF_REV), r.encode())? {
+        let mut deleted = 0;
+        // Older first, then (if it goes) the newest: one batch, so never seen apart.
+        for (hk, r) in versions {
+            delete(store, batch, &hk, r);
+            deleted += 1;
+        }
+        let tomb = match store.db.get_cf(store.cf(CF_REV), newest.encode())? {
             Some(b) => decode_record::<RevRecord>(&b)?.kv.is_none(),
             None => true,
         };
         if tomb {
-            delete(&self.store, batch, &hk, r);
-            cursor.deleted += 1;
+            delete(store, batch, &newest_hk, newest);
+            deleted += 1;
         }
-        Ok(())
+        Ok(deleted)
     }
 
     /// Records that history is removed up to `target`, then compacts the
-    /// deleted ranges in RocksDB so their space returns to the disk. Blocks for
-    /// as long as RocksDB takes.
-    pub fn finish(&self, target: i64) -> Result<(), KvError> {
+    /// window's range of the revision index in RocksDB so its space returns to
+    /// the disk. Blocks for as long as RocksDB takes.
+    pub fn finish(&self, from: i64, target: i64) -> Result<(), KvError> {
         let store = &self.store;
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
@@ -163,19 +196,28 @@ impl HistoryCompactor {
         store.db.write_opt(batch, &opts)?;
         let mut compact = CompactOptions::default();
         compact.set_exclusive_manual_compaction(false);
-        let end = Rev {
-            main: target.saturating_add(1),
+        let start = Rev {
+            main: from.saturating_add(1),
             sub: 0,
         }
         .encode();
-        store
-            .db
-            .compact_range_cf_opt(store.cf(CF_REV), None::<&[u8]>, Some(&end[..]), &compact);
-        store
-            .db
-            .compact_range_cf_opt(store.cf(CF_HIST), None::<&[u8]>, None::<&[u8]>, &compact);
+        store.db.compact_range_cf_opt(
+            store.cf(CF_REV),
+            Some(&start[..]),
+            Some(&window_end(target)[..]),
+            &compact,
+        );
         Ok(())
     }
+}
+
+/// The first revision-index key after the window ending at `target`.
+fn window_end(target: i64) -> [u8; 16] {
+    Rev {
+        main: target.saturating_add(1),
+        sub: 0,
+    }
+    .encode()
 }
 
 fn delete(store: &Store, batch: &mut WriteBatch, hist_key: &[u8], r: Rev) {

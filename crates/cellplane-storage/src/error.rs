@@ -61,6 +61,13 @@ pub enum KvError {
     /// incomplete until that is done.
     #[error("member is installing a snapshot from its leader: retry, or read from another member")]
     Installing,
+    /// A delete, or a compare or range inside a txn, would read more than the
+    /// apply path's bound.
+    #[error(
+        "etcdserver: request reads more than {max} bytes of keys and values at once: split it \
+         into smaller ranges (delete or compare a part of the keys at a time)"
+    )]
+    ApplyTooLarge { max: usize },
 }
 
 impl From<rocksdb::Error> for KvError {

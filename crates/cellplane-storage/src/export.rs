@@ -104,6 +104,8 @@ pub(crate) fn export_at(
     let opts = || {
         let mut o = ReadOptions::default();
         o.set_snapshot(snap);
+        // One pass over everything: keep it out of the block cache.
+        o.fill_cache(false);
         o
     };
     let mut out = Chunker {

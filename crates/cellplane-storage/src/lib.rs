@@ -50,7 +50,9 @@ pub use lease::{LeaseRecord, MAX_LEASE_TTL};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{DEFAULT_MAX_RESPONSE_BYTES, KeyRange, KvHash, KvReader, Limits};
 pub use snapshot_file::SnapshotFile;
-pub use state_machine::{AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, StateMachine};
+pub use state_machine::{
+    AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, MAX_APPLY_SCAN_BYTES, StateMachine,
+};
 pub use types::{Batch, BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
 /// Checks of requests made before they are served or proposed.

@@ -504,7 +504,7 @@ pub(crate) fn scan_current_limited(
     budget: usize,
 ) -> Result<(Vec<KeyRecord>, usize), KvError> {
     let KeyRange::Span { start, end } = kr else {
-        let all = scan_current(store, opts, kr)?;
+        let all = scan_current(store, opts, kr, usize::MAX)?;
         let n = all.len();
         return Ok((
             all.into_iter().take(keep.unwrap_or(usize::MAX)).collect(),
@@ -536,11 +536,13 @@ pub(crate) fn scan_current_limited(
     Ok((out, count))
 }
 
-/// The newest version of every live key in `kr`, ascending by key.
+/// The newest version of every live key in `kr`, ascending by key; refused with
+/// `ApplyTooLarge` past `budget` bytes of keys and values.
 pub(crate) fn scan_current(
     store: &Store,
     mut opts: ReadOptions,
     kr: &KeyRange,
+    budget: usize,
 ) -> Result<Vec<(Vec<u8>, KvRecord)>, KvError> {
     let cf = store.cf(CF_KV);
     match kr {
@@ -553,6 +555,7 @@ pub(crate) fn scan_current(
                 opts.set_iterate_upper_bound(end.clone());
             }
             let mut out = Vec::new();
+            let mut bytes = 0usize;
             let iter = store.db.iterator_cf_opt(
                 cf,
                 opts,
@@ -560,6 +563,10 @@ pub(crate) fn scan_current(
             );
             for item in iter {
                 let (k, v) = item?;
+                bytes = bytes.saturating_add(k.len() + v.len() + RESPONSE_ENTRY_BYTES);
+                if bytes > budget {
+                    return Err(KvError::ApplyTooLarge { max: budget });
+                }
                 out.push((k.to_vec(), decode_record(&v)?));
             }
             Ok(out)

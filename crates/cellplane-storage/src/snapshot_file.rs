@@ -1,8 +1,13 @@
-//! Raft snapshots as files, so that no member holds a database-sized buffer.
+//! Raft snapshots without database-sized buffers, and without copying the
+//! database each time one is built.
 //!
-//! - Build: a RocksDB snapshot is streamed to `<data>/snapshots/` in the
-//!   operator-snapshot format ([`crate::export`], checksummed), 1 MiB at a time.
-//! - Send: openraft reads the file in chunks of `snapshot_max_chunk_size`.
+//! - Build: a RocksDB checkpoint in `<data>/snapshots/` (hard links to the SST
+//!   files as they are, after a memtable flush): about as cheap for a large store
+//!   as for a small one, which matters because openraft builds one every
+//!   `raft.snapshot_every_entries` entries whether or not a follower needs it.
+//! - Send: the first time a follower needs it, the checkpoint is streamed into a
+//!   file in the operator-snapshot format ([`crate::export`], checksummed), 1 MiB
+//!   at a time; openraft reads that file in chunks of `snapshot_max_chunk_size`.
 //! - Receive: openraft writes the chunks into a new file in the same folder.
 //! - Install: the file is checked whole (format and checksum), recorded as the
 //!   install in progress, and streamed into the state-machine column families in
@@ -11,9 +16,11 @@
 //!   part-way finishes the install from the file when it opens again; readers
 //!   are refused until the install is done.
 //!
-//! The member keeps one snapshot file (the newest); older ones are deleted when
-//! a newer one is stored. Disk: one file about the size of the key-value state
-//! uncompressed.
+//! The member keeps one snapshot (the newest: a checkpoint and, once sent, its
+//! file, or a received file); older ones are deleted when a newer one is
+//! stored. Disk: a checkpoint shares its SST files with the live store until
+//! RocksDB compacts them away (at most one more copy of the store); a file is
+//! about the size of the key-value state, uncompressed.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -23,32 +30,53 @@ use std::task::{Context, Poll};
 use openraft::{LogId, SnapshotMeta, StoredMembership};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
+
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use crate::db::{CF_META, SM_CFS, Store};
 use crate::export::{IMPORT_BATCH_BYTES, SnapshotError, SnapshotSummary, export_at, read_records};
 use crate::types::{Member, NodeId};
 
-/// A Raft snapshot's data: a file in the member's snapshot folder.
+/// A Raft snapshot's data: a file in the member's snapshot folder, or a
+/// checkpoint written out to one when it is first read.
 #[derive(Debug)]
 pub struct SnapshotFile {
-    file: tokio::fs::File,
+    state: State,
     path: PathBuf,
+}
+
+#[derive(Debug)]
+enum State {
+    Ready(tokio::fs::File),
+    /// Not written out yet: reading or seeking starts the export.
+    Lazy {
+        checkpoint: PathBuf,
+        seek: Option<std::io::SeekFrom>,
+    },
+    Exporting {
+        task: tokio::task::JoinHandle<std::io::Result<(std::fs::File, u64)>>,
+    },
+    /// Writing the checkpoint out failed: every later call fails the same way.
+    Failed(std::io::ErrorKind, String),
 }
 
 impl SnapshotFile {
     /// Opens the snapshot at `path` for reading.
     pub async fn open(path: &Path) -> std::io::Result<SnapshotFile> {
         Ok(SnapshotFile {
-            file: tokio::fs::File::open(path).await?,
+            state: State::Ready(tokio::fs::File::open(path).await?),
             path: path.to_path_buf(),
         })
     }
 
-    /// A snapshot file already open.
-    pub(crate) fn from_std(file: std::fs::File, path: PathBuf) -> SnapshotFile {
+    /// The snapshot in `checkpoint`, written out to `path` when first read.
+    pub(crate) fn lazy(checkpoint: PathBuf, path: PathBuf) -> SnapshotFile {
         SnapshotFile {
-            file: tokio::fs::File::from_std(file),
+            state: State::Lazy {
+                checkpoint,
+                seek: None,
+            },
             path,
         }
     }
@@ -56,27 +84,85 @@ impl SnapshotFile {
     /// Creates an empty file at `path` to receive a snapshot into.
     pub async fn create(path: &Path) -> std::io::Result<SnapshotFile> {
         Ok(SnapshotFile {
-            file: tokio::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .await?,
+            state: State::Ready(
+                tokio::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .await?,
+            ),
             path: path.to_path_buf(),
         })
     }
 
-    /// Where the data is.
+    /// Where the data is (or will be, for a checkpoint not read yet).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Flushes what was written and makes it durable.
+    /// A checkpoint is written out (and synced) first.
     pub(crate) async fn sync(&mut self) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.file.flush().await?;
-        self.file.sync_all().await
+        if !matches!(self.state, State::Ready(_)) {
+            std::future::poll_fn(|cx| self.poll_ready(cx)).await?;
+            return Ok(());
+        }
+        match &mut self.state {
+            State::Ready(f) => {
+                f.flush().await?;
+                f.sync_all().await
+            }
+            _ => Err(not_writable()),
+        }
     }
+
+    /// Drives a lazy snapshot to a ready file, positioned where a seek asked
+    /// before that put it.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            let next = match &mut self.state {
+                State::Ready(_) => return Poll::Ready(Ok(())),
+                State::Failed(kind, msg) => {
+                    return Poll::Ready(Err(std::io::Error::new(*kind, msg.clone())));
+                }
+                State::Lazy { checkpoint, seek } => {
+                    let (ckpt, out, seek) = (checkpoint.clone(), self.path.clone(), *seek);
+                    State::Exporting {
+                        task: tokio::task::spawn_blocking(move || {
+                            use std::io::Seek;
+                            let mut file = export_checkpoint(&ckpt, &out)?;
+                            let pos = file.seek(seek.unwrap_or(std::io::SeekFrom::Start(0)))?;
+                            Ok((file, pos))
+                        }),
+                    }
+                }
+                State::Exporting { task } => match Pin::new(task).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Ok((file, _)))) => State::Ready(tokio::fs::File::from_std(file)),
+                    Poll::Ready(Ok(Err(e))) => State::Failed(e.kind(), e.to_string()),
+                    Poll::Ready(Err(e)) => State::Failed(std::io::ErrorKind::Other, e.to_string()),
+                },
+            };
+            self.state = next;
+        }
+    }
+
+    /// The file, once [`Self::poll_ready`] said it is ready.
+    fn ready_file(&mut self) -> std::io::Result<&mut tokio::fs::File> {
+        match &mut self.state {
+            State::Ready(f) => Ok(f),
+            _ => Err(std::io::Error::other("the snapshot file is not ready")),
+        }
+    }
+}
+
+fn not_writable() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "a snapshot being built from a checkpoint is read-only",
+    )
 }
 
 impl AsyncRead for SnapshotFile {
@@ -85,7 +171,14 @@ impl AsyncRead for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match self.poll_ready(cx) {
+            Poll::Ready(Ok(())) => match self.ready_file() {
+                Ok(f) => Pin::new(f).poll_read(cx, buf),
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -95,25 +188,58 @@ impl AsyncWrite for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        match &mut self.state {
+            State::Ready(f) => Pin::new(f).poll_write(cx, buf),
+            _ => Poll::Ready(Err(not_writable())),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match &mut self.state {
+            State::Ready(f) => Pin::new(f).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match &mut self.state {
+            State::Ready(f) => Pin::new(f).poll_shutdown(cx),
+            _ => Poll::Ready(Ok(())),
+        }
     }
 }
 
 impl AsyncSeek for SnapshotFile {
     fn start_seek(mut self: Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
+        match &mut self.state {
+            State::Ready(f) => Pin::new(f).start_seek(position),
+            State::Lazy { seek, .. } => {
+                *seek = Some(position);
+                Ok(())
+            }
+            _ => Err(std::io::Error::other(
+                "seek while the snapshot is being written out",
+            )),
+        }
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
+        let lazy = !matches!(self.state, State::Ready(_));
+        match self.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let f = match self.ready_file() {
+            Ok(f) => f,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if lazy {
+            // The seek asked before the export was applied to the file it made:
+            // ask the file where it is.
+            Pin::new(&mut *f).start_seek(std::io::SeekFrom::Current(0))?;
+        }
+        Pin::new(f).poll_complete(cx)
     }
 }
 
@@ -126,8 +252,61 @@ pub(crate) struct StoredSnapshot {
 }
 
 impl StoredSnapshot {
+    /// The snapshot's file or checkpoint.
     pub fn path(&self, store: &Store) -> PathBuf {
         store.snapshot_dir().join(&self.file)
+    }
+
+    fn is_checkpoint(&self) -> bool {
+        self.file.ends_with(".ckpt")
+    }
+
+    /// Its data, to read: the file, or the checkpoint written out when first
+    /// read.
+    pub fn data(&self, store: &Store) -> SnapshotData {
+        if self.is_checkpoint() {
+            SnapshotData::Checkpoint {
+                checkpoint: self.path(store),
+                file: store.snapshot_dir().join(format!("{}.snap", self.file)),
+            }
+        } else {
+            SnapshotData::File(self.path(store))
+        }
+    }
+
+    /// Deletes its file, or its checkpoint and the file written from it.
+    pub fn remove(&self, store: &Store) {
+        let path = self.path(store);
+        if self.is_checkpoint() {
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(store.snapshot_dir().join(format!("{}.snap", self.file)));
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Where a stored snapshot's data is.
+pub(crate) enum SnapshotData {
+    File(PathBuf),
+    Checkpoint { checkpoint: PathBuf, file: PathBuf },
+}
+
+impl SnapshotData {
+    /// Opened for reading (a checkpoint is written out when first read).
+    pub async fn open(self) -> std::io::Result<SnapshotFile> {
+        match self {
+            SnapshotData::File(p) => SnapshotFile::open(&p).await,
+            SnapshotData::Checkpoint { checkpoint, file } => {
+                if tokio::fs::metadata(&checkpoint).await.is_err() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("checkpoint {} is missing", checkpoint.display()),
+                    ));
+                }
+                Ok(SnapshotFile::lazy(checkpoint, file))
+            }
+        }
     }
 }
 
@@ -167,51 +346,76 @@ pub(crate) fn snap_name() -> String {
     fresh_name("snap")
 }
 
-/// Builds a snapshot of the state machine into a new file: the meta and the
-/// data read from one RocksDB snapshot. Blocks: call it off the async runtime.
-pub(crate) fn build(
-    store: &Store,
-) -> Result<(StoredSnapshot, std::fs::File, SnapshotSummary), SnapshotError> {
-    let snap = store.wait_view();
-    let mut opts = ReadOptions::default();
-    opts.set_snapshot(&snap);
-    let get = |key: &[u8]| store.db.get_cf_opt(store.cf(CF_META), key, &opts);
-    let applied: Option<LogId<NodeId>> =
-        match get(crate::state_machine::KEY_APPLIED).map_err(crate::KvError::from)? {
-            Some(b) => postcard::from_bytes(&b).map_err(damaged)?,
-            None => None,
-        };
+/// Builds a snapshot of the state machine as a RocksDB checkpoint, with the
+/// meta read from the checkpoint itself (so they agree). Blocks: call it off the
+/// async runtime.
+pub(crate) fn build(store: &Store) -> Result<StoredSnapshot, SnapshotError> {
+    let dir = store.snapshot_dir();
+    std::fs::create_dir_all(&dir)?;
+    let name = fresh_name("ckpt");
+    let path = dir.join(&name);
+    if let Err(e) = store.checkpoint(&path) {
+        let _ = std::fs::remove_dir_all(&path);
+        return Err(crate::KvError::from(e).into());
+    }
+    sync_dir(&dir)?;
+    let ckpt =
+        crate::db::open_read_only(&path).map_err(|e| crate::KvError::Storage(e.to_string()))?;
+    let get = |key: &[u8]| {
+        ckpt.db
+            .get_cf(ckpt.cf(CF_META), key)
+            .map_err(crate::KvError::from)
+    };
+    let applied: Option<LogId<NodeId>> = match get(crate::state_machine::KEY_APPLIED)? {
+        Some(b) => postcard::from_bytes(&b).map_err(damaged)?,
+        None => None,
+    };
     let membership: StoredMembership<NodeId, Member> =
-        match get(crate::state_machine::KEY_MEMBERSHIP).map_err(crate::KvError::from)? {
+        match get(crate::state_machine::KEY_MEMBERSHIP)? {
             Some(b) => postcard::from_bytes(&b).map_err(damaged)?,
             None => StoredMembership::default(),
         };
-    let dir = store.snapshot_dir();
-    std::fs::create_dir_all(&dir)?;
-    let name = snap_name();
-    let partial = dir.join(format!("{name}.partial"));
-    let summary = match write_file(store, &snap, &partial) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    // Opened before it is renamed: whatever happens to the name, this handle
-    // reads the whole snapshot.
-    let file = std::fs::File::open(&partial)?;
-    std::fs::rename(&partial, dir.join(&name))?;
-    sync_dir(&dir)?;
+    let revision =
+        crate::mvcc::read_i64(&ckpt, &ReadOptions::default(), crate::mvcc::KEY_REVISION)?;
     let snapshot_id = match applied {
-        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, summary.revision),
-        None => format!("empty-{}", summary.revision),
+        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, revision),
+        None => format!("empty-{revision}"),
     };
     let meta = SnapshotMeta {
         last_log_id: applied,
         last_membership: membership,
         snapshot_id,
     };
-    Ok((StoredSnapshot { meta, file: name }, file, summary))
+    Ok(StoredSnapshot { meta, file: name })
+}
+
+/// The snapshot in `checkpoint` as a file at `out` (written now unless it is
+/// there already), open at its start. Blocks.
+fn export_checkpoint(checkpoint: &Path, out: &Path) -> std::io::Result<std::fs::File> {
+    if let Ok(f) = std::fs::File::open(out) {
+        return Ok(f);
+    }
+    let store = crate::db::open_read_only(checkpoint).map_err(std::io::Error::other)?;
+    let snap = store.wait_view();
+    let partial = out.with_extension(format!("{}.partial", std::process::id()));
+    match write_file(&store, &snap, &partial) {
+        Ok(summary) => tracing::info!(
+            file = %out.display(),
+            bytes = summary.bytes,
+            pairs = summary.pairs,
+            "wrote a snapshot out for a follower"
+        ),
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(std::io::Error::other(e.to_string()));
+        }
+    }
+    let file = std::fs::File::open(&partial)?;
+    std::fs::rename(&partial, out)?;
+    if let Some(dir) = out.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(file)
 }
 
 fn write_file(
@@ -292,15 +496,24 @@ pub(crate) fn remove_others(store: &Store, keep: Option<&str>, partials: bool) {
     let Ok(entries) = std::fs::read_dir(store.snapshot_dir()) else {
         return;
     };
+    let kept_export = keep.map(|k| format!("{k}.snap"));
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let old = name.ends_with(".snap") && keep != Some(name);
+        if keep == Some(name) || kept_export.as_deref() == Some(name) {
+            continue;
+        }
+        let old = name.ends_with(".snap") || name.ends_with(".ckpt");
         if !(old || partials && name.ends_with(".partial")) {
             continue;
         }
-        if let Err(e) = std::fs::remove_file(entry.path()) {
-            tracing::warn!(file = %entry.path().display(), error = %e, "cannot delete an old snapshot file");
+        let removed = if entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        if let Err(e) = removed {
+            tracing::warn!(file = %entry.path().display(), error = %e, "cannot delete an old snapshot");
         }
     }
 }

@@ -2,7 +2,6 @@
 //! builds and installs snapshots.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cellplane_proto::etcdserverpb::{
@@ -53,6 +52,11 @@ const KEY_LEGACY_SNAPSHOT: &[u8] = b"sm/snapshot";
 const KEY_INSTALLING: &[u8] = b"sm/installing";
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
+
+/// The most keys and values (bytes) one command may read while it is applied:
+/// a range or compare inside a txn, or the keys a delete removes. A constant,
+/// not a setting: every member must reach the same verdict for the same entry.
+pub const MAX_APPLY_SCAN_BYTES: usize = crate::mvcc::DEFAULT_MAX_RESPONSE_BYTES;
 
 /// What the apply path publishes after each batch, for readers that wait on it
 /// (linearizable reads, metrics, readiness).
@@ -296,7 +300,7 @@ fn finish_install(
     }
     drop(installing);
     if let Some(old) = previous.filter(|p| p.file != stored.file) {
-        let _ = std::fs::remove_file(old.path(store));
+        old.remove(store);
     }
     Ok(())
 }
@@ -359,7 +363,7 @@ impl Applier<'_> {
             return Ok(self.get(k)?.map(|r| (k.clone(), r)).into_iter().collect());
         }
         let mut merged: BTreeMap<Vec<u8>, KvRecord> =
-            scan_current(self.store, ReadOptions::default(), kr)?
+            scan_current(self.store, ReadOptions::default(), kr, MAX_APPLY_SCAN_BYTES)?
                 .into_iter()
                 .collect();
         for (k, v) in &self.overlay {
@@ -714,11 +718,11 @@ impl Applier<'_> {
                 current: self.revision,
             });
         }
-        let kvs: Vec<KeyValue> = self
-            .scan(&KeyRange::new(&req.key, &req.range_end))?
-            .into_iter()
-            .map(|(k, r)| r.to_kv(&k))
-            .collect();
+        let scanned = match self.scan(&KeyRange::new(&req.key, &req.range_end)) {
+            Err(KvError::ApplyTooLarge { max }) => return Err(KvError::ResponseTooLarge { max }),
+            other => other?,
+        };
+        let kvs: Vec<KeyValue> = scanned.into_iter().map(|(k, r)| r.to_kv(&k)).collect();
         let count = kvs.len();
         Ok(finish_range(req, kvs, count, self.revision))
     }
@@ -1068,23 +1072,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(stored) = self.read_snapshot()? else {
             return Ok(None);
         };
-        let path = stored.path(&self.store);
-        match SnapshotFile::open(&path).await {
+        match stored.data(&self.store).open().await {
             Ok(file) => Ok(Some(Snapshot {
                 meta: stored.meta,
                 snapshot: Box::new(file),
             })),
             Err(e) => {
                 // openraft builds a new one when it needs one.
-                tracing::warn!(file = %path.display(), error = %e, "the stored snapshot's file is missing");
+                tracing::warn!(snapshot = %stored.file, error = %e, "the stored snapshot is missing");
                 Ok(None)
             }
         }
     }
 }
 
-/// Builds a snapshot from a RocksDB snapshot, into a file, so it runs beside
-/// the apply path without stopping it and holds one chunk at a time.
+/// Builds a snapshot as a RocksDB checkpoint, beside the apply path without
+/// stopping it; its data is written out only when a follower needs it.
 pub struct SnapshotBuilder {
     store: Store,
     lock: Arc<Mutex<()>>,
@@ -1093,36 +1096,31 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let (store, lock) = (self.store.clone(), self.lock.clone());
-        // Reading every key is blocking work: keep it off the async workers.
-        let (stored, file, path) =
-            tokio::task::spawn_blocking(move || build_and_store(&store, &lock))
-                .await
-                .map_err(rd)?
-                .map_err(rd)?;
+        let stored = tokio::task::spawn_blocking(move || build_and_store(&store, &lock))
+            .await
+            .map_err(rd)?
+            .map_err(rd)?;
+        let file = stored.data(&self.store).open().await.map_err(rd)?;
         Ok(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(SnapshotFile::from_std(file, path)),
+            snapshot: Box::new(file),
         })
     }
 }
 
-/// Builds a snapshot file and makes it the member's snapshot unless a newer one
-/// is stored already (an install may have overtaken the build). Blocks.
-fn build_and_store(
-    store: &Store,
-    lock: &Mutex<()>,
-) -> Result<(StoredSnapshot, std::fs::File, PathBuf), SnapshotError> {
-    let (stored, file, summary) = snapshot_file::build(store)?;
-    let path = stored.path(store);
+/// Builds a snapshot and makes it the member's snapshot unless a newer one is
+/// stored already (an install may have overtaken the build). Blocks.
+fn build_and_store(store: &Store, lock: &Mutex<()>) -> Result<StoredSnapshot, SnapshotError> {
+    let stored = snapshot_file::build(store)?;
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     let previous = stored_snapshot(store)?;
     if previous
         .as_ref()
         .is_some_and(|p| p.meta.last_log_id > stored.meta.last_log_id)
     {
-        // Still readable through `file` for whoever asked for this build.
-        let _ = std::fs::remove_file(&path);
-        return Ok((stored, file, path));
+        // openraft takes only the meta of a build; the data goes.
+        stored.remove(store);
+        return Ok(stored);
     }
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
@@ -1131,15 +1129,10 @@ fn build_and_store(
         .put_cf_opt(store.cf(CF_META), KEY_SNAPSHOT, encode(&stored)?, &opts)
         .map_err(KvError::from)?;
     if let Some(old) = previous {
-        let _ = std::fs::remove_file(old.path(store));
+        old.remove(store);
     }
-    tracing::info!(
-        snapshot = %stored.meta.snapshot_id,
-        bytes = summary.bytes,
-        pairs = summary.pairs,
-        "built a snapshot"
-    );
-    Ok((stored, file, path))
+    tracing::info!(snapshot = %stored.meta.snapshot_id, "built a snapshot (a checkpoint)");
+    Ok(stored)
 }
 
 #[cfg(test)]
@@ -1168,7 +1161,13 @@ mod tests {
             )])),
         });
         a.apply(entries).await.unwrap();
-        let (stored, _file, _) = snapshot_file::build(&store_a).unwrap();
+        let stored = snapshot_file::build(&store_a).unwrap();
+        let mut data = Vec::new();
+        {
+            use tokio::io::AsyncReadExt;
+            let mut file = stored.data(&store_a).open().await.unwrap();
+            file.read_to_end(&mut data).await.unwrap();
+        }
 
         // Member B was killed right after recording the install: its state
         // machine column families hold nothing of the snapshot yet.
@@ -1178,7 +1177,8 @@ mod tests {
             meta: stored.meta.clone(),
             file: snapshot_file::snap_name(),
         };
-        snapshot_file::adopt(&store_b, &stored.path(&store_a), &target.path(&store_b)).unwrap();
+        std::fs::create_dir_all(store_b.snapshot_dir()).unwrap();
+        std::fs::write(target.path(&store_b), &data).unwrap();
         store_b
             .db
             .put_cf(

@@ -596,7 +596,12 @@ async fn owners_travel_in_snapshots_and_old_records_still_read() {
         .await
         .unwrap();
     let meta = snap.meta.clone();
-    let data = std::fs::read(snap.snapshot.path()).unwrap();
+    let mut data = Vec::new();
+    {
+        use tokio::io::AsyncReadExt;
+        let mut file = snap.snapshot;
+        file.read_to_end(&mut data).await.unwrap();
+    }
 
     let dir2 = tempfile::tempdir().unwrap();
     let mut other = StateMachine::new(cellplane_storage::open(dir2.path()).unwrap()).unwrap();
@@ -927,7 +932,7 @@ async fn compacted_history_leaves_the_disk_in_steps_and_members_agree_meanwhile(
     let mut steps = 0;
     loop {
         steps += 1;
-        match compactor.step(121, cursor, 7).unwrap() {
+        match compactor.step(0, 121, cursor, 1).unwrap() {
             cellplane_storage::CompactStep::More(c) => cursor = c,
             cellplane_storage::CompactStep::Done(c) => {
                 cursor = c;
@@ -940,8 +945,9 @@ async fn compacted_history_leaves_the_disk_in_steps_and_members_agree_meanwhile(
             b.reader().hash_kv(0).unwrap()
         );
     }
-    assert!(steps > 10, "{steps} steps");
-    compactor.finish(121).unwrap();
+    // One key per step: /k0, /k1, /k2 trimmed in turn, then the survivors seen.
+    assert!(steps >= 4, "{steps} steps");
+    compactor.finish(0, 121).unwrap();
     assert_eq!(compactor.targets().unwrap(), (121, 121));
     // 40 versions of /k0 and /k1, 40 of /k2 and its tombstone: /k0 keeps 118,
     // /k1 keeps 119 (and 122), /k2 keeps nothing.
@@ -968,8 +974,69 @@ async fn compacted_history_leaves_the_disk_in_steps_and_members_agree_meanwhile(
         assert_eq!(got.kvs, rb.range(&req).unwrap().kvs);
     }
     // A second pass finds nothing left to remove.
-    match compactor.step(121, Default::default(), 1000).unwrap() {
+    match compactor.step(0, 121, Default::default(), 1000).unwrap() {
         cellplane_storage::CompactStep::Done(c) => assert_eq!(c.deleted(), 0),
         other => panic!("{other:?}"),
     }
+}
+
+/// A command that would read more keys and values at once than the apply
+/// path's bound (a delete, a range inside a txn) is refused the same way on
+/// every member, and changes nothing; the same keys in smaller parts go.
+#[tokio::test]
+async fn commands_reading_past_the_apply_bound_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let mb = "m".repeat(1 << 20);
+    let n = (cellplane_storage::MAX_APPLY_SCAN_BYTES >> 20) as u64 + 4;
+    let entries = (1..=n)
+        .map(|i| {
+            entry(
+                i,
+                Command::Put(put(&format!("/m/{i:03}"), &mb).encode_to_vec()),
+            )
+        })
+        .collect::<Vec<_>>();
+    sm.apply(entries).await.unwrap();
+    let all = RangeRequest {
+        key: b"/m/".to_vec(),
+        range_end: b"/m0".to_vec(),
+        ..Default::default()
+    };
+    let txn = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(all.clone())),
+        }],
+        ..Default::default()
+    };
+    let (out, _) = apply_one(&mut sm, n + 1, Command::Txn(txn.encode_to_vec())).await;
+    assert!(
+        matches!(out, Some(Err(KvError::ResponseTooLarge { .. }))),
+        "{out:?}"
+    );
+    let delete_all = cellplane_proto::etcdserverpb::DeleteRangeRequest {
+        key: all.key.clone(),
+        range_end: all.range_end.clone(),
+        ..Default::default()
+    };
+    let (out, _) = apply_one(
+        &mut sm,
+        n + 2,
+        Command::DeleteRange(delete_all.encode_to_vec()),
+    )
+    .await;
+    assert!(
+        matches!(out, Some(Err(KvError::ApplyTooLarge { .. }))),
+        "{out:?}"
+    );
+    let reader = sm.reader();
+    assert_eq!(reader.revisions().unwrap().0, n as i64, "nothing changed");
+    // Half the keys at a time go.
+    let half = cellplane_proto::etcdserverpb::DeleteRangeRequest {
+        key: b"/m/".to_vec(),
+        range_end: format!("/m/{:03}", n / 2).into_bytes(),
+        ..Default::default()
+    };
+    let (out, _) = apply_one(&mut sm, n + 3, Command::DeleteRange(half.encode_to_vec())).await;
+    assert!(matches!(out, Some(Ok(_))), "{out:?}");
 }
