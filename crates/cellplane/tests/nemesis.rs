@@ -54,12 +54,7 @@ const HOT_KEYS: u64 = 3;
 /// key's history (what the checker searches) stays short however long the run.
 const ROUNDS_PER_EPOCH: usize = 5;
 
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let socks: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    socks.iter().map(|s| s.local_addr().unwrap()).collect()
-}
+use common::free_addrs;
 
 struct Member {
     id: u64,

@@ -1,5 +1,6 @@
 //! Test harness: a cell of real `cellplane node` processes on 127.0.0.1 with
-//! ephemeral ports and temporary data directories, removed on drop.
+//! free ports (below the ephemeral range) and temporary data directories,
+//! removed on drop.
 
 #![allow(dead_code)]
 
@@ -37,14 +38,39 @@ pub struct TestCell {
 /// Ports the OS considers free right now. Between dropping the probe sockets and the
 /// member binding them another process could take one; on a test machine that is
 /// rare, and the start-up check below then fails loudly rather than hangs.
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let socks: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind probe port"))
-        .collect();
-    socks
-        .iter()
-        .map(|s| s.local_addr().expect("local addr"))
-        .collect()
+/// Ports free right now, for processes the test starts (which bind them
+/// themselves, so the test cannot hold them). Taken below Linux's ephemeral
+/// range (32768-60999): a port the OS picked for `:0` is also one it may hand
+/// to the next outgoing connection (a client's, a member's dialing a peer)
+/// before the process that should listen there has started. Each call in
+/// this process moves on from where the last stopped, starting at an offset
+/// from the process id, so parallel tests do not draw the same ports.
+pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut out = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if out.len() == n {
+            break;
+        }
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if let Ok(l) = TcpListener::bind(addr) {
+            held.push(l);
+            out.push(addr);
+        }
+    }
+    assert_eq!(out.len(), n, "no free ports below the ephemeral range");
+    out
 }
 
 pub fn bin() -> PathBuf {
