@@ -5,6 +5,8 @@
 #
 #   loadgen/etcd-cluster.sh start [DIR]   # client endpoints on 127.0.0.1:42379,42389,42399
 #   loadgen/etcd-cluster.sh stop  [DIR]
+#
+# ETCD_EXTRA_FLAGS adds flags to every member (e.g. auto-compaction).
 set -euo pipefail
 
 cmd=${1:-}
@@ -33,7 +35,7 @@ case "$cmd" in
         --listen-client-urls "http://127.0.0.1:$p" --advertise-client-urls "http://127.0.0.1:$p" \
         --listen-peer-urls "http://127.0.0.1:$((p + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
         --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token cellplane-bench \
-        --quota-backend-bytes $((8 * 1024 * 1024 * 1024)) \
+        --quota-backend-bytes $((8 * 1024 * 1024 * 1024)) ${ETCD_EXTRA_FLAGS:-} \
         >"$dir/e$i.log" 2>&1 &
       echo $! >"$dir/e$i.pid"
     done
