@@ -95,10 +95,7 @@ pub fn open(dir: &Path) -> Result<Store, OpenError> {
         path: dir.display().to_string(),
         source,
     })?;
-    Ok(Store {
-        db: Arc::new(db),
-        install: Arc::default(),
-    })
+    Ok(Store::of(db))
 }
 
 /// Options of one column family, its blocks cached in `cache`.
@@ -133,13 +130,17 @@ pub(crate) fn open_read_only(dir: &Path) -> Result<Store, OpenError> {
             source,
         }
     })?;
-    Ok(Store {
-        db: Arc::new(db),
-        install: Arc::default(),
-    })
+    Ok(Store::of(db))
 }
 
 impl Store {
+    fn of(db: DB) -> Store {
+        Store {
+            db: Arc::new(db),
+            install: Arc::default(),
+        }
+    }
+
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
         // Every column family is created by `open`; a missing one is a bug here, not
         // bad input.

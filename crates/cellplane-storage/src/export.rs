@@ -222,11 +222,30 @@ pub fn import(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotE
 
 fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotError> {
     let store = crate::open(dir).map_err(|e| KvError::Storage(e.to_string()))?;
+    // The old cell's alarms name its members, not the new cell's: a restored
+    // cell starts with none.
+    let (summary, mut batch) = load_records(&store, input, |name| name != CF_ALARM)?;
+    let meta = store.cf(CF_META);
+    batch.put_cf(meta, KEY_REVISION, summary.revision.to_be_bytes());
+    batch.put_cf(meta, KEY_COMPACTED, summary.compacted.to_be_bytes());
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    store.db.write_opt(batch, &opts).map_err(KvError::from)?;
+    Ok(summary)
+}
+
+/// Writes the pairs of the snapshot in `input` whose column family `keep`s
+/// into `store`, in write batches of [`IMPORT_BATCH_BYTES`] (not synced).
+/// Returns the summary and the last batch, not written yet: the caller adds
+/// its meta to it and writes it synced.
+pub(crate) fn load_records(
+    store: &Store,
+    input: impl Read,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(SnapshotSummary, WriteBatch), SnapshotError> {
     let mut batch = WriteBatch::default();
     let summary = read_records(input, |name, key, value| {
-        // The old cell's alarms name its members, not the new cell's: a
-        // restored cell starts with none.
-        if name == CF_ALARM {
+        if !keep(name) {
             return Ok(());
         }
         batch.put_cf(store.cf(name), key, value);
@@ -238,13 +257,7 @@ fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, Snapshot
         }
         Ok(())
     })?;
-    let meta = store.cf(CF_META);
-    batch.put_cf(meta, KEY_REVISION, summary.revision.to_be_bytes());
-    batch.put_cf(meta, KEY_COMPACTED, summary.compacted.to_be_bytes());
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
-    store.db.write_opt(batch, &opts).map_err(KvError::from)?;
-    Ok(summary)
+    Ok((summary, batch))
 }
 
 /// Reads a snapshot from `input`, handing every key-value pair to `sink` with its

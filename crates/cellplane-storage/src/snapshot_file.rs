@@ -27,15 +27,15 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use openraft::{LogId, SnapshotMeta, StoredMembership};
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use openraft::SnapshotMeta;
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-use crate::db::{CF_META, SM_CFS, Store};
-use crate::export::{IMPORT_BATCH_BYTES, SnapshotError, SnapshotSummary, export_at, read_records};
+use crate::db::{SM_CFS, Store};
+use crate::export::{SnapshotError, SnapshotSummary, export_at, load_records, read_records};
 use crate::types::{Member, NodeId};
 
 /// A Raft snapshot's data: a file in the member's snapshot folder, or a
@@ -267,7 +267,7 @@ impl StoredSnapshot {
         if self.is_checkpoint() {
             SnapshotData::Checkpoint {
                 checkpoint: self.path(store),
-                file: store.snapshot_dir().join(format!("{}.snap", self.file)),
+                file: store.snapshot_dir().join(export_name(&self.file)),
             }
         } else {
             SnapshotData::File(self.path(store))
@@ -279,11 +279,16 @@ impl StoredSnapshot {
         let path = self.path(store);
         if self.is_checkpoint() {
             let _ = std::fs::remove_dir_all(&path);
-            let _ = std::fs::remove_file(store.snapshot_dir().join(format!("{}.snap", self.file)));
+            let _ = std::fs::remove_file(store.snapshot_dir().join(export_name(&self.file)));
         } else {
             let _ = std::fs::remove_file(&path);
         }
     }
+}
+
+/// The file a checkpoint is written out to, beside it.
+fn export_name(checkpoint: &str) -> String {
+    format!("{checkpoint}.snap")
 }
 
 /// Where a stored snapshot's data is.
@@ -361,20 +366,8 @@ pub(crate) fn build(store: &Store) -> Result<StoredSnapshot, SnapshotError> {
     sync_dir(&dir)?;
     let ckpt =
         crate::db::open_read_only(&path).map_err(|e| crate::KvError::Storage(e.to_string()))?;
-    let get = |key: &[u8]| {
-        ckpt.db
-            .get_cf(ckpt.cf(CF_META), key)
-            .map_err(crate::KvError::from)
-    };
-    let applied: Option<LogId<NodeId>> = match get(crate::state_machine::KEY_APPLIED)? {
-        Some(b) => postcard::from_bytes(&b).map_err(damaged)?,
-        None => None,
-    };
-    let membership: StoredMembership<NodeId, Member> =
-        match get(crate::state_machine::KEY_MEMBERSHIP)? {
-            Some(b) => postcard::from_bytes(&b).map_err(damaged)?,
-            None => StoredMembership::default(),
-        };
+    let (applied, membership) =
+        crate::state_machine::read_raft_meta(&ckpt, &ReadOptions::default())?;
     let revision =
         crate::mvcc::read_i64(&ckpt, &ReadOptions::default(), crate::mvcc::KEY_REVISION)?;
     let snapshot_id = match applied {
@@ -452,9 +445,13 @@ pub(crate) fn verify(path: &Path) -> Result<SnapshotSummary, SnapshotError> {
 }
 
 /// Replaces the state-machine column families with the snapshot at `path`
-/// (already verified), in bounded write batches, none of them synced: the
-/// caller's final batch is. Blocks.
-pub(crate) fn load(store: &Store, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
+/// (already verified), in bounded write batches, none of them synced. Returns
+/// the summary and the last batch, not written yet: the caller adds the meta
+/// to it and writes it synced.
+pub(crate) fn load(
+    store: &Store,
+    path: &Path,
+) -> Result<(SnapshotSummary, WriteBatch), SnapshotError> {
     let mut batch = WriteBatch::default();
     for name in SM_CFS {
         let cf = store.cf(name);
@@ -467,25 +464,8 @@ pub(crate) fn load(store: &Store, path: &Path) -> Result<SnapshotSummary, Snapsh
         }
     }
     store.db.write(batch).map_err(crate::KvError::from)?;
-    let mut batch = WriteBatch::default();
     let file = std::fs::File::open(path)?;
-    let summary = read_records(BufReader::with_capacity(1 << 20, file), |name, k, v| {
-        batch.put_cf(store.cf(name), k, v);
-        if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
-            store
-                .db
-                .write(std::mem::take(&mut batch))
-                .map_err(crate::KvError::from)?;
-        }
-        Ok(())
-    })?;
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
-    store
-        .db
-        .write_opt(batch, &opts)
-        .map_err(crate::KvError::from)?;
-    Ok(summary)
+    load_records(store, BufReader::with_capacity(1 << 20, file), |_| true)
 }
 
 /// Deletes the snapshot files in the snapshot folder other than `keep`, and,
@@ -496,7 +476,7 @@ pub(crate) fn remove_others(store: &Store, keep: Option<&str>, partials: bool) {
     let Ok(entries) = std::fs::read_dir(store.snapshot_dir()) else {
         return;
     };
-    let kept_export = keep.map(|k| format!("{k}.snap"));
+    let kept_export = keep.map(export_name);
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -539,8 +519,4 @@ pub(crate) fn adopt(store: &Store, from: &Path, to: &Path) -> std::io::Result<()
 
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
-}
-
-fn damaged(e: postcard::Error) -> SnapshotError {
-    SnapshotError::Damaged(e.to_string())
 }

@@ -30,7 +30,7 @@ use crate::compactor::KEY_PHYSICAL;
 use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
-use crate::export::SnapshotError;
+use crate::export::{SnapshotError, SnapshotSummary};
 use crate::lease::{
     LeaseRecord, MAX_LEASE_TTL, attached_key, attached_keys, in_namespace, lease_key, read_lease,
 };
@@ -129,15 +129,7 @@ impl StateMachine {
     pub fn open(store: Store, log: EventLogLimits) -> SResult<StateMachine> {
         recover_snapshots(&store)?;
         let opts = ReadOptions::default();
-        let get = |key: &[u8]| store.db.get_cf(store.cf(CF_META), key).map_err(rd);
-        let applied = match get(KEY_APPLIED)? {
-            Some(b) => postcard::from_bytes(&b).map_err(rd)?,
-            None => None,
-        };
-        let membership = match get(KEY_MEMBERSHIP)? {
-            Some(b) => postcard::from_bytes(&b).map_err(rd)?,
-            None => StoredMembership::default(),
-        };
+        let (applied, membership) = read_raft_meta(&store, &opts).map_err(rd)?;
         let revision = read_i64(&store, &opts, KEY_REVISION).map_err(rd)?;
         let compacted = read_i64(&store, &opts, KEY_COMPACTED).map_err(rd)?;
         let alarms = read_alarms(&store, ReadOptions::default()).map_err(rd)?;
@@ -189,6 +181,25 @@ impl StateMachine {
     fn read_snapshot(&self) -> SResult<Option<StoredSnapshot>> {
         stored_snapshot(&self.store).map_err(rd)
     }
+}
+
+/// What Raft knows of a state machine: the last applied log id and the
+/// membership in it.
+type RaftMeta = (Option<LogId<NodeId>>, StoredMembership<NodeId, Member>);
+
+/// The applied log id and the membership `store` holds (as `opts` sees it).
+pub(crate) fn read_raft_meta(store: &Store, opts: &ReadOptions) -> Result<RaftMeta, KvError> {
+    let get = |key: &[u8]| store.db.get_cf_opt(store.cf(CF_META), key, opts);
+    let decode = |e: postcard::Error| KvError::Storage(format!("corrupt state-machine meta: {e}"));
+    let applied = match get(KEY_APPLIED)? {
+        Some(b) => postcard::from_bytes(&b).map_err(decode)?,
+        None => None,
+    };
+    let membership = match get(KEY_MEMBERSHIP)? {
+        Some(b) => postcard::from_bytes(&b).map_err(decode)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
 }
 
 /// The snapshot record `store` holds.
@@ -245,8 +256,8 @@ fn install_file(
     lock: &Mutex<()>,
     meta: &SnapshotMeta<NodeId, Member>,
     received: &std::path::Path,
-) -> Result<snapshot_file::StoredSnapshot, SnapshotError> {
-    let summary = snapshot_file::verify(received)?;
+) -> Result<SnapshotSummary, SnapshotError> {
+    snapshot_file::verify(received)?;
     let stored = StoredSnapshot {
         meta: meta.clone(),
         file: snapshot_file::snap_name(),
@@ -260,7 +271,7 @@ fn install_file(
         .db
         .put_cf_opt(store.cf(CF_META), KEY_INSTALLING, record, &opts)
         .map_err(KvError::from)?;
-    finish_install(store, lock, &stored)?;
+    let summary = finish_install(store, lock, &stored)?;
     tracing::info!(
         snapshot = %stored.meta.snapshot_id,
         bytes = summary.bytes,
@@ -268,7 +279,7 @@ fn install_file(
         revision = summary.revision,
         "installed a snapshot"
     );
-    Ok(stored)
+    Ok(summary)
 }
 
 /// Loads the recorded install's file into the state machine and makes its meta
@@ -277,12 +288,12 @@ fn finish_install(
     store: &Store,
     lock: &Mutex<()>,
     stored: &StoredSnapshot,
-) -> Result<(), SnapshotError> {
+) -> Result<SnapshotSummary, SnapshotError> {
     let previous = stored_snapshot(store)?;
     let installing = store.installing();
-    let summary = snapshot_file::load(store, &stored.path(store))?;
+    // The data's last batch and the meta go in one synced write.
+    let (summary, mut batch) = snapshot_file::load(store, &stored.path(store))?;
     let m = store.cf(CF_META);
-    let mut batch = WriteBatch::default();
     batch.put_cf(m, KEY_APPLIED, encode(&stored.meta.last_log_id)?);
     batch.put_cf(m, KEY_MEMBERSHIP, encode(&stored.meta.last_membership)?);
     batch.put_cf(m, KEY_REVISION, summary.revision.to_be_bytes());
@@ -302,7 +313,7 @@ fn finish_install(
     if let Some(old) = previous.filter(|p| p.file != stored.file) {
         old.remove(store);
     }
-    Ok(())
+    Ok(summary)
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, SnapshotError> {
@@ -1054,15 +1065,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(snapshot);
         let (store, lock, m) = (self.store.clone(), self.snapshot_lock.clone(), meta.clone());
         // Checking and loading the file is blocking work, in bounded batches.
-        tokio::task::spawn_blocking(move || install_file(&store, &lock, &m, &received))
-            .await
-            .map_err(|e| bad(&e))?
-            .map_err(|e| bad(&e))?;
-        let opts = ReadOptions::default();
+        let summary =
+            tokio::task::spawn_blocking(move || install_file(&store, &lock, &m, &received))
+                .await
+                .map_err(|e| bad(&e))?
+                .map_err(|e| bad(&e))?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.revision = read_i64(&self.store, &opts, KEY_REVISION).map_err(rd)?;
-        self.compacted = read_i64(&self.store, &opts, KEY_COMPACTED).map_err(rd)?;
+        self.revision = summary.revision;
+        self.compacted = summary.compacted;
         self.alarms = read_alarms(&self.store, ReadOptions::default()).map_err(rd)?;
         self.publish();
         Ok(())

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cellplane_proto::etcdserverpb::RangeRequest;
-use common::{TestCell, etcdctl, get, put};
+use common::{TestCell, etcdctl, get, noise, put};
 use tonic::Code;
 
 /// Every member's client address as `host:port`. etcdctl's `endpoint`
@@ -91,14 +91,7 @@ async fn the_space_quota_raises_nospace_and_an_operator_recovers_with_etcdctl() 
     let got = kv.range(get("/keep")).await.unwrap().into_inner();
     assert_eq!(got.kvs[0].value, b"kept");
     ctl(&cell, &["del", "/big/", "--prefix"]);
-    let rev = kv
-        .range(get("/keep"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = common::revision(&mut kv).await;
     ctl(&cell, &["compact", &rev.to_string(), "--physical"]);
     let defrag = ctl(&cell, &["defrag"]);
     assert_eq!(
@@ -340,28 +333,9 @@ async fn etcdctl_snapshot_save_restores_into_a_new_cell_with_equal_content() {
     assert_eq!(put_rev, revision + 1);
 }
 
-/// Peak resident memory of a process so far, in bytes (Linux `VmHWM`).
+/// Peak resident memory of a process so far, in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
-/// A value LZ4 cannot shrink much, so the data takes its size everywhere.
-fn noise(seed: u64, len: usize) -> String {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
+    common::proc_memory(pid, "VmHWM")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,14 +455,7 @@ async fn a_snapshot_of_hundreds_of_mib_reaches_a_new_member_in_bounded_memory() 
         leader_peak >> 20
     );
     // Both hold the same state.
-    let rev = kv
-        .range(get(&last))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = common::revision(&mut kv).await;
     let hashes = {
         let eps = format!("{one},{addr}");
         let at = format!("--rev={rev}");

@@ -491,15 +491,9 @@ async fn etcdctl_watch_prints_events() {
     );
 }
 
-/// Resident memory of a process, in bytes (Linux).
+/// Resident memory of a process, in bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
+    common::proc_memory(pid, "VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,20 +658,6 @@ async fn the_cli_puts_gets_deletes_and_watches_from_a_revision() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rev"));
 }
 
-/// A value that LZ4 cannot shrink much (letters from a xorshift generator), so
-/// a test's data takes its size in RocksDB and in memory.
-fn noise(seed: u64, len: usize) -> String {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_revision_1_catches_up_on_a_large_history_in_bounded_memory() {
     // 160 versions of one key, 512 KiB each: 80 MiB of history, 160 MiB with
@@ -690,7 +670,9 @@ async fn a_watch_from_revision_1_catches_up_on_a_large_history_in_bounded_memory
     let mut kv = cell.kv(1).await;
     let n = 160;
     for i in 0..n {
-        kv.put(put("/hist/k", &noise(i, 512 << 10))).await.unwrap();
+        kv.put(put("/hist/k", &common::noise(i, 512 << 10)))
+            .await
+            .unwrap();
     }
     let before = rss_bytes(pid);
     let mut w = open(cell.member(1).client).await;

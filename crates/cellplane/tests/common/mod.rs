@@ -756,3 +756,40 @@ pub fn prefix(p: &str) -> cellplane_proto::etcdserverpb::RangeRequest {
         ..Default::default()
     }
 }
+
+/// A line of `/proc/<pid>/status` (`VmRSS`: resident memory now, `VmHWM`: its
+/// peak so far), in bytes (Linux).
+pub fn proc_memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A value LZ4 cannot shrink much (letters from a xorshift generator), so a
+/// test's data takes its size in RocksDB and in memory.
+pub fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// The cell's current revision, as a read's header gives it.
+pub async fn revision(kv: &mut KvClient<Channel>) -> i64 {
+    kv.range(get("/"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
+}
