@@ -495,7 +495,18 @@ pub async fn run(
         "member serving"
     );
 
-    shutdown.cancelled().await;
+    // openraft stops a member's Raft for good on a storage failure; a member
+    // that went on serving without it would answer reads from a frozen state
+    // and fail every write. Exit instead, so a supervisor restarts it.
+    let mut raft_alive = raft.metrics();
+    let stopped = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = async { while raft_alive.changed().await.is_ok() {} } => true,
+    };
+    if stopped {
+        tracing::error!("Raft stopped on a fatal error (see above): the member exits");
+        shutdown.cancel();
+    }
     tracing::info!("shutting down");
     let _ = raft.shutdown().await;
     let _ = barrier_task.await;
@@ -504,6 +515,11 @@ pub async fn run(
     let drained = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     if drained.is_err() {
         tracing::warn!("servers did not drain within 5s");
+    }
+    if stopped {
+        return Err(NodeError::Raft(
+            "Raft stopped on a fatal error; restart the member".into(),
+        ));
     }
     Ok(())
 }

@@ -91,6 +91,11 @@ impl Checker {
             // `lead` returns once the term is cancelled and its tasks have ended.
             tokio::join!(lost, self.lead(term.clone()));
             tracing::info!("discovery checker: not leading, stopped");
+            // A closed flag keeps its last value: `wait_for` would answer
+            // "leading" at once, forever.
+            if leader.has_changed().is_err() {
+                return;
+            }
         }
     }
 

@@ -55,6 +55,9 @@ pub struct Store {
     /// column families are rewritten in many batches then): readers are refused
     /// meanwhile and snapshot builders wait, so nobody sees half a state.
     install: Arc<RwLock<()>>,
+    /// Raft snapshots being read (sent to a follower): one replaced meanwhile is
+    /// deleted when its last reader is done.
+    pub(crate) pins: Arc<crate::snapshot_file::SnapshotPins>,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,6 +141,7 @@ impl Store {
         Store {
             db: Arc::new(db),
             install: Arc::default(),
+            pins: Arc::default(),
         }
     }
 

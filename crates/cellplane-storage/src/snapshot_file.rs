@@ -44,6 +44,8 @@ use crate::types::{Member, NodeId};
 pub struct SnapshotFile {
     state: State,
     path: PathBuf,
+    /// Keeps the stored snapshot this reads from on disk until it is dropped.
+    _pin: Option<SnapshotPin>,
 }
 
 #[derive(Debug)]
@@ -67,17 +69,19 @@ impl SnapshotFile {
         Ok(SnapshotFile {
             state: State::Ready(tokio::fs::File::open(path).await?),
             path: path.to_path_buf(),
+            _pin: None,
         })
     }
 
     /// The snapshot in `checkpoint`, written out to `path` when first read.
-    pub(crate) fn lazy(checkpoint: PathBuf, path: PathBuf) -> SnapshotFile {
+    fn lazy(checkpoint: PathBuf, path: PathBuf, pin: SnapshotPin) -> SnapshotFile {
         SnapshotFile {
             state: State::Lazy {
                 checkpoint,
                 seek: None,
             },
             path,
+            _pin: Some(pin),
         }
     }
 
@@ -93,6 +97,7 @@ impl SnapshotFile {
                     .await?,
             ),
             path: path.to_path_buf(),
+            _pin: None,
         })
     }
 
@@ -262,26 +267,109 @@ impl StoredSnapshot {
     }
 
     /// Its data, to read: the file, or the checkpoint written out when first
-    /// read.
+    /// read. The snapshot stays on disk until the data is dropped, even if a
+    /// newer one replaces it meanwhile; call this under the lock that serializes
+    /// replacing the stored snapshot, so it cannot be deleted in between.
     pub fn data(&self, store: &Store) -> SnapshotData {
+        let pin = store.pins.pin(store, &self.file);
         if self.is_checkpoint() {
             SnapshotData::Checkpoint {
                 checkpoint: self.path(store),
                 file: store.snapshot_dir().join(export_name(&self.file)),
+                pin,
             }
         } else {
-            SnapshotData::File(self.path(store))
+            SnapshotData::File(self.path(store), pin)
         }
     }
 
-    /// Deletes its file, or its checkpoint and the file written from it.
+    /// Deletes its file, or its checkpoint and the file written from it; once
+    /// its last reader is done if it is being read.
     pub fn remove(&self, store: &Store) {
-        let path = self.path(store);
-        if self.is_checkpoint() {
-            let _ = std::fs::remove_dir_all(&path);
-            let _ = std::fs::remove_file(store.snapshot_dir().join(export_name(&self.file)));
-        } else {
-            let _ = std::fs::remove_file(&path);
+        if store.pins.defer_removal(&self.file) {
+            return;
+        }
+        remove_files(&store.snapshot_dir(), &self.file);
+    }
+}
+
+fn remove_files(dir: &Path, file: &str) {
+    let path = dir.join(file);
+    if file.ends_with(".ckpt") {
+        let _ = std::fs::remove_dir_all(&path);
+        let _ = std::fs::remove_file(dir.join(export_name(file)));
+    } else {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The stored snapshots being read, by name, and whether each was replaced
+/// meanwhile (then the last reader deletes it).
+///
+/// Why: openraft reads a snapshot to send it to a follower while the leader
+/// goes on building newer ones; if a replaced snapshot were deleted at once,
+/// the send would fail, and openraft treats a snapshot it cannot read as a
+/// storage failure that stops the member's Raft.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotPins {
+    pinned: std::sync::Mutex<std::collections::HashMap<String, PinCount>>,
+}
+
+#[derive(Debug, Default)]
+struct PinCount {
+    readers: usize,
+    replaced: bool,
+}
+
+impl SnapshotPins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, PinCount>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pin(self: &std::sync::Arc<Self>, store: &Store, file: &str) -> SnapshotPin {
+        self.lock().entry(file.to_string()).or_default().readers += 1;
+        SnapshotPin {
+            pins: self.clone(),
+            dir: store.snapshot_dir(),
+            file: file.to_string(),
+        }
+    }
+
+    /// Marks `file` for deletion by its last reader; false if nobody reads it.
+    fn defer_removal(&self, file: &str) -> bool {
+        match self.lock().get_mut(file) {
+            Some(c) => {
+                c.replaced = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One reader's hold on a stored snapshot.
+#[derive(Debug)]
+pub(crate) struct SnapshotPin {
+    pins: std::sync::Arc<SnapshotPins>,
+    dir: PathBuf,
+    file: String,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let remove = {
+            let mut pinned = self.pins.lock();
+            let Some(c) = pinned.get_mut(&self.file) else {
+                return;
+            };
+            c.readers -= 1;
+            if c.readers > 0 {
+                return;
+            }
+            pinned.remove(&self.file).is_some_and(|c| c.replaced)
+        };
+        if remove {
+            remove_files(&self.dir, &self.file);
         }
     }
 }
@@ -291,25 +379,37 @@ fn export_name(checkpoint: &str) -> String {
     format!("{checkpoint}.snap")
 }
 
-/// Where a stored snapshot's data is.
+/// Where a stored snapshot's data is, held on disk while this lives.
 pub(crate) enum SnapshotData {
-    File(PathBuf),
-    Checkpoint { checkpoint: PathBuf, file: PathBuf },
+    File(PathBuf, SnapshotPin),
+    Checkpoint {
+        checkpoint: PathBuf,
+        file: PathBuf,
+        pin: SnapshotPin,
+    },
 }
 
 impl SnapshotData {
     /// Opened for reading (a checkpoint is written out when first read).
     pub async fn open(self) -> std::io::Result<SnapshotFile> {
         match self {
-            SnapshotData::File(p) => SnapshotFile::open(&p).await,
-            SnapshotData::Checkpoint { checkpoint, file } => {
+            SnapshotData::File(p, pin) => {
+                let mut f = SnapshotFile::open(&p).await?;
+                f._pin = Some(pin);
+                Ok(f)
+            }
+            SnapshotData::Checkpoint {
+                checkpoint,
+                file,
+                pin,
+            } => {
                 if tokio::fs::metadata(&checkpoint).await.is_err() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::NotFound,
                         format!("checkpoint {} is missing", checkpoint.display()),
                     ));
                 }
-                Ok(SnapshotFile::lazy(checkpoint, file))
+                Ok(SnapshotFile::lazy(checkpoint, file, pin))
             }
         }
     }

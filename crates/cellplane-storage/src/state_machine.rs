@@ -1080,10 +1080,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let Some(stored) = self.read_snapshot()? else {
-            return Ok(None);
+        // Read and pinned under the lock that replacing it takes, so a build
+        // finishing meanwhile cannot delete it before it is read.
+        let (stored, data) = {
+            let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(stored) = self.read_snapshot()? else {
+                return Ok(None);
+            };
+            let data = stored.data(&self.store);
+            (stored, data)
         };
-        match stored.data(&self.store).open().await {
+        match data.open().await {
             Ok(file) => Ok(Some(Snapshot {
                 meta: stored.meta,
                 snapshot: Box::new(file),
@@ -1107,11 +1114,11 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let (store, lock) = (self.store.clone(), self.lock.clone());
-        let stored = tokio::task::spawn_blocking(move || build_and_store(&store, &lock))
+        let (stored, data) = tokio::task::spawn_blocking(move || build_and_store(&store, &lock))
             .await
             .map_err(rd)?
             .map_err(rd)?;
-        let file = stored.data(&self.store).open().await.map_err(rd)?;
+        let file = data.open().await.map_err(rd)?;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(file),
@@ -1120,18 +1127,24 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 }
 
 /// Builds a snapshot and makes it the member's snapshot unless a newer one is
-/// stored already (an install may have overtaken the build). Blocks.
-fn build_and_store(store: &Store, lock: &Mutex<()>) -> Result<StoredSnapshot, SnapshotError> {
+/// stored already (an install may have overtaken the build); returns it with
+/// its data, held on disk until that is dropped. Blocks.
+fn build_and_store(
+    store: &Store,
+    lock: &Mutex<()>,
+) -> Result<(StoredSnapshot, snapshot_file::SnapshotData), SnapshotError> {
     let stored = snapshot_file::build(store)?;
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let data = stored.data(store);
     let previous = stored_snapshot(store)?;
     if previous
         .as_ref()
         .is_some_and(|p| p.meta.last_log_id > stored.meta.last_log_id)
     {
-        // openraft takes only the meta of a build; the data goes.
+        // openraft takes only the meta of a build: the data goes once it is
+        // dropped.
         stored.remove(store);
-        return Ok(stored);
+        return Ok((stored, data));
     }
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
@@ -1143,7 +1156,7 @@ fn build_and_store(store: &Store, lock: &Mutex<()>) -> Result<StoredSnapshot, Sn
         old.remove(store);
     }
     tracing::info!(snapshot = %stored.meta.snapshot_id, "built a snapshot (a checkpoint)");
-    Ok(stored)
+    Ok((stored, data))
 }
 
 #[cfg(test)]
@@ -1221,5 +1234,55 @@ mod tests {
         );
         let current = b.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.snapshot_id, stored.meta.snapshot_id);
+    }
+
+    fn puts(from: u64, to: u64) -> impl Iterator<Item = Entry<TypeConfig>> {
+        (from..=to).map(|i| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(Batch(vec![Command::Put(
+                PutRequest {
+                    key: format!("/k/{i}").into_bytes(),
+                    value: i.to_string().into_bytes(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )])),
+        })
+    }
+
+    /// openraft reads a snapshot to send it while the leader builds newer ones;
+    /// a replaced snapshot that vanished mid-send was a storage error, which
+    /// stops the member's Raft.
+    #[tokio::test]
+    async fn a_snapshot_being_sent_outlives_the_newer_one_that_replaces_it() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::open(dir.path()).unwrap();
+        let mut sm = StateMachine::new(store.clone()).unwrap();
+        sm.apply(puts(1, 10)).await.unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        builder.build_snapshot().await.unwrap();
+        // A follower is being sent the current snapshot...
+        let mut sending = sm.get_current_snapshot().await.unwrap().unwrap();
+        // ...when two newer ones are built.
+        sm.apply(puts(11, 20)).await.unwrap();
+        builder.build_snapshot().await.unwrap();
+        sm.apply(puts(21, 30)).await.unwrap();
+        let newest = builder.build_snapshot().await.unwrap();
+        let mut data = Vec::new();
+        sending.snapshot.read_to_end(&mut data).await.unwrap();
+        let summary = crate::export::read_records(&data[..], |_, _, _| Ok(())).unwrap();
+        assert_eq!(summary.revision, 10);
+        // Once read, the replaced one is deleted; the newest stays.
+        let entries = || std::fs::read_dir(store.snapshot_dir()).unwrap().count();
+        let before = entries();
+        drop(sending);
+        assert!(
+            entries() < before,
+            "the replaced snapshot is deleted when read"
+        );
+        drop(newest);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.unwrap().index, 30);
     }
 }

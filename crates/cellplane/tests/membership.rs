@@ -169,7 +169,9 @@ async fn a_member_with_a_lost_disk_is_replaced_under_load_with_etcdctl() {
         assert!(
             Instant::now() < deadline,
             "never promotable: {out}\n{}",
-            cell.log_of(new)
+            (1..=new)
+                .map(|i| format!("--- member {i}:\n{}", cell.log_of(i)))
+                .collect::<String>()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
