@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/mvccpb/kv.proto",
         "etcd/etcdserverpb/rpc.proto",
         "cellplane/raft/v1/raft.proto",
+        "cellplane/cell/v1/ownership.proto",
         "cellplane/router/v1/admin.proto",
         "cellplane/discovery/v1/discovery.proto",
         "cellplane/discovery/v1/health.proto",

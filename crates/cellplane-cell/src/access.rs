@@ -60,6 +60,7 @@ const OPERATOR_ONLY: &[&str] = &[
     "/etcdserverpb.Maintenance/HashKV",
     "/etcdserverpb.Maintenance/Snapshot",
     "/etcdserverpb.Maintenance/MoveLeader",
+    "/cellplane.cell.v1.Ownership/LearnMap",
 ];
 
 impl Policy {

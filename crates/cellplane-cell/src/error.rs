@@ -48,6 +48,18 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::Corrupt => Status::data_loss(e.to_string()),
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::Installing => Status::unavailable(e.to_string()),
+        KvError::NotOwned {
+            ref cell, version, ..
+        } => {
+            let mut s = Status::failed_precondition(e.to_string());
+            if let Ok(v) = cell.parse() {
+                s.metadata_mut().insert(cellplane_map::MOVED_TO_METADATA, v);
+            }
+            s.metadata_mut()
+                .insert(cellplane_map::MAP_VERSION_METADATA, version.into());
+            s
+        }
+        KvError::StaleMap { .. } => Status::failed_precondition(e.to_string()),
         KvError::EmptyKey
         | KvError::KeyNotFound
         | KvError::ValueProvided

@@ -10,6 +10,8 @@
 //! [`watch::WatchService`] (watches from the in-memory event log, handed by key
 //! to the streams that watch it),
 //! [`lease::LeaseService`] and [`lease::Lessor`] (leases; expiry on the leader),
+//! `ownership` (the cell map pushed to the cell: tenants it does not own are
+//! refused with the cell that serves them),
 //! [`network::Network`] (Raft over gRPC), [`read_index::ReadBarrier`] (batched
 //! linearizable reads); `upkeep` runs auto-compaction, the space quota and the
 //! corruption check on the leader.
@@ -18,8 +20,9 @@
 //! (`access`) admits only the identities each port serves: the peer port its own
 //! cell's members, the client port members, routers and operators.
 //!
-//! Depends on `cellplane-proto`, `cellplane-storage`, `cellplane-map` (only for
-//! the lease-ID tag that lets routers find a lease's cell), `cellplane-security`
+//! Depends on `cellplane-proto`, `cellplane-storage`, `cellplane-map` (the
+//! lease-ID tag that lets routers find a lease's cell, and the metadata of a
+//! refusal for a tenant the cell does not own), `cellplane-security`
 //! (TLS material and identities) and `cellplane-discovery` (hosted here, talking
 //! to this member over the etcd API); never on the router or any other cell: a
 //! cell shares nothing with another.
@@ -37,6 +40,7 @@ pub mod metrics;
 mod metrics_loop;
 pub mod network;
 pub mod node;
+mod ownership;
 pub mod proposer;
 pub mod read_index;
 pub mod service;

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellplane_proto::cell::ownership_server::OwnershipServer;
 use cellplane_proto::etcdserverpb::cluster_server::ClusterServer;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::kv_server::KvServer;
@@ -74,6 +75,8 @@ pub struct Shared {
     pub store: Store,
     pub reader: KvReader,
     pub applied: watch::Receiver<AppliedState>,
+    /// Which tenants the cell serves, as this member applied it.
+    pub ownership: watch::Receiver<Arc<cellplane_storage::Ownership>>,
     pub barrier: ReadBarrier,
     pub proposer: Proposer,
     pub limits: Limits,
@@ -314,6 +317,7 @@ pub async fn run(
         .reader()
         .with_max_response_bytes(config.cell.limits.max_response_bytes);
     let applied = sm.subscribe();
+    let ownership = sm.ownership();
     let r = &config.cell.raft;
     let client_tls = config.tls.as_ref().map(|t| t.client());
     let network = Network::new(
@@ -362,6 +366,7 @@ pub async fn run(
         store: store.clone(),
         reader,
         applied,
+        ownership,
         barrier: barrier.clone(),
         proposer,
         limits,
@@ -436,6 +441,10 @@ pub async fn run(
             MaintenanceServer::new(MaintenanceService::new(shared.clone()))
                 .max_decoding_message_size(max_req)
                 .max_encoding_message_size(max_resp),
+        )
+        .add_service(
+            OwnershipServer::new(crate::ownership::OwnershipService::new(shared.clone()))
+                .max_decoding_message_size(max_req),
         )
         .add_service(
             ClusterServer::new(ClusterService::new(shared.clone()))

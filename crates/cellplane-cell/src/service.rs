@@ -217,6 +217,7 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
                     .wait_linearizable(&mut applied)
                     .await
                     .map_err(read_status)?;
+                crate::ownership::check_read(s, &req.key, &req.range_end)?;
             }
             let mut resp = s.reader.range(&req).map_err(kv_status)?;
             let revision = resp.header.as_ref().map_or(0, |h| h.revision);

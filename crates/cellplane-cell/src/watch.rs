@@ -296,6 +296,9 @@ impl WatchStream {
         if c.key.is_empty() && c.range_end != [0] {
             return self.send(refuse("etcdserver: key is not provided".into()));
         }
+        if let Err(e) = crate::ownership::check_read(&self.shared, &c.key, &c.range_end) {
+            return self.send(refuse(e.message().to_string()));
+        }
         let current = self.current_revision();
         let start = if c.start_revision > 0 {
             c.start_revision

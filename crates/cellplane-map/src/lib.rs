@@ -248,6 +248,13 @@ pub enum MapError {
     VersionExhausted { max: u64 },
 }
 
+/// The metadata of a cell's refusal of a tenant it does not own (gRPC
+/// FAILED_PRECONDITION): the cell the map it learned sends the tenant to.
+pub const MOVED_TO_METADATA: &str = "cellplane-moved-to";
+
+/// With [`MOVED_TO_METADATA`]: the version of the map that says so.
+pub const MAP_VERSION_METADATA: &str = "cellplane-map-version";
+
 /// Bits of a lease ID that name the cell holding the lease: a lease lives in one
 /// cell, and a router must send KeepAlive, TimeToLive and Revoke (which carry only
 /// the ID) to that cell. IDs a cell chooses are `tag << LEASE_TAG_SHIFT | random`.

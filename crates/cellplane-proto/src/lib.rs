@@ -3,6 +3,7 @@
 //! - [`etcdserverpb`] and [`mvccpb`]: the etcd v3 API subset every cell and router
 //!   serves, so `etcdctl` and every etcd v3 client work unchanged.
 //! - [`raft`]: the member-to-member Raft transport inside one cell.
+//! - [`cell`]: which tenants a cell serves (the map pushed to it).
 //! - [`router`]: the router's admin service.
 //! - [`discovery`]: service discovery; [`grpc_health`]: the standard gRPC health
 //!   protocol its active checks speak.
@@ -21,6 +22,10 @@ pub mod etcdserverpb {
 
 pub mod raft {
     tonic::include_proto!("cellplane.raft.v1");
+}
+
+pub mod cell {
+    tonic::include_proto!("cellplane.cell.v1");
 }
 
 pub mod router {

@@ -7,10 +7,18 @@
 //!    tenant rule lives) and the route ([`crate::routes`]) in the map in force.
 //! 3. [`Admitted::unary`] / [`Admitted::open_stream`]: the call, carrying the
 //!    tenant to the cell and the cell's name back to the client.
+//! 4. A cell that does not own the tenant refuses a call with FAILED_PRECONDITION
+//!    and names the cell that does (`cellplane-moved-to`, at map version
+//!    `cellplane-map-version`): [`Admitted::unary`] then retries once, on the
+//!    cell its map sends the tenant to once it holds that version (it waits up to
+//!    [`MOVED_MAP_WAIT`] for the directory's), else on the cell named. A refusal
+//!    is never an executed request (cells check ownership before they apply or
+//!    read), so writes retry safely.
 //!
 //! No service resolves a tenant or picks a cell on its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cellplane_security::Identity;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -34,10 +42,88 @@ pub struct Caller {
     pub cell: Option<String>,
 }
 
+/// How long a call refused by a cell that names a newer map waits for the
+/// directory to hand this router that map before following the cell's hint.
+pub const MOVED_MAP_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a call waits before retrying a cell whose map is older than this
+/// router's (the operator pushes a map to the directory, then to the cells).
+const CELL_BEHIND_WAIT: Duration = Duration::from_millis(200);
+
 /// A request that passed the checks: for whom it acts and the cell that serves it.
 pub struct Admitted {
     pub scope: Scope,
     pub cell: CellClient,
+    reroute: Reroute,
+}
+
+/// What a refused call needs to find the right cell.
+#[derive(Clone)]
+struct Reroute {
+    maps: MapHolder,
+    cells: Arc<Cells>,
+}
+
+/// A cell's refusal of a tenant it does not own.
+#[derive(Debug, PartialEq, Eq)]
+struct Moved {
+    /// The cell the refusing cell's map sends the tenant to.
+    to: String,
+    /// That map's version.
+    version: u64,
+}
+
+impl Moved {
+    fn of(s: &Status) -> Option<Moved> {
+        if s.code() != tonic::Code::FailedPrecondition {
+            return None;
+        }
+        let to = s
+            .metadata()
+            .get(cellplane_map::MOVED_TO_METADATA)?
+            .to_str()
+            .ok()?;
+        let version = s
+            .metadata()
+            .get(cellplane_map::MAP_VERSION_METADATA)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(Moved {
+            to: to.to_string(),
+            version,
+        })
+    }
+}
+
+impl Reroute {
+    /// The cell to retry on after `refused_by` refused `tenant`, if any.
+    async fn after(&self, tenant: &str, refused_by: &str, moved: &Moved) -> Option<CellClient> {
+        let mut maps = self.maps.subscribe();
+        let _ = tokio::time::timeout(
+            MOVED_MAP_WAIT,
+            maps.wait_for(|m| m.map.version >= moved.version),
+        )
+        .await;
+        let map = self.maps.current().map;
+        let by_map = routes::for_tenant(&map, tenant).ok()?.cell;
+        let target = if map.version > moved.version && by_map == refused_by {
+            // The cell has not learned the map this router routes by yet.
+            tokio::time::sleep(CELL_BEHIND_WAIT).await;
+            by_map
+        } else if map.version >= moved.version {
+            by_map
+        } else {
+            // The directory did not answer in time: the cell knows better.
+            moved.to.clone()
+        };
+        if target == refused_by && map.version <= moved.version {
+            return None;
+        }
+        tracing::debug!(tenant, refused_by, to = %target, version = moved.version, "retrying a call on the tenant's cell");
+        self.cells.get(&target)
+    }
 }
 
 pub struct Core {
@@ -104,7 +190,18 @@ impl Core {
             }
         };
         let cell = self.client(&route)?;
-        Ok(Admitted { scope, cell })
+        Ok(Admitted {
+            scope,
+            cell,
+            reroute: self.reroute(),
+        })
+    }
+
+    fn reroute(&self) -> Reroute {
+        Reroute {
+            maps: self.maps.clone(),
+            cells: self.cells.clone(),
+        }
     }
 
     /// A call about lease `id`: acts for the caller's tenant (or unscoped, auth
@@ -117,7 +214,11 @@ impl Core {
             return Ok(None);
         };
         let cell = self.client(&route)?;
-        Ok(Some(Admitted { scope, cell }))
+        Ok(Some(Admitted {
+            scope,
+            cell,
+            reroute: self.reroute(),
+        }))
     }
 
     /// The scope of a tenant-wide call without a key (a lease list).
@@ -143,13 +244,26 @@ impl Admitted {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        match self.cell.unary(path, req, kind, self.scope.tenant()).await {
-            Ok(r) => Ok(with_cell(r, self.cell.name())),
-            Err(mut s) => {
-                if let Ok(v) = MetadataValue::try_from(self.cell.name()) {
-                    s.metadata_mut().insert(CELL_METADATA, v);
+        let tenant = self.scope.tenant();
+        let mut cell = self.cell.clone();
+        let mut retried = false;
+        loop {
+            match cell.unary(path, req, kind, tenant).await {
+                Ok(r) => return Ok(with_cell(r, cell.name())),
+                Err(mut s) => {
+                    if !retried
+                        && let (Some(t), Some(moved)) = (tenant, Moved::of(&s))
+                        && let Some(next) = self.reroute.after(t, cell.name(), &moved).await
+                    {
+                        retried = true;
+                        cell = next;
+                        continue;
+                    }
+                    if let Ok(v) = MetadataValue::try_from(cell.name()) {
+                        s.metadata_mut().insert(CELL_METADATA, v);
+                    }
+                    return Err(s);
                 }
-                Err(s)
             }
         }
     }

@@ -14,9 +14,11 @@ pub(crate) const CF_REV: &str = "rev";
 pub(crate) const CF_HIST: &str = "hist";
 pub(crate) const CF_LEASE: &str = "lease";
 pub(crate) const CF_ALARM: &str = "alarm";
+/// The cell map the cell learned ([`crate::ownership`]).
+pub(crate) const CF_OWNER: &str = "owner";
 
 /// Column families that hold the state machine (everything a snapshot carries).
-pub(crate) const SM_CFS: [&str; 5] = [CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM];
+pub(crate) const SM_CFS: [&str; 6] = [CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM, CF_OWNER];
 
 /// What the memtables of every column family may hold together.
 pub const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
@@ -32,7 +34,9 @@ const READ_ONLY_CACHE_BYTES: usize = 8 << 20;
 const CF_MEMTABLE_BYTES: usize = 16 << 20;
 
 /// Every column family.
-const ALL_CFS: [&str; 7] = [CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM];
+const ALL_CFS: [&str; 8] = [
+    CF_META, CF_LOG, CF_KV, CF_REV, CF_HIST, CF_LEASE, CF_ALARM, CF_OWNER,
+];
 
 /// One member's database. Cheap to clone.
 ///

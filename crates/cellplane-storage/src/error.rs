@@ -68,6 +68,23 @@ pub enum KvError {
          into smaller ranges (delete or compare a part of the keys at a time)"
     )]
     ApplyTooLarge { max: usize },
+    /// The cell does not own the tenant: the map it learned sends the tenant to
+    /// `cell` (empty: to no cell).
+    #[error(
+        "tenant {tenant} moved to cell {cell} at map version {version}: this cell does not \
+         serve it; refresh the cell map and send the request to {cell}"
+    )]
+    NotOwned {
+        tenant: String,
+        cell: String,
+        version: u64,
+    },
+    /// A map older than the one the cell learned was pushed to it.
+    #[error(
+        "the cell already learned map version {have}, newer than (or different from) the \
+         version {got} pushed: push the directory's current map"
+    )]
+    StaleMap { have: u64, got: u64 },
 }
 
 impl From<rocksdb::Error> for KvError {

@@ -33,7 +33,7 @@ use std::path::Path;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 use sha2::{Digest, Sha256};
 
-use crate::db::{CF_ALARM, CF_META, SM_CFS, Store};
+use crate::db::{CF_ALARM, CF_META, CF_OWNER, SM_CFS, Store};
 use crate::error::KvError;
 use crate::mvcc::{KEY_COMPACTED, KEY_REVISION, read_i64};
 
@@ -222,9 +222,11 @@ pub fn import(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotE
 
 fn import_into(dir: &Path, input: impl Read) -> Result<SnapshotSummary, SnapshotError> {
     let store = crate::open(dir).map_err(|e| KvError::Storage(e.to_string()))?;
-    // The old cell's alarms name its members, not the new cell's: a restored
-    // cell starts with none.
-    let (summary, mut batch) = load_records(&store, input, |name| name != CF_ALARM)?;
+    // The old cell's alarms name its members, not the new cell's, and the map it
+    // learned names the old cell: a restored cell starts with no alarm and serves
+    // every tenant until a map is pushed to it.
+    let (summary, mut batch) =
+        load_records(&store, input, |name| name != CF_ALARM && name != CF_OWNER)?;
     let meta = store.cf(CF_META);
     batch.put_cf(meta, KEY_REVISION, summary.revision.to_be_bytes());
     batch.put_cf(meta, KEY_COMPACTED, summary.compacted.to_be_bytes());

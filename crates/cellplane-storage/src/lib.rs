@@ -34,6 +34,7 @@ mod export;
 mod lease;
 mod log_store;
 mod mvcc;
+mod ownership;
 mod snapshot_file;
 mod state_machine;
 mod types;
@@ -49,6 +50,7 @@ pub use export::{
 pub use lease::{LeaseRecord, MAX_LEASE_TTL};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{DEFAULT_MAX_RESPONSE_BYTES, KeyRange, KvHash, KvReader, Limits};
+pub use ownership::Ownership;
 pub use snapshot_file::SnapshotFile;
 pub use state_machine::{
     AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, MAX_APPLY_SCAN_BYTES, StateMachine,

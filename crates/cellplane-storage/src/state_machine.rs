@@ -27,7 +27,7 @@ use crate::alarm::{
 };
 use crate::codec::{Rev, hist_key};
 use crate::compactor::KEY_PHYSICAL;
-use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_REV, Store};
+use crate::db::{CF_ALARM, CF_HIST, CF_KV, CF_LEASE, CF_META, CF_OWNER, CF_REV, Store};
 use crate::error::KvError;
 use crate::events::RevisionEvents;
 use crate::export::{SnapshotError, SnapshotSummary};
@@ -38,6 +38,7 @@ use crate::mvcc::{
     KEY_COMPACTED, KEY_REVISION, KeyRange, KvReader, KvRecord, RevRecord, decode_record,
     finish_range, read_i64, scan_current,
 };
+use crate::ownership::{Ownership, StoredOwnership};
 use crate::snapshot_file::{self, SnapshotFile, StoredSnapshot};
 use crate::types::{BatchResponse, Command, CommandResponse, Member, NodeId, TypeConfig};
 
@@ -50,6 +51,8 @@ const KEY_SNAPSHOT: &[u8] = b"sm/snapshot-file";
 const KEY_LEGACY_SNAPSHOT: &[u8] = b"sm/snapshot";
 /// An install begun and not finished ([`StoredSnapshot`]).
 const KEY_INSTALLING: &[u8] = b"sm/installing";
+/// The map the cell learned ([`StoredOwnership`]), in [`CF_OWNER`].
+const KEY_OWNER_MAP: &[u8] = b"map";
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -78,6 +81,8 @@ pub struct StateMachine {
     compacted: i64,
     alarms: AlarmSet,
     published: watch::Sender<AppliedState>,
+    /// Which tenants the cell serves, as applied.
+    ownership: watch::Sender<Arc<Ownership>>,
     /// Serializes writes of the stored snapshot: openraft may build one while it
     /// installs another, and an older one must never replace a newer one.
     snapshot_lock: Arc<Mutex<()>>,
@@ -133,6 +138,7 @@ impl StateMachine {
         let revision = read_i64(&store, &opts, KEY_REVISION).map_err(rd)?;
         let compacted = read_i64(&store, &opts, KEY_COMPACTED).map_err(rd)?;
         let alarms = read_alarms(&store, ReadOptions::default()).map_err(rd)?;
+        let ownership = read_ownership(&store).map_err(rd)?;
         let (published, _) = watch::channel(AppliedState {
             log_index: applied.map(|l: LogId<NodeId>| l.index).unwrap_or(0),
             revision,
@@ -147,6 +153,7 @@ impl StateMachine {
             compacted,
             alarms,
             published,
+            ownership: watch::channel(Arc::new(ownership)).0,
             snapshot_lock: Arc::default(),
             events_tx: broadcast::channel(log.revisions.max(1)).0,
             max_revision_bytes: log.revision_bytes,
@@ -168,6 +175,11 @@ impl StateMachine {
         self.published.subscribe()
     }
 
+    /// Follows which tenants the cell serves, as applied.
+    pub fn ownership(&self) -> watch::Receiver<Arc<Ownership>> {
+        self.ownership.subscribe()
+    }
+
     fn publish(&self) {
         let state = AppliedState {
             log_index: self.applied.map(|l| l.index).unwrap_or(0),
@@ -180,6 +192,14 @@ impl StateMachine {
 
     fn read_snapshot(&self) -> SResult<Option<StoredSnapshot>> {
         stored_snapshot(&self.store).map_err(rd)
+    }
+}
+
+/// The map `store`'s cell learned, if any.
+fn read_ownership(store: &Store) -> Result<Ownership, KvError> {
+    match store.db.get_cf(store.cf(CF_OWNER), KEY_OWNER_MAP)? {
+        Some(b) => Ownership::from_stored(&b),
+        None => Ok(Ownership::default()),
     }
 }
 
@@ -336,6 +356,8 @@ struct Applier<'a> {
     compacted: i64,
     /// Raised alarms, with this batch's earlier commands' changes.
     alarms: AlarmSet,
+    /// The tenants served, with this batch's earlier commands' changes.
+    ownership: Arc<Ownership>,
     pending: Vec<PendingWrite>,
     undo: Vec<(Vec<u8>, Option<Option<KvRecord>>)>,
     /// Watch events of the command being executed.
@@ -491,8 +513,9 @@ impl Applier<'_> {
         let raised = Raised::of(&self.alarms);
         match cmd {
             Command::Put(b) => {
-                gate(raised, Effect::Grows)?;
                 let req = PutRequest::decode(b.as_slice()).map_err(decode_err)?;
+                self.ownership.check_write(&req.key, b"")?;
+                gate(raised, Effect::Grows)?;
                 self.check_put(&req)?;
                 let rev = self.revision + 1;
                 let resp = self.put(&req, Rev { main: rev, sub: 0 })?;
@@ -500,8 +523,9 @@ impl Applier<'_> {
                 Ok(resp.encode_to_vec())
             }
             Command::DeleteRange(b) => {
-                gate(raised, Effect::Shrinks)?;
                 let req = DeleteRangeRequest::decode(b.as_slice()).map_err(decode_err)?;
+                self.ownership.check_write(&req.key, &req.range_end)?;
+                gate(raised, Effect::Shrinks)?;
                 let mut sub = 0;
                 let resp = self.delete(&req, self.revision + 1, &mut sub)?;
                 if sub > 0 {
@@ -511,6 +535,7 @@ impl Applier<'_> {
             }
             Command::Txn(b) => {
                 let req = TxnRequest::decode(b.as_slice()).map_err(decode_err)?;
+                self.ownership.check_txn(&req)?;
                 if txn_writes(&req) {
                     gate(raised, Effect::Grows)?;
                 }
@@ -535,6 +560,7 @@ impl Applier<'_> {
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
             }
             Command::LeaseGrantOwned { id, ttl, owner } => {
+                self.ownership.check_tenant(owner)?;
                 gate(raised, Effect::Grows)?;
                 self.grant(*id, *ttl, Some(owner.clone()))
             }
@@ -551,7 +577,23 @@ impl Applier<'_> {
                 member,
                 alarm,
             } => self.alarm(*activate, *member, *alarm),
+            Command::LearnMap { cell, map } => self.learn_map(cell, map),
         }
+    }
+
+    /// Makes `map` the map cell `cell` serves by, if it may replace the one
+    /// learned; answers nothing (the caller knows what it pushed).
+    fn learn_map(&mut self, cell: &str, map: &[u8]) -> Result<Vec<u8>, KvError> {
+        let next = self.ownership.learn(cell, map)?;
+        let stored = StoredOwnership {
+            cell: cell.to_string(),
+            map: map.to_vec(),
+        };
+        let enc = postcard::to_stdvec(&stored).map_err(|e| KvError::Storage(e.to_string()))?;
+        self.pending
+            .push((CF_OWNER, KEY_OWNER_MAP.to_vec(), Some(enc)));
+        self.ownership = Arc::new(next);
+        Ok(Vec::new())
     }
 
     /// Raises or clears one alarm; answers etcd's `AlarmResponse` naming the alarm
@@ -946,6 +988,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             revision: self.revision,
             compacted: self.compacted,
             alarms: self.alarms.clone(),
+            ownership: self.ownership.borrow().clone(),
             pending: Vec::new(),
             undo: Vec::new(),
             pending_events: Vec::new(),
@@ -1010,6 +1053,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             revision,
             compacted,
             alarms,
+            ownership,
             events,
             ..
         } = applier;
@@ -1031,6 +1075,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.revision = revision;
         self.compacted = compacted;
         self.alarms = alarms;
+        if !Arc::ptr_eq(&ownership, &self.ownership.borrow()) {
+            self.ownership.send_replace(ownership);
+        }
         self.publish();
         Ok(out)
     }
@@ -1075,6 +1122,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.revision = summary.revision;
         self.compacted = summary.compacted;
         self.alarms = read_alarms(&self.store, ReadOptions::default()).map_err(rd)?;
+        self.ownership
+            .send_replace(Arc::new(read_ownership(&self.store).map_err(rd)?));
         self.publish();
         Ok(())
     }

@@ -78,6 +78,13 @@ pub enum Command {
         member: u64,
         alarm: i32,
     },
+    /// Cell `cell` learns the cell map `map` (JSON): from then on it serves only
+    /// the tenants the map sends it (see the `ownership` module).
+    LearnMap {
+        cell: String,
+        #[serde(with = "serde_bytes")]
+        map: Vec<u8>,
+    },
 }
 
 impl Command {
@@ -110,7 +117,8 @@ impl Command {
             | Command::LeaseRevoke(_)
             | Command::LeaseGrantOwned { .. }
             | Command::LeaseRevokeOwned { .. }
-            | Command::Alarm { .. } => false,
+            | Command::Alarm { .. }
+            | Command::LearnMap { .. } => false,
         }
     }
 
@@ -123,6 +131,7 @@ impl Command {
             Command::LeaseGrantOwned { owner, .. } => 16 + owner.len(),
             Command::LeaseRevokeOwned { owner, .. } => 8 + owner.len(),
             Command::Alarm { .. } => 13,
+            Command::LearnMap { cell, map } => cell.len() + map.len(),
         }
     }
 }
@@ -147,6 +156,9 @@ impl std::fmt::Debug for Command {
                 member,
                 alarm,
             } => write!(f, "Alarm({activate}, {member}, {alarm})"),
+            Command::LearnMap { cell, map } => {
+                write!(f, "LearnMap({cell:?}, {} bytes)", map.len())
+            }
         }
     }
 }

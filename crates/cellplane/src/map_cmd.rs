@@ -1,14 +1,23 @@
-//! `cellplane map show | apply <file> | assign <tenant> <cell> | drain <cell>`:
-//! change the cell map in the directory. Every change is validated (as a successor
-//! of the stored map) before it is written, and written with a compare-and-swap on
-//! the stored map's revision. Routers pick it up within their poll interval.
+//! `cellplane map show | apply <file> | assign <tenant> <cell> | drain <cell> |
+//! push`: change the cell map in the directory. Every change is validated (as a
+//! successor of the stored map) before it is written, and written with a
+//! compare-and-swap on the stored map's revision. Routers pick it up within their
+//! poll interval.
+//!
+//! Then the map is pushed to every cell it names ([`push_to_cells`]): a cell that
+//! has learned a map refuses the tenants it sends elsewhere, so a router on an
+//! older map cannot write into the wrong cell. `map push` pushes the directory's
+//! map again (after a cell was unreachable, or to seed a new environment's cells).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cellplane_map::{CellMap, CellState};
+use cellplane_map::{CellEntry, CellMap, CellState};
+use cellplane_proto::cell::LearnMapRequest;
+use cellplane_proto::cell::ownership_client::OwnershipClient;
 use cellplane_router::directory::{Directory, DirectoryError};
+use tonic::transport::ClientTlsConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct MapArgs {
@@ -37,6 +46,9 @@ pub enum MapOp {
     /// Move a cell's buckets to the other active cells and mark it draining. This
     /// moves routing, not data: keys already written stay in the drained cell.
     Drain { cell: String },
+    /// Push the directory's map to every cell it names again (each cell then
+    /// serves only the tenants the map sends it).
+    Push,
 }
 
 pub fn directory_endpoints(cells: &std::path::Path) -> anyhow::Result<Vec<String>> {
@@ -59,7 +71,7 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
         Err(DirectoryError::Empty) => None,
         Err(e) => bail!("{e} (endpoints: {})", endpoints.join(",")),
     };
-    match args.op {
+    let pushed = match args.op {
         MapOp::Show => {
             let (map, rev) = stored.context("the directory holds no map yet")?;
             crate::outln!(
@@ -67,11 +79,12 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
                 map.version
             );
             crate::out!("{}", map.to_toml());
-            Ok(())
+            return Ok(());
         }
         MapOp::Apply { file } => {
             let next = cellplane_router::map_source::read_map_file(&file)?;
-            write(&dir, stored, next).await
+            write(&dir, stored, &next).await?;
+            next
         }
         MapOp::Assign { tenant, cell } => {
             let (map, rev) =
@@ -79,21 +92,88 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
             let mut next = map.clone();
             next.version = map.next_version()?;
             next.tenants.insert(tenant.clone(), cell.clone());
-            write(&dir, Some((map, rev)), next).await?;
+            write(&dir, Some((map, rev)), &next).await?;
             crate::outln!("tenant {tenant} now routes to cell {cell}");
-            Ok(())
+            next
         }
         MapOp::Drain { cell } => {
             let (map, rev) = stored.context("the directory holds no map yet")?;
             let next = drained(&map, &cell)?;
-            write(&dir, Some((map, rev)), next).await?;
+            write(&dir, Some((map, rev)), &next).await?;
             crate::outln!(
                 "cell {cell} is draining: its buckets now route to the other active cells \
                  (routing only; its data stays where it is)"
             );
-            Ok(())
+            next
+        }
+        MapOp::Push => {
+            stored
+                .context("the directory holds no map yet: `map apply` one first")?
+                .0
+        }
+    };
+    push_to_cells(&pushed, tls.as_ref()).await
+}
+
+/// Rounds of trying every member of a cell before a push to it gives up (a cell
+/// electing a leader answers UNAVAILABLE for a moment).
+const PUSH_ROUNDS: usize = 5;
+
+/// Pushes `map` to every cell it names, so each serves only the tenants the map
+/// sends it. Fails naming every cell that did not learn it.
+pub async fn push_to_cells(map: &CellMap, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
+    let json = map.to_json();
+    let mut failed = Vec::new();
+    for cell in &map.cells {
+        match push_to_cell(cell, &json, tls).await {
+            Ok(version) => crate::outln!("cell {}: serves by map version {version}", cell.name),
+            Err(e) => failed.push(format!("cell {}: {e:#}", cell.name)),
         }
     }
+    if !failed.is_empty() {
+        bail!(
+            "map version {} did not reach every cell, which go on serving by the map they \
+             had: {}; run `cellplane map push` once they answer",
+            map.version,
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+async fn push_to_cell(
+    cell: &CellEntry,
+    json: &[u8],
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<u64> {
+    let mut last = anyhow::anyhow!("the cell lists no endpoint");
+    for round in 0..PUSH_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for ep in &cell.endpoints {
+            let endpoint = cellplane_security::endpoint(ep, tls)
+                .with_context(|| format!("`{ep}` is not an address"))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(5));
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = anyhow::anyhow!("{ep}: {e}");
+                    continue;
+                }
+            };
+            let req = LearnMapRequest { map: json.to_vec() };
+            match OwnershipClient::new(channel).learn_map(req).await {
+                Ok(r) => return Ok(r.into_inner().version),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    last = anyhow::anyhow!("{ep}: {}", s.message());
+                }
+                Err(s) => bail!("{ep}: {}", s.message()),
+            }
+        }
+    }
+    Err(last)
 }
 
 /// The map with `cell`'s buckets spread over the remaining active cells and `cell`
@@ -154,7 +234,7 @@ pub fn drained(map: &CellMap, cell: &str) -> anyhow::Result<CellMap> {
 async fn write(
     dir: &Directory,
     stored: Option<(CellMap, i64)>,
-    next: CellMap,
+    next: &CellMap,
 ) -> anyhow::Result<()> {
     let expected = match &stored {
         Some((current, rev)) => {
@@ -166,7 +246,7 @@ async fn write(
             0
         }
     };
-    dir.write(&next, expected)
+    dir.write(next, expected)
         .await
         .map_err(anyhow::Error::msg)?;
     crate::outln!("map version {} written to the directory", next.version);

@@ -1,8 +1,9 @@
 //! `cellplane up`: the local environment. Starts, as child processes on 127.0.0.1,
 //! every member of every cell defined in `cells/` (the directory cell included) and
 //! the routers of `cells/routers.toml`; seeds the directory with the static map
-//! when it holds none; waits until everything is ready; prints the endpoints; and
-//! stops every child on Ctrl-C or SIGTERM.
+//! when it holds none and pushes the directory's map to every cell (so each serves
+//! only its own tenants) before the routers start; waits until everything is
+//! ready; prints the endpoints; and stops every child on Ctrl-C or SIGTERM.
 //!
 //! It writes `<data-dir>/up.json` (every process: kind, cell, id, pid, endpoints,
 //! log file, command line) so other tools (the load generator's fault schedule) can
@@ -253,7 +254,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_secs);
     let started = async {
         wait_ready(&mut running, deadline).await?;
-        seed_directory(&env, security.operator_tls()?).await?;
+        let tls = security.operator_tls()?;
+        let map = seed_directory(&env, tls.clone()).await?;
+        // Before any router starts: every cell serves only what the map gives it.
+        crate::map_cmd::push_to_cells(&map, tls.as_ref()).await?;
         for r in env.routers.routers.iter().take(args.routers) {
             let log = logs.join(format!("router-{}.log", r.id));
             let mut a: Vec<OsString> = vec![
@@ -376,11 +380,12 @@ impl Security {
     }
 }
 
-/// Writes the static map into the directory when it holds none yet.
+/// Writes the static map into the directory when it holds none yet; returns
+/// the directory's map.
 async fn seed_directory(
     env: &EnvDef,
     tls: Option<tonic::transport::ClientTlsConfig>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<cellplane_map::CellMap> {
     let (_, def) = env
         .cells
         .iter()
@@ -391,7 +396,7 @@ async fn seed_directory(
         cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3), tls.as_ref())
             .map_err(anyhow::Error::msg)?;
     match dir.read().await {
-        Ok(_) => Ok(()),
+        Ok((map, _)) => Ok(map),
         Err(cellplane_router::directory::DirectoryError::Empty) => {
             dir.write(&env.static_map, 0)
                 .await
@@ -400,7 +405,7 @@ async fn seed_directory(
                 "seeded the directory with the static map (version {})",
                 env.static_map.version
             );
-            Ok(())
+            Ok(env.static_map.clone())
         }
         Err(e) => Err(anyhow::anyhow!("cannot read the directory: {e}")),
     }
