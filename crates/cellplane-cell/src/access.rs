@@ -61,6 +61,10 @@ const OPERATOR_ONLY: &[&str] = &[
     "/etcdserverpb.Maintenance/Snapshot",
     "/etcdserverpb.Maintenance/MoveLeader",
     "/cellplane.cell.v1.Ownership/LearnMap",
+    "/cellplane.cell.v1.Ownership/Fence",
+    "/cellplane.cell.v1.Ownership/Unfence",
+    "/cellplane.cell.v1.Ownership/Expect",
+    "/cellplane.cell.v1.Ownership/Forget",
 ];
 
 impl Policy {

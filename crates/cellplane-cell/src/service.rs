@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{kv_status, node_status, read_status};
 use crate::node::{ProposeError, Shared};
+use crate::ownership::{as_mover, keep_mover, mover_tenant};
 
 /// How long a `physical` Compact waits for the member to remove old versions.
 const PHYSICAL_COMPACTION_WAIT: Duration = Duration::from_secs(120);
@@ -229,13 +230,15 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let mover = mover_tenant(request.metadata())?;
+        let cmd = as_mover(&request, Command::Put(request.get_ref().encode_to_vec()))?;
         let req = request.into_inner();
         self.serve("Put", async {
             self.check_size(&req)?;
             cellplane_storage::mvcc_check::put(&req).map_err(kv_status)?;
-            let cmd = Command::Put(req.encode_to_vec());
             self.write(cmd, forwarded, |mut c| async move {
-                c.put(forwarded_request(req)).await
+                c.put(keep_mover(forwarded_request(req), mover.as_deref()))
+                    .await
             })
             .await
         })
@@ -247,13 +250,18 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let mover = mover_tenant(request.metadata())?;
+        let cmd = as_mover(
+            &request,
+            Command::DeleteRange(request.get_ref().encode_to_vec()),
+        )?;
         let req = request.into_inner();
         self.serve("DeleteRange", async {
             self.check_size(&req)?;
             cellplane_storage::mvcc_check::delete(&req).map_err(kv_status)?;
-            let cmd = Command::DeleteRange(req.encode_to_vec());
             self.write(cmd, forwarded, |mut c| async move {
-                c.delete_range(forwarded_request(req)).await
+                c.delete_range(keep_mover(forwarded_request(req), mover.as_deref()))
+                    .await
             })
             .await
         })
@@ -262,13 +270,15 @@ impl cellplane_proto::etcdserverpb::kv_server::Kv for KvService {
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let mover = mover_tenant(request.metadata())?;
+        let cmd = as_mover(&request, Command::Txn(request.get_ref().encode_to_vec()))?;
         let req = request.into_inner();
         self.serve("Txn", async {
             self.check_size(&req)?;
             cellplane_storage::mvcc_check::txn(&req, &self.shared.limits).map_err(kv_status)?;
-            let cmd = Command::Txn(req.encode_to_vec());
             self.write(cmd, forwarded, |mut c| async move {
-                c.txn(forwarded_request(req)).await
+                c.txn(keep_mover(forwarded_request(req), mover.as_deref()))
+                    .await
             })
             .await
         })

@@ -102,6 +102,7 @@ impl Watch for WatchService {
             queued: queued.clone(),
             drained: drained.clone(),
             shared: self.shared.clone(),
+            ownership: self.shared.ownership.clone(),
             events: self.shared.watch_hub.subscribe(),
             tx,
             watchers: BTreeMap::new(),
@@ -135,6 +136,8 @@ struct Watcher {
 
 struct WatchStream {
     shared: Arc<Shared>,
+    /// Which tenants the cell serves: a watch of a tenant that moved away ends.
+    ownership: tokio::sync::watch::Receiver<Arc<cellplane_storage::Ownership>>,
     events: Subscription,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     /// Encoded bytes of the responses in `tx` not yet taken by the client.
@@ -182,6 +185,10 @@ impl WatchStream {
                     None => Err(Stop::Done),
                 },
                 _ = progress.tick() => self.notify_progress(),
+                changed = self.ownership.changed() => match changed {
+                    Ok(()) => self.end_moved(),
+                    Err(_) => Err(Stop::Done),
+                },
             };
             match step {
                 Ok(()) => {}
@@ -536,6 +543,34 @@ impl WatchStream {
     /// The stream was not handed revisions from `from` on: its watchers can no
     /// longer be told every event in order, so each is canceled with the revision
     /// to watch again from, and the stream starts over with none.
+    /// Ends the watchers of tenants the cell no longer serves (a move cut
+    /// over): their events now happen in another cell, at unrelated revisions.
+    fn end_moved(&mut self) -> Result<(), Stop> {
+        let own = self.ownership.borrow_and_update().clone();
+        let moved: Vec<(i64, String)> = self
+            .watchers
+            .iter()
+            .filter_map(|(id, w)| {
+                let (key, end) = bounds(&w.range);
+                own.moved_away(&key, &end).map(|e| (*id, e.to_string()))
+            })
+            .collect();
+        for (id, why) in moved {
+            self.remove(id);
+            self.send(WatchResponse {
+                header: self.header(self.current_revision()),
+                watch_id: id,
+                canceled: true,
+                cancel_reason: format!(
+                    "{why}. Revisions do not carry across cells: read the keys again and watch \
+                     from the revision that read returns"
+                ),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    }
+
     fn cancel_all_behind(&mut self, from: i64) -> Result<(), Stop> {
         let watchers = std::mem::take(&mut self.watchers);
         self.by_key.clear();
@@ -576,5 +611,17 @@ impl WatchStream {
             }
         }
         Ok(())
+    }
+}
+
+/// The etcd `(key, range_end)` of a watched range.
+fn bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
+    match range {
+        KeyRange::Single(k) => (k.clone(), Vec::new()),
+        KeyRange::Span {
+            start,
+            end: Some(end),
+        } => (start.clone(), end.clone()),
+        KeyRange::Span { start, end: None } => (start.clone(), vec![0]),
     }
 }

@@ -255,6 +255,11 @@ pub const MOVED_TO_METADATA: &str = "cellplane-moved-to";
 /// With [`MOVED_TO_METADATA`]: the version of the map that says so.
 pub const MAP_VERSION_METADATA: &str = "cellplane-map-version";
 
+/// The metadata on a KV request to a cell that makes it the tenant mover's
+/// write of that tenant (see the cell's ownership module). Routers never
+/// forward it.
+pub const MOVE_TENANT_METADATA: &str = "cellplane-move-tenant";
+
 /// Bits of a lease ID that name the cell holding the lease: a lease lives in one
 /// cell, and a router must send KeepAlive, TimeToLive and Revoke (which carry only
 /// the ID) to that cell. IDs a cell chooses are `tag << LEASE_TAG_SHIFT | random`.

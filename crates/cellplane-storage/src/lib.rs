@@ -12,6 +12,8 @@
 //!   chunks in a checksummed format of our own. Raft's own snapshots use the
 //!   same format, as files ([`SnapshotFile`]): built, sent, received and
 //!   installed in bounded pieces, never whole in memory.
+//! - [`Ownership`]: which tenants the cell serves — the cell map it learned
+//!   through Raft, and the tenants moving out (fenced) or in — checked at apply.
 //! - [`HistoryCompactor`]: removes, in the background and in steps, the versions
 //!   an applied compaction hid (applying `Compact` itself changes one number).
 //!
@@ -50,7 +52,7 @@ pub use export::{
 pub use lease::{LeaseRecord, MAX_LEASE_TTL};
 pub use log_store::{LogStore, SyncStats};
 pub use mvcc::{DEFAULT_MAX_RESPONSE_BYTES, KeyRange, KvHash, KvReader, Limits};
-pub use ownership::Ownership;
+pub use ownership::{Destination, Ownership};
 pub use snapshot_file::SnapshotFile;
 pub use state_machine::{
     AppliedState, DEFAULT_EVENT_LOG_REVISIONS, EventLogLimits, MAX_APPLY_SCAN_BYTES, StateMachine,

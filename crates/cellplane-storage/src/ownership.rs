@@ -24,6 +24,7 @@
 //! ownership existed. `cellplane up` pushes `cells/routing.toml` (or the
 //! directory's newer map) into every cell before any router starts.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cellplane_map::CellMap;
@@ -31,12 +32,23 @@ use cellplane_proto::etcdserverpb::{TxnRequest, request_op};
 use serde::{Deserialize, Serialize};
 
 use crate::error::KvError;
+use crate::types::Command;
 
-/// What a cell knows of its tenants: the map it last learned, and its own name
-/// in it.
+/// The most tenants a cell may have moving in or out at once: each is an
+/// operator's move, and the whole record is rewritten on every change.
+pub const MAX_MOVES: usize = 1024;
+
+/// What a cell knows of its tenants: the map it last learned (and its own name
+/// in it), and the tenants moving out (fenced) or in.
 #[derive(Debug, Clone, Default)]
 pub struct Ownership {
     learned: Option<Learned>,
+    /// Tenants fenced here while they move out: refused, naming where they go,
+    /// until a map sending them there is learned (or the move is aborted).
+    fenced: BTreeMap<String, Destination>,
+    /// Tenants moving in: only the mover writes them, until a map sending them
+    /// here is learned (or the move is aborted).
+    incoming: BTreeMap<String, Destination>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,13 +57,24 @@ struct Learned {
     map: Arc<CellMap>,
 }
 
-/// How a learned map is stored (in the `owner` column family, so it travels
-/// with Raft snapshots).
+/// The other side of a move, and the map version the move will publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub cell: String,
+    pub version: u64,
+}
+
+/// A tenant moving, and the other cell of the move.
+pub type TenantMove = (String, Destination);
+
+/// How ownership is stored (one record in the `owner` column family, so it
+/// travels with Raft snapshots).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct StoredOwnership {
-    pub cell: String,
-    #[serde(with = "serde_bytes")]
-    pub map: Vec<u8>,
+    /// The learned map: the cell's name and the map as JSON.
+    learned: Option<(String, serde_bytes::ByteBuf)>,
+    fenced: Vec<(String, Destination)>,
+    incoming: Vec<(String, Destination)>,
 }
 
 /// Whether a key range stays in one tenant's namespace.
@@ -64,6 +87,25 @@ enum Reach<'a> {
     Several,
 }
 
+/// A change of ownership, applied through Raft.
+#[derive(Debug)]
+pub(crate) enum Change<'a> {
+    /// Learn a map (JSON).
+    Learn(&'a [u8]),
+    /// Fence an owned tenant that moves to `to`.
+    Fence {
+        tenant: &'a str,
+        to: Destination,
+    },
+    Unfence(&'a str),
+    /// Let the mover write a tenant that moves in from `from`.
+    Expect {
+        tenant: &'a str,
+        from: Destination,
+    },
+    Forget(&'a str),
+}
+
 impl Ownership {
     /// Ownership by `map`, for the cell named `cell`.
     pub fn of(cell: &str, map: CellMap) -> Ownership {
@@ -72,6 +114,7 @@ impl Ownership {
                 cell: cell.to_string(),
                 map: Arc::new(map),
             }),
+            ..Ownership::default()
         }
     }
 
@@ -80,21 +123,105 @@ impl Ownership {
         self.learned.as_ref().map(|l| l.map.version)
     }
 
+    /// Tenants moving out (fenced here) and in, with the other cell.
+    pub fn moves(&self) -> (Vec<TenantMove>, Vec<TenantMove>) {
+        let list = |m: &BTreeMap<String, Destination>| {
+            m.iter().map(|(t, d)| (t.clone(), d.clone())).collect()
+        };
+        (list(&self.fenced), list(&self.incoming))
+    }
+
+    /// Whether anything is checked at all: a cell that never learned a map and
+    /// moves nothing serves every tenant.
+    fn governs(&self) -> bool {
+        self.learned.is_some() || !self.fenced.is_empty() || !self.incoming.is_empty()
+    }
+
+    pub(crate) fn to_stored(&self) -> StoredOwnership {
+        StoredOwnership {
+            learned: self
+                .learned
+                .as_ref()
+                .map(|l| (l.cell.clone(), serde_bytes::ByteBuf::from(l.map.to_json()))),
+            fenced: self.moves().0,
+            incoming: self.moves().1,
+        }
+    }
+
     /// Reads the stored form back; `Storage` if it does not parse (it was
     /// validated when it was learned).
     pub(crate) fn from_stored(bytes: &[u8]) -> Result<Ownership, KvError> {
-        let stored: StoredOwnership = postcard::from_bytes(bytes)
-            .map_err(|e| KvError::Storage(format!("corrupt ownership record: {e}")))?;
-        let map = CellMap::from_json(&stored.map)
-            .map_err(|e| KvError::Storage(format!("corrupt ownership record: {e}")))?;
-        Ok(Ownership::of(&stored.cell, map))
+        let corrupt =
+            |e: &dyn std::fmt::Display| KvError::Storage(format!("corrupt ownership record: {e}"));
+        let stored: StoredOwnership = postcard::from_bytes(bytes).map_err(|e| corrupt(&e))?;
+        let learned = match stored.learned {
+            Some((cell, json)) => Some(Learned {
+                cell,
+                map: Arc::new(CellMap::from_json(&json).map_err(|e| corrupt(&e))?),
+            }),
+            None => None,
+        };
+        Ok(Ownership {
+            learned,
+            fenced: stored.fenced.into_iter().collect(),
+            incoming: stored.incoming.into_iter().collect(),
+        })
     }
 
-    /// The successor of this ownership after cell `cell` learns `map_json`:
-    /// refused if the map does not parse, does not name `cell`, or is older
-    /// than the one learned (the same version again is accepted only as the
-    /// same map, so pushing a map twice is harmless).
-    pub(crate) fn learn(&self, cell: &str, map_json: &[u8]) -> Result<Ownership, KvError> {
+    /// The successor of this ownership after `change` in cell `cell`.
+    pub(crate) fn apply(&self, cell: &str, change: &Change<'_>) -> Result<Ownership, KvError> {
+        let mut next = self.clone();
+        match change {
+            Change::Learn(json) => return self.learn(cell, json),
+            Change::Fence { tenant, to } => {
+                if self.fenced.get(*tenant) == Some(to) {
+                    return Ok(next);
+                }
+                self.check_tenant(tenant)?;
+                if to.cell == cell {
+                    return Err(KvError::Invalid(format!(
+                        "tenant {tenant} cannot move from cell {cell} to itself"
+                    )));
+                }
+                self.room()?;
+                next.fenced.insert(tenant.to_string(), to.clone());
+            }
+            Change::Unfence(tenant) => {
+                next.fenced.remove(*tenant);
+            }
+            Change::Expect { tenant, from } => {
+                if self.incoming.get(*tenant) == Some(from) {
+                    return Ok(next);
+                }
+                if self.owns_by_map(tenant) {
+                    return Err(KvError::Invalid(format!(
+                        "cell {cell} already serves tenant {tenant}: nothing to move in"
+                    )));
+                }
+                self.room()?;
+                next.incoming.insert(tenant.to_string(), from.clone());
+            }
+            Change::Forget(tenant) => {
+                next.incoming.remove(*tenant);
+            }
+        }
+        Ok(next)
+    }
+
+    fn room(&self) -> Result<(), KvError> {
+        if self.fenced.len() + self.incoming.len() >= MAX_MOVES {
+            return Err(KvError::Invalid(format!(
+                "the cell already has {MAX_MOVES} tenants moving in or out: finish or abort some"
+            )));
+        }
+        Ok(())
+    }
+
+    /// After cell `cell` learns `map_json`: refused if the map does not parse,
+    /// does not name `cell`, or is older than the one learned (the same version
+    /// again is accepted only as the same map, so pushing a map twice is
+    /// harmless). A move the map completes is forgotten on both sides.
+    fn learn(&self, cell: &str, map_json: &[u8]) -> Result<Ownership, KvError> {
         let map = CellMap::from_json(map_json)
             .map_err(|e| KvError::Invalid(format!("the cell map does not validate: {e}")))?;
         if !map.cells.iter().any(|c| c.name == cell) {
@@ -114,27 +241,63 @@ impl Ownership {
                 });
             }
         }
-        Ok(Ownership::of(cell, map))
+        let sends = |t: &str, to: &str| map.cell_for(t).is_some_and(|c| c.name == to);
+        let fenced = self
+            .fenced
+            .iter()
+            .filter(|(t, d)| !sends(t, &d.cell))
+            .map(|(t, d)| (t.clone(), d.clone()))
+            .collect();
+        let incoming = self
+            .incoming
+            .iter()
+            .filter(|(t, _)| !sends(t, cell))
+            .map(|(t, d)| (t.clone(), d.clone()))
+            .collect();
+        Ok(Ownership {
+            learned: Some(Learned {
+                cell: cell.to_string(),
+                map: Arc::new(map),
+            }),
+            fenced,
+            incoming,
+        })
+    }
+
+    /// Whether the learned map sends `tenant` here (no map: yes).
+    fn owns_by_map(&self, tenant: &str) -> bool {
+        match &self.learned {
+            None => true,
+            Some(l) => l.map.cell_for(tenant).is_some_and(|c| c.name == l.cell),
+        }
     }
 
     /// Refuses tenant `tenant` unless this cell owns it.
     pub fn check_tenant(&self, tenant: &str) -> Result<(), KvError> {
+        let refuse = |cell: &str, version: u64| KvError::NotOwned {
+            tenant: tenant.to_string(),
+            cell: cell.to_string(),
+            version,
+        };
+        if let Some(to) = self.fenced.get(tenant) {
+            return Err(refuse(&to.cell, to.version));
+        }
+        let version = self.map_version().unwrap_or(0);
+        if let Some(from) = self.incoming.get(tenant) {
+            return Err(refuse(&from.cell, version));
+        }
         let Some(l) = &self.learned else {
             return Ok(());
         };
         match l.map.cell_for(tenant) {
             Some(c) if c.name == l.cell => Ok(()),
-            other => Err(KvError::NotOwned {
-                tenant: tenant.to_string(),
-                cell: other.map_or_else(String::new, |c| c.name.clone()),
-                version: l.map.version,
-            }),
+            other => Err(refuse(other.map_or("", |c| c.name.as_str()), version)),
         }
     }
 
     /// Checks a write of `[key, range_end)` (`range_end` empty: one key).
     pub fn check_write(&self, key: &[u8], range_end: &[u8]) -> Result<(), KvError> {
-        if self.learned.is_none() {
+        if !self.governs() {
             return Ok(());
         }
         match reach(key, range_end) {
@@ -159,29 +322,97 @@ impl Ownership {
         }
     }
 
+    /// The refusal for a watch of `[key, range_end)` whose tenant the learned
+    /// map now sends elsewhere (a finished move); `None` while the cell serves
+    /// the tenant, or fences it (a mover still tails it).
+    pub fn moved_away(&self, key: &[u8], range_end: &[u8]) -> Option<KvError> {
+        let Reach::One(t) = reach(key, range_end) else {
+            return None;
+        };
+        if self.fenced.contains_key(t) || self.owns_by_map(t) {
+            return None;
+        }
+        self.check_tenant(t).err()
+    }
+
     /// Checks every key a txn compares, reads or writes (nested txns too).
     pub fn check_txn(&self, txn: &TxnRequest) -> Result<(), KvError> {
-        if self.learned.is_none() {
+        if !self.governs() {
             return Ok(());
         }
-        for c in &txn.compare {
-            self.check_read(&c.key, &c.range_end)?;
-        }
-        for op in txn.success.iter().chain(&txn.failure) {
-            match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    self.check_read(&r.key, &r.range_end)?
-                }
-                Some(request_op::Request::RequestPut(p)) => self.check_write(&p.key, b"")?,
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    self.check_write(&d.key, &d.range_end)?
-                }
-                Some(request_op::Request::RequestTxn(t)) => self.check_txn(t)?,
-                None => {}
+        for_txn_keys(txn, &mut |key, end, write| {
+            if write {
+                self.check_write(key, end)
+            } else {
+                self.check_read(key, end)
             }
-        }
-        Ok(())
+        })
     }
+
+    /// Whether the mover may apply `cmd` for `tenant` here, bypassing the
+    /// checks above: while the tenant moves in (the copy), or, once the cell
+    /// does not own it, to delete its keys (retiring the old copy, or aborting a
+    /// move in). Every key `cmd` touches must be the tenant's.
+    pub fn check_mover(&self, tenant: &str, cmd: &Command) -> Result<(), KvError> {
+        let deletes_only = matches!(cmd, Command::DeleteRange(_));
+        let allowed = self.incoming.contains_key(tenant)
+            || deletes_only && !self.fenced.contains_key(tenant) && !self.owns_by_map(tenant);
+        if !allowed {
+            return Err(KvError::Invalid(format!(
+                "the mover may write tenant {tenant} here only while it moves in, and delete \
+                 it only once the cell no longer serves it"
+            )));
+        }
+        let outside = || KvError::PermissionDenied;
+        let within = |key: &[u8], end: &[u8]| match reach(key, end) {
+            Reach::One(t) if t == tenant => Ok(()),
+            _ => Err(outside()),
+        };
+        use prost::Message;
+        let undecodable =
+            |e: prost::DecodeError| KvError::Invalid(format!("undecodable command: {e}"));
+        match cmd {
+            Command::Put(b) => {
+                let p = cellplane_proto::etcdserverpb::PutRequest::decode(b.as_slice())
+                    .map_err(undecodable)?;
+                within(&p.key, b"")
+            }
+            Command::DeleteRange(b) => {
+                let d = cellplane_proto::etcdserverpb::DeleteRangeRequest::decode(b.as_slice())
+                    .map_err(undecodable)?;
+                within(&d.key, &d.range_end)
+            }
+            Command::Txn(b) => {
+                let t = TxnRequest::decode(b.as_slice()).map_err(undecodable)?;
+                for_txn_keys(&t, &mut |k, e, _| within(k, e))
+            }
+            Command::LeaseGrantOwned { owner, .. } if owner == tenant => Ok(()),
+            _ => Err(KvError::Invalid(
+                "the mover writes keys and leases of one tenant only".into(),
+            )),
+        }
+    }
+}
+
+/// Calls `f(key, range_end, writes)` for every key a txn compares, reads or
+/// writes, nested txns included; stops at the first error.
+fn for_txn_keys(
+    txn: &TxnRequest,
+    f: &mut impl FnMut(&[u8], &[u8], bool) -> Result<(), KvError>,
+) -> Result<(), KvError> {
+    for c in &txn.compare {
+        f(&c.key, &c.range_end, false)?;
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => f(&r.key, &r.range_end, false)?,
+            Some(request_op::Request::RequestPut(p)) => f(&p.key, b"", true)?,
+            Some(request_op::Request::RequestDeleteRange(d)) => f(&d.key, &d.range_end, true)?,
+            Some(request_op::Request::RequestTxn(t)) => for_txn_keys(t, f)?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The tenant whose namespace `key` is in: `/T/…` with `T` not empty and not
@@ -357,5 +588,129 @@ mod tests {
             Err(KvError::Invalid(_))
         ));
         assert!(matches!(own.learn("a", b"{"), Err(KvError::Invalid(_))));
+    }
+    #[test]
+    fn a_move_fences_the_source_lets_only_the_mover_write_the_destination_and_ends_with_the_map() {
+        use prost::Message;
+        let put = |k: &str| {
+            Command::Put(
+                cellplane_proto::etcdserverpb::PutRequest {
+                    key: k.as_bytes().to_vec(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        let del = |k: &str| {
+            Command::DeleteRange(
+                cellplane_proto::etcdserverpb::DeleteRangeRequest {
+                    key: k.as_bytes().to_vec(),
+                    range_end: cellplane_proto::prefix_end(k.as_bytes()),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        let v3 = map(3, &[("t", "a")]);
+        let v4 = map(4, &[("t", "b")]);
+        let src = Ownership::default().learn("a", &v3.to_json()).unwrap();
+        let dst = Ownership::default().learn("b", &v3.to_json()).unwrap();
+        let to_b = Destination {
+            cell: "b".into(),
+            version: 4,
+        };
+        let from_a = Destination {
+            cell: "a".into(),
+            version: 4,
+        };
+
+        // Fence in the source: refused, naming the destination and version 4.
+        let src = src
+            .apply(
+                "a",
+                &Change::Fence {
+                    tenant: "t",
+                    to: to_b.clone(),
+                },
+            )
+            .unwrap();
+        match src.check_write(b"/t/k", b"") {
+            Err(KvError::NotOwned { cell, version, .. }) => {
+                assert_eq!((cell.as_str(), version), ("b", 4))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only an owned tenant can be fenced; fencing twice is harmless.
+        assert!(
+            dst.apply(
+                "b",
+                &Change::Fence {
+                    tenant: "t",
+                    to: to_b.clone()
+                }
+            )
+            .is_err()
+        );
+        src.apply(
+            "a",
+            &Change::Fence {
+                tenant: "t",
+                to: to_b.clone(),
+            },
+        )
+        .unwrap();
+
+        // The destination: the mover writes t, nobody else does, and nothing
+        // outside t.
+        let dst = dst
+            .apply(
+                "b",
+                &Change::Expect {
+                    tenant: "t",
+                    from: from_a.clone(),
+                },
+            )
+            .unwrap();
+        assert!(dst.check_write(b"/t/k", b"").is_err());
+        dst.check_mover("t", &put("/t/k")).unwrap();
+        assert!(matches!(
+            dst.check_mover("t", &put("/u/k")),
+            Err(KvError::PermissionDenied)
+        ));
+        assert!(
+            src.check_mover("t", &put("/t/k")).is_err(),
+            "the source is fenced"
+        );
+        assert!(
+            src.check_mover("t", &del("/t/")).is_err(),
+            "no delete while fenced"
+        );
+
+        // The map of version 4 ends the move on both sides.
+        let src = src.learn("a", &v4.to_json()).unwrap();
+        let dst = dst.learn("b", &v4.to_json()).unwrap();
+        assert_eq!((src.moves().0.len(), dst.moves().1.len()), (0, 0));
+        dst.check_write(b"/t/k", b"").unwrap();
+        assert!(src.check_write(b"/t/k", b"").is_err());
+        // The old copy is deleted by the mover only.
+        src.check_mover("t", &del("/t/")).unwrap();
+        assert!(src.check_mover("t", &put("/t/k")).is_err());
+
+        // The record survives a restart.
+        let enc = postcard::to_stdvec(
+            &dst.apply(
+                "b",
+                &Change::Expect {
+                    tenant: "x",
+                    from: from_a,
+                },
+            )
+            .unwrap()
+            .to_stored(),
+        )
+        .unwrap();
+        let back = Ownership::from_stored(&enc).unwrap();
+        assert_eq!(back.moves().1.len(), 1);
+        assert_eq!(back.map_version(), Some(4));
     }
 }

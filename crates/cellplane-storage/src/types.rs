@@ -85,6 +85,29 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         map: Vec<u8>,
     },
+    /// Cell `cell` stops serving tenant `tenant`, which moves to cell `to` with
+    /// map version `version` (refused unless the cell owns the tenant).
+    Fence {
+        cell: String,
+        tenant: String,
+        to: String,
+        version: u64,
+    },
+    /// Undoes a fence (an aborted move).
+    Unfence { tenant: String },
+    /// Cell `cell` lets the mover write tenant `tenant`, moving in from `from`
+    /// for map version `version`.
+    Expect {
+        cell: String,
+        tenant: String,
+        from: String,
+        version: u64,
+    },
+    /// Undoes an `Expect` (an aborted move).
+    Forget { tenant: String },
+    /// The mover's write of a moving tenant: applied without the ownership
+    /// checks, if the `ownership` module's `check_mover` allows it.
+    Moving { tenant: String, cmd: Box<Command> },
 }
 
 impl Command {
@@ -118,7 +141,12 @@ impl Command {
             | Command::LeaseGrantOwned { .. }
             | Command::LeaseRevokeOwned { .. }
             | Command::Alarm { .. }
-            | Command::LearnMap { .. } => false,
+            | Command::LearnMap { .. }
+            | Command::Fence { .. }
+            | Command::Unfence { .. }
+            | Command::Expect { .. }
+            | Command::Forget { .. } => false,
+            Command::Moving { cmd, .. } => cmd.reads_history(),
         }
     }
 
@@ -132,6 +160,17 @@ impl Command {
             Command::LeaseRevokeOwned { owner, .. } => 8 + owner.len(),
             Command::Alarm { .. } => 13,
             Command::LearnMap { cell, map } => cell.len() + map.len(),
+            Command::Fence {
+                cell, tenant, to, ..
+            }
+            | Command::Expect {
+                cell,
+                tenant,
+                from: to,
+                ..
+            } => 8 + cell.len() + tenant.len() + to.len(),
+            Command::Unfence { tenant } | Command::Forget { tenant } => tenant.len(),
+            Command::Moving { tenant, cmd } => tenant.len() + cmd.size(),
         }
     }
 }
@@ -159,6 +198,21 @@ impl std::fmt::Debug for Command {
             Command::LearnMap { cell, map } => {
                 write!(f, "LearnMap({cell:?}, {} bytes)", map.len())
             }
+            Command::Fence {
+                cell,
+                tenant,
+                to,
+                version,
+            } => write!(f, "Fence({cell:?}, {tenant:?} → {to:?} at {version})"),
+            Command::Unfence { tenant } => write!(f, "Unfence({tenant:?})"),
+            Command::Expect {
+                cell,
+                tenant,
+                from,
+                version,
+            } => write!(f, "Expect({cell:?}, {tenant:?} ← {from:?} at {version})"),
+            Command::Forget { tenant } => write!(f, "Forget({tenant:?})"),
+            Command::Moving { tenant, cmd } => write!(f, "Moving({tenant:?}, {cmd:?})"),
         }
     }
 }

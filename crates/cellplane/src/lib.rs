@@ -44,6 +44,7 @@ pub mod deploy;
 pub mod kv_cmd;
 pub mod lease_cmd;
 pub mod map_cmd;
+pub mod move_cmd;
 pub mod signals;
 pub mod snapshot_cmd;
 pub mod status_cmd;

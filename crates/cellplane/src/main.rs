@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Lease(args) => cellplane::lease_cmd::run(args).await,
             Cmd::Svc(args) => cellplane::svc_cmd::run(args).await,
             Cmd::Certs(args) => cellplane::certs_cmd::run(args),
-            Cmd::Tenant(args) => cellplane::tenant_cmd::run(args),
+            Cmd::Tenant(args) => cellplane::tenant_cmd::run(args).await,
             Cmd::Snapshot(args) => cellplane::snapshot_cmd::run(args),
         }
     })

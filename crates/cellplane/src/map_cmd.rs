@@ -13,9 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cellplane_map::{CellEntry, CellMap, CellState};
-use cellplane_proto::cell::LearnMapRequest;
-use cellplane_proto::cell::ownership_client::OwnershipClient;
+use cellplane_map::{CellMap, CellState};
 use cellplane_router::directory::{Directory, DirectoryError};
 use tonic::transport::ClientTlsConfig;
 
@@ -115,65 +113,13 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
     push_to_cells(&pushed, tls.as_ref()).await
 }
 
-/// Rounds of trying every member of a cell before a push to it gives up (a cell
-/// electing a leader answers UNAVAILABLE for a moment).
-const PUSH_ROUNDS: usize = 5;
-
 /// Pushes `map` to every cell it names, so each serves only the tenants the map
 /// sends it. Fails naming every cell that did not learn it.
 pub async fn push_to_cells(map: &CellMap, tls: Option<&ClientTlsConfig>) -> anyhow::Result<()> {
-    let json = map.to_json();
-    let mut failed = Vec::new();
-    for cell in &map.cells {
-        match push_to_cell(cell, &json, tls).await {
-            Ok(version) => crate::outln!("cell {}: serves by map version {version}", cell.name),
-            Err(e) => failed.push(format!("cell {}: {e:#}", cell.name)),
-        }
-    }
-    if !failed.is_empty() {
-        bail!(
-            "map version {} did not reach every cell, which go on serving by the map they \
-             had: {}; run `cellplane map push` once they answer",
-            map.version,
-            failed.join("; ")
-        );
+    for (cell, version) in cellplane_mover::push_map(map, tls).await? {
+        crate::outln!("cell {cell}: serves by map version {version}");
     }
     Ok(())
-}
-
-async fn push_to_cell(
-    cell: &CellEntry,
-    json: &[u8],
-    tls: Option<&ClientTlsConfig>,
-) -> anyhow::Result<u64> {
-    let mut last = anyhow::anyhow!("the cell lists no endpoint");
-    for round in 0..PUSH_ROUNDS {
-        if round > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        for ep in &cell.endpoints {
-            let endpoint = cellplane_security::endpoint(ep, tls)
-                .with_context(|| format!("`{ep}` is not an address"))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(5));
-            let channel = match endpoint.connect().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = anyhow::anyhow!("{ep}: {e}");
-                    continue;
-                }
-            };
-            let req = LearnMapRequest { map: json.to_vec() };
-            match OwnershipClient::new(channel).learn_map(req).await {
-                Ok(r) => return Ok(r.into_inner().version),
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    last = anyhow::anyhow!("{ep}: {}", s.message());
-                }
-                Err(s) => bail!("{ep}: {}", s.message()),
-            }
-        }
-    }
-    Err(last)
 }
 
 /// The map with `cell`'s buckets spread over the remaining active cells and `cell`

@@ -1,7 +1,8 @@
 //! `cellplane tenant add | remove | list`: the password credentials routers check
 //! (`[auth] credentials` in routers.toml). Running routers pick a change up within
 //! their reload interval; removing a user or changing its password also revokes
-//! the tokens it holds.
+//! the tokens it holds. `cellplane tenant move | moves` move a tenant's data
+//! between cells ([`crate::move_cmd`]).
 
 use std::path::PathBuf;
 
@@ -39,20 +40,34 @@ pub enum TenantOp {
     Remove { name: String },
     /// List users and roles (never passwords).
     List,
+    /// Move a tenant and its keys to another cell (or resume or abort a move).
+    Move(crate::move_cmd::MoveArgs),
+    /// List the moves in progress.
+    Moves(crate::move_cmd::MoverArgs),
 }
 
-fn credentials_path(args: &TenantArgs) -> anyhow::Result<PathBuf> {
-    if let Some(f) = &args.file {
-        return Ok(f.clone());
+fn credentials_path(cells: &std::path::Path, file: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(f) = file {
+        return Ok(f);
     }
-    let routers = cellplane_router::RoutersDef::load(&args.cells.join("routers.toml"))?;
+    let routers = cellplane_router::RoutersDef::load(&cells.join("routers.toml"))?;
     Ok(routers.base_dir.join(&routers.auth.credentials))
 }
 
-pub fn run(args: TenantArgs) -> anyhow::Result<()> {
-    let path = credentials_path(&args)?;
+pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
+    let TenantArgs { cells, file, op } = args;
+    match op {
+        TenantOp::Move(m) => crate::move_cmd::run(m, &cells).await,
+        TenantOp::Moves(m) => crate::move_cmd::list(m, &cells).await,
+        op => credentials(&cells, file, op),
+    }
+}
+
+/// The credentials verbs: add, remove, list.
+fn credentials(cells: &std::path::Path, file: Option<PathBuf>, op: TenantOp) -> anyhow::Result<()> {
+    let path = credentials_path(cells, file)?;
     let mut creds = Credentials::load_or_empty(&path)?;
-    match args.op {
+    match op {
         TenantOp::Add {
             name,
             operator,
@@ -96,6 +111,7 @@ pub fn run(args: TenantArgs) -> anyhow::Result<()> {
                 crate::outln!("{:<10} {}", u.role.to_string(), u.name);
             }
         }
+        TenantOp::Move(_) | TenantOp::Moves(_) => {}
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cellplane_chaos::lincheck::{self, CheckOptions, KvInput, KvOutput, Recorder, Verdict};
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
@@ -16,7 +16,7 @@ use cellplane_proto::etcdserverpb::watch_client::WatchClient;
 use cellplane_proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, WatchCreateRequest, WatchRequest, watch_request,
 };
-use common::{TestEnv, free_addrs, get, put};
+use common::{StaleRouter, TestEnv, get, put};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -43,68 +43,6 @@ fn served_by<T>(r: &tonic::Response<T>) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string()
-}
-
-/// A second router whose directory never answers and that has no
-/// last-known-good map: it routes by the static map of version 1 forever.
-struct StaleRouter {
-    _folder: tempfile::TempDir,
-    client: std::net::SocketAddr,
-    child: std::process::Child,
-}
-
-impl StaleRouter {
-    fn start(env: &TestEnv) -> StaleRouter {
-        let folder = tempfile::tempdir().unwrap();
-        let r = free_addrs(6);
-        std::fs::write(
-            folder.path().join("directory.toml"),
-            format!(
-                "name = \"directory\"\n[[members]]\nid = 1\nclient = \"{}\"\npeer = \"{}\"\nhttp = \"{}\"\n",
-                r[3], r[4], r[5]
-            ),
-        )
-        .unwrap();
-        std::fs::write(folder.path().join("routing.toml"), env.static_map(1, &[])).unwrap();
-        std::fs::write(
-            folder.path().join("routers.toml"),
-            format!(
-                "directory = \"directory\"\nstatic_map = \"routing.toml\"\n[[routers]]\nid = 1\n\
-                 client = \"{}\"\nadmin = \"{}\"\nhttp = \"{}\"\n[settings]\ndirectory_poll_ms = 200\n\
-                 [settings.pool]\nrequest_timeout_ms = 3000\nprobe_interval_ms = 200\n",
-                r[0], r[1], r[2]
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(folder.path().join("router.log")).unwrap();
-        let child = std::process::Command::new(common::bin())
-            .args(["router", "--routers"])
-            .arg(folder.path().join("routers.toml"))
-            .args(["--id", "1", "--state-dir"])
-            .arg(folder.path().join("state"))
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while common::http_get(r[2], "/readyz").is_none_or(|(c, _)| c != 200) {
-            assert!(Instant::now() < deadline, "stale router not ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        StaleRouter {
-            _folder: folder,
-            client: r[0],
-            child,
-        }
-    }
-}
-
-impl Drop for StaleRouter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `cellplane map apply` of version `version` of the environment's map with

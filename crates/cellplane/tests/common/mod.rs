@@ -679,6 +679,68 @@ impl TestEnv {
     }
 }
 
+/// A second router whose directory never answers and that has no
+/// last-known-good map: it routes by the static map of version 1 forever.
+pub struct StaleRouter {
+    _folder: tempfile::TempDir,
+    pub client: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl StaleRouter {
+    pub fn start(env: &TestEnv) -> StaleRouter {
+        let folder = tempfile::tempdir().unwrap();
+        let r = free_addrs(6);
+        std::fs::write(
+            folder.path().join("directory.toml"),
+            format!(
+                "name = \"directory\"\n[[members]]\nid = 1\nclient = \"{}\"\npeer = \"{}\"\nhttp = \"{}\"\n",
+                r[3], r[4], r[5]
+            ),
+        )
+        .unwrap();
+        std::fs::write(folder.path().join("routing.toml"), env.static_map(1, &[])).unwrap();
+        std::fs::write(
+            folder.path().join("routers.toml"),
+            format!(
+                "directory = \"directory\"\nstatic_map = \"routing.toml\"\n[[routers]]\nid = 1\n\
+                 client = \"{}\"\nadmin = \"{}\"\nhttp = \"{}\"\n[settings]\ndirectory_poll_ms = 200\n\
+                 [settings.pool]\nrequest_timeout_ms = 3000\nprobe_interval_ms = 200\n",
+                r[0], r[1], r[2]
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(folder.path().join("router.log")).unwrap();
+        let child = std::process::Command::new(bin())
+            .args(["router", "--routers"])
+            .arg(folder.path().join("routers.toml"))
+            .args(["--id", "1", "--state-dir"])
+            .arg(folder.path().join("state"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(r[2], "/readyz").is_none_or(|(c, _)| c != 200) {
+            assert!(Instant::now() < deadline, "stale router not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        StaleRouter {
+            _folder: folder,
+            client: r[0],
+            child,
+        }
+    }
+}
+
+impl Drop for StaleRouter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.stop_router();

@@ -1,0 +1,308 @@
+//! `cellplane tenant move`: a tenant's keys move between cells while clients
+//! write and read it through the router (history checked for linearizability),
+//! other tenants see no error, a router on the stale static map is served by the
+//! new cell, and a mover stopped at every step is resumed or aborted with no
+//! write lost and no tenant left fenced.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cellplane_chaos::lincheck::{self, CheckOptions, KvInput, KvOutput, Recorder, Verdict};
+use cellplane_proto::cell::ShowOwnershipRequest;
+use cellplane_proto::cell::ownership_client::OwnershipClient;
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::watch_client::WatchClient;
+use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+use common::{TestEnv, get, put};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn served_by<T>(r: &tonic::Response<T>) -> String {
+    r.metadata()
+        .get("cellplane-cell")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `cellplane tenant move <args>` against the environment's directory.
+fn mover(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let dir = env.directory.members[0].client.to_string();
+    let mut a = vec!["tenant", "move"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--directory", &dir, "--grace", "1s"]);
+    cli(&a)
+}
+
+fn apply_map(env: &TestEnv) {
+    let file = env.folder.path().join("map-1.toml");
+    std::fs::write(&file, env.static_map(1, &[])).unwrap();
+    let dir = env.directory.members[0].client.to_string();
+    let (ok, out) = cli(&["map", "--directory", &dir, "apply", file.to_str().unwrap()]);
+    assert!(ok, "map apply: {out}");
+}
+
+/// Which cells hold tenant moves (fenced or incoming), by cell.
+async fn moves_in_cells(env: &TestEnv) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &env.cells {
+        let mut o = OwnershipClient::new(common::channel(c.members[0].client).await.unwrap());
+        let s = o.show(ShowOwnershipRequest {}).await.unwrap().into_inner();
+        for m in s.fenced.iter().chain(&s.incoming) {
+            out.push(format!("{}: {} ({})", s.cell, m.tenant, m.cell));
+        }
+    }
+    out
+}
+
+/// Serializable reads of tenant `t`'s keys on every member of cell `i`.
+async fn keys_in_cell(env: &TestEnv, i: usize, t: &str) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for m in 1..=env.cells[i].members.len() as u64 {
+        let mut kv = env.cells[i].kv(m).await;
+        let mut r = common::prefix(&format!("/{t}/"));
+        r.serializable = true;
+        counts.push(kv.range(r).await.unwrap().into_inner().kvs.len());
+    }
+    counts
+}
+
+/// Puts and linearizable gets of tenant a's keys through the router.
+async fn client(rec: Arc<Recorder>, id: u64, mut kv: KvClient<Channel>, stop: CancellationToken) {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let key = format!("/a/h/{}", n % 3);
+        let input = if n.is_multiple_of(2) {
+            KvInput::Put {
+                value: format!("{id}-{n}"),
+            }
+        } else {
+            KvInput::Get
+        };
+        let p = rec.invoke(id, &key, input.clone());
+        let result = match &input {
+            KvInput::Put { value } => kv.put(put(&key, value)).await.map(|_| KvOutput::Put),
+            _ => kv.range(get(&key)).await.map(|r| {
+                KvOutput::Get(
+                    r.into_inner()
+                        .kvs
+                        .first()
+                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+                )
+            }),
+        };
+        match (result, &input) {
+            (Ok(out), _) => rec.complete(p, out),
+            (Err(_), KvInput::Get) => rec.discard(p),
+            (Err(_), _) => rec.unknown(p),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Tenant b's writer: counts its errors.
+async fn bystander(mut kv: KvClient<Channel>, errors: Arc<AtomicU64>, stop: CancellationToken) {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        if kv.put(put(&format!("/b/k{}", n % 50), "v")).await.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_moves_under_load_with_a_linearizable_history_and_no_lost_write() {
+    let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 3);
+    apply_map(&env);
+    env.start_router();
+    let mut r = env.router_kv().await;
+    for i in 0..300 {
+        r.put(put(&format!("/a/seed/{i:03}"), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+
+    let rec = Arc::new(Recorder::new());
+    let stop = CancellationToken::new();
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks: Vec<_> = (0..3)
+        .map(|id| tokio::spawn(client(rec.clone(), id, r.clone(), stop.clone())))
+        .collect();
+    tasks.push(tokio::spawn(bystander(
+        r.clone(),
+        errors.clone(),
+        stop.clone(),
+    )));
+    // A watch of the tenant through the router, open across the move.
+    let (wtx, wrx) = tokio::sync::mpsc::channel(4);
+    wtx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: b"/a/".to_vec(),
+                range_end: b"/a0".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut watch = WatchClient::new(common::channel(env.router_client).await.unwrap())
+        .watch(tokio_stream::wrappers::ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().unwrap().created);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (ok, out) = mover(&env, &["a", "--to", "beta"]);
+    assert!(ok, "move: {out}");
+    assert!(
+        out.contains("moved tenant a from alpha to beta") && out.contains("fence window"),
+        "{out}"
+    );
+    println!("{out}");
+    // The watch ends, telling the client to read again (revisions do not
+    // carry across cells).
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = watch.message().await.unwrap().unwrap();
+            if m.canceled {
+                return m.cancel_reason;
+            }
+        }
+    })
+    .await
+    .expect("the watch of the moved tenant never ended");
+    assert!(
+        ended.contains("moved to cell beta") && ended.contains("read the keys again"),
+        "{ended}"
+    );
+    drop(wtx);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "tenant b saw errors");
+    let ops = rec.operations();
+    let acked = ops.iter().filter(|o| o.output == KvOutput::Put).count();
+    assert!(acked > 20, "too few acknowledged writes: {acked}");
+    match lincheck::check(&ops, &CheckOptions::default()).expect("well-formed history") {
+        Verdict::Linearizable { .. } => {}
+        other => panic!("not linearizable: {other:?}"),
+    }
+    // Every seeded key is in beta, served through the router; alpha's copy is
+    // retired; no move is left in a cell.
+    let resp = r.range(common::prefix("/a/seed/")).await.unwrap();
+    assert_eq!(served_by(&resp), "beta");
+    let kvs = resp.into_inner().kvs;
+    assert_eq!(kvs.len(), 300);
+    assert!(
+        kvs.iter()
+            .enumerate()
+            .all(|(i, kv)| kv.value == format!("v{i}").as_bytes())
+    );
+    assert_eq!(keys_in_cell(&env, 0, "a").await, [0, 0, 0]);
+    assert!(moves_in_cells(&env).await.is_empty());
+    let dir = env.directory.members[0].client.to_string();
+    let (ok, out) = cli(&["tenant", "moves", "--directory", &dir]);
+    assert!(ok && out.contains("no move in progress"), "{out}");
+    // A router that never reached the directory (the static map: a → alpha)
+    // is refused by alpha and served by beta.
+    let stale = common::StaleRouter::start(&env);
+    let mut s = common::kv(stale.client).await.unwrap();
+    let resp = s.put(put("/a/after", "v")).await.unwrap();
+    assert_eq!(served_by(&resp), "beta");
+    assert_eq!(keys_in_cell(&env, 0, "a").await, [0, 0, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
+    let mut env = TestEnv::start(&["alpha", "beta"], 1);
+    apply_map(&env);
+    env.start_router();
+    let mut r = env.router_kv().await;
+    let mut expected = 0;
+    let write = async |r: &mut KvClient<Channel>, expected: &mut usize| {
+        r.put(put(&format!("/a/k/{expected:03}"), "v"))
+            .await
+            .unwrap();
+        *expected += 1;
+    };
+    for _ in 0..50 {
+        write(&mut r, &mut expected).await;
+    }
+    let cells = ["alpha", "beta"];
+    let mut at = 0; // where tenant a is
+    for (step, finish) in [
+        ("copying", "--abort"),
+        ("copying", "--resume"),
+        ("fenced", "--abort"),
+        ("fenced", "--resume"),
+        ("verified", "--abort"),
+        ("verified", "--resume"),
+        ("cut-over", "--resume"),
+    ] {
+        let to = cells[1 - at];
+        let (ok, out) = mover(&env, &["a", "--to", to, "--stop-after", step]);
+        assert!(
+            !ok && out.contains(&format!("stopped after {step}")),
+            "{step}: {out}"
+        );
+        let dir = env.directory.members[0].client.to_string();
+        let (ok, out) = cli(&["tenant", "moves", "--directory", &dir]);
+        assert!(ok && out.contains(step), "{step}: {out}");
+        // A second mover cannot start the same move.
+        let (ok, out) = mover(&env, &["a", "--to", to]);
+        assert!(!ok && out.contains("in progress"), "{step}: {out}");
+
+        let (ok, out) = mover(&env, &["a", finish]);
+        assert!(ok, "{step} {finish}: {out}");
+        if finish == "--resume" {
+            at = 1 - at;
+        }
+        // Nothing lost, nothing left fenced, and the tenant writes on.
+        assert!(moves_in_cells(&env).await.is_empty(), "{step} {finish}");
+        write(&mut r, &mut expected).await;
+        let resp = r.range(common::prefix("/a/k/")).await.unwrap();
+        assert_eq!(served_by(&resp), cells[at], "{step} {finish}");
+        assert_eq!(resp.into_inner().kvs.len(), expected, "{step} {finish}");
+        assert_eq!(
+            keys_in_cell(&env, 1 - at, "a").await,
+            [0],
+            "{step} {finish}: the other cell keeps no copy"
+        );
+    }
+    // Cut over, the move cannot be aborted any more.
+    let (ok, out) = mover(
+        &env,
+        &["a", "--to", cells[1 - at], "--stop-after", "cut-over"],
+    );
+    assert!(!ok, "{out}");
+    let (ok, out) = mover(&env, &["a", "--abort"]);
+    assert!(!ok && out.contains("cut over"), "{out}");
+    let (ok, out) = mover(&env, &["a", "--resume"]);
+    assert!(ok, "{out}");
+}
