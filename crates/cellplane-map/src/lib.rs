@@ -570,6 +570,77 @@ impl CellMap {
         self.cells.iter().find(|c| c.name == name)
     }
 
+    /// The successor map with `cell`'s buckets spread over the remaining active
+    /// cells and `cell` marked draining. Tenants pinned to `cell` stay pinned (an
+    /// operator's choice; `cellplane cell drain` moves them).
+    pub fn drained(&self, cell: &str) -> Result<CellMap, MapError> {
+        let refuse = |message: String| MapError::Invalid {
+            field: "cells".into(),
+            message,
+        };
+        let entry = self
+            .cells
+            .iter()
+            .find(|c| c.name == cell)
+            .ok_or_else(|| refuse(format!("no cell {cell} in the map")))?;
+        if entry.state == CellState::Draining {
+            return Err(refuse(format!("cell {cell} is already draining")));
+        }
+        let others: Vec<&str> = self
+            .cells
+            .iter()
+            .filter(|c| c.name != cell && c.state == CellState::Active)
+            .map(|c| c.name.as_str())
+            .collect();
+        if others.is_empty() {
+            return Err(refuse(format!(
+                "cell {cell} is the last active cell: nothing to drain it to"
+            )));
+        }
+        let mut next = self.clone();
+        next.version = self.next_version()?;
+        let mut ranges = Vec::new();
+        let mut turn = 0;
+        for r in &self.ranges {
+            if r.cell != cell {
+                ranges.push(r.clone());
+                continue;
+            }
+            // Split the range evenly over the other cells.
+            let len = r.to - r.from + 1;
+            let parts = (others.len() as u32).min(len);
+            let mut from = r.from;
+            for k in 0..parts {
+                let share = len / parts + u32::from(k < len % parts);
+                ranges.push(BucketRange {
+                    from,
+                    to: from + share - 1,
+                    cell: others[(turn + k as usize) % others.len()].to_string(),
+                });
+                from += share;
+            }
+            turn += 1;
+        }
+        ranges.sort_by_key(|r| r.from);
+        next.ranges = ranges;
+        for c in &mut next.cells {
+            if c.name == cell {
+                c.state = CellState::Draining;
+            }
+        }
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// The cell `tenant`'s bucket is assigned to, ignoring tenant overrides.
+    pub fn bucket_cell(&self, tenant: &str) -> Option<&str> {
+        let b = bucket_of(tenant, self.buckets);
+        self.ranges
+            .iter()
+            .find(|r| r.from <= b && b <= r.to)
+            .map(|r| r.cell.as_str())
+    }
+
     /// Spreads every bucket evenly over `cells`, in order, as contiguous ranges.
     /// With no cells there is nothing to assign: no ranges.
     pub fn even_ranges(cells: &[&str], buckets: u32) -> Vec<BucketRange> {

@@ -189,6 +189,54 @@ impl CellConn {
         })
     }
 
+    /// The tenants that have keys in the cell (first segments `/T/` of a name
+    /// that is not the system's), found with one one-key read per tenant; at
+    /// most `max`.
+    pub async fn tenants(&self, max: usize) -> Result<Vec<String>, MoveError> {
+        let (member, _) = self.synced_member().await?;
+        let end = cellplane_proto::prefix_end(b"/");
+        let mut from = b"/".to_vec();
+        let mut found = Vec::new();
+        loop {
+            let req = RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: 1,
+                keys_only: true,
+                serializable: true,
+                ..Default::default()
+            };
+            let page = KvClient::new(member.clone())
+                .range(req)
+                .await
+                .map_err(|s| self.fail(s))?
+                .into_inner();
+            let Some(kv) = page.kvs.first() else {
+                return Ok(found);
+            };
+            let rest = &kv.key[1..];
+            let Some(slash) = rest.iter().position(|b| *b == b'/') else {
+                // `/x` with no second slash: no tenant's; the next key on.
+                from = kv.key.clone();
+                from.push(0);
+                continue;
+            };
+            let segment = &rest[..slash];
+            // Skip the whole `/segment/` prefix, whoever's it is.
+            from = cellplane_proto::prefix_end(&kv.key[..slash + 2]);
+            let system = segment.is_empty() || segment[0] == b'_';
+            if let (false, Ok(t)) = (system, std::str::from_utf8(segment)) {
+                if found.len() == max {
+                    return Err(MoveError::Refused(format!(
+                        "cell {} holds keys of more than {max} tenants: too many to drain at once",
+                        self.name
+                    )));
+                }
+                found.push(t.to_string());
+            }
+        }
+    }
+
     /// Hashes `tenant`'s keys and values at `revision` (0: the newest).
     pub async fn hash(&self, tenant: &str, revision: i64) -> Result<TenantHash, MoveError> {
         let mut h = Sha256::new();

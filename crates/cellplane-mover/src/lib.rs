@@ -23,6 +23,10 @@
 //! The fence window — writes of the moving tenant refused — runs from step 4
 //! to the end of step 7 and is reported.
 //!
+//! [`Mover::drain`] empties a cell this way: it marks the cell draining with
+//! every tenant that has keys in it pinned to it, then moves those tenants to the
+//! cells their buckets now go to, a few at a time.
+//!
 //! Not moved yet: leases (a tenant with keys attached to a lease is refused),
 //! and hash-placed buckets as a whole (a move pins the tenant with an override).
 //!
@@ -31,6 +35,7 @@
 //! APIs only.
 
 mod cell;
+mod drain;
 mod record;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,6 +52,7 @@ use cellplane_router::directory::Directory;
 use tokio::sync::mpsc;
 use tonic::transport::ClientTlsConfig;
 
+pub use drain::{DrainReport, MAX_DRAIN_TENANTS};
 pub use record::{MoveRecord, MoveState, RECORD_PREFIX};
 
 use cell::CellConn;
@@ -322,7 +328,9 @@ impl Mover {
                 let r0 = src.revision().await?;
                 let mut tail = Tail::open(&src, &tenant, r0 + 1).await?;
                 let copied = self.copy(&src, &dst, &tenant, r0).await?;
-                self.say(&format!("copied {copied} keys at revision {r0}"));
+                self.say(&format!(
+                    "tenant {tenant}: copied {copied} keys at revision {r0}"
+                ));
                 tail.drain_to(&dst, src.revision().await?).await?;
                 Ok::<_, MoveError>((r0, tail))
             }
@@ -377,7 +385,7 @@ impl Mover {
             (keys, bytes) = (a.keys, a.bytes);
             r.keys = keys;
             self.say(&format!(
-                "verified: {keys} keys, {bytes} bytes, same SHA-256 on both sides"
+                "tenant {tenant}: verified {keys} keys, {bytes} bytes: same SHA-256 on both sides"
             ));
             self.persist(&mut r, &mut rev, MoveState::Verified).await?;
         }
@@ -393,8 +401,8 @@ impl Mover {
         push_map(&map, self.tls.as_ref()).await?;
         let wait = r.retire_after_ms.saturating_sub(now_ms());
         self.say(&format!(
-            "retiring the copy in {} after {} ms",
-            r.from, wait
+            "tenant {tenant}: retiring the copy in {} after {wait} ms",
+            r.from
         ));
         tokio::time::sleep(Duration::from_millis(wait)).await;
         src.delete_tenant(&tenant).await?;

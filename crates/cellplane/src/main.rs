@@ -77,6 +77,8 @@ enum Cmd {
     Status(cellplane::status_cmd::StatusArgs),
     /// Show or change the cell map in the directory.
     Map(cellplane::map_cmd::MapArgs),
+    /// Add a cell to the live map, or drain one with its data.
+    Cell(cellplane::cell_cmd::CellArgs),
     /// Render the Compose environment or the Kubernetes manifests from cells/.
     Deploy(cellplane::deploy::DeployArgs),
     /// Put, get, delete and watch keys.
@@ -162,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Up(args) => cellplane::up::run(args).await,
             Cmd::Status(args) => cellplane::status_cmd::run(args).await,
             Cmd::Map(args) => cellplane::map_cmd::run(args).await,
+            Cmd::Cell(args) => cellplane::cell_cmd::run(args).await,
             Cmd::Deploy(args) => cellplane::deploy::run(args),
             Cmd::Kv(args) => cellplane::kv_cmd::run(args).await,
             Cmd::Lease(args) => cellplane::lease_cmd::run(args).await,

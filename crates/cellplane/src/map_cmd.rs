@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cellplane_map::{CellMap, CellState};
+use cellplane_map::CellMap;
 use cellplane_router::directory::{Directory, DirectoryError};
 use tonic::transport::ClientTlsConfig;
 
@@ -96,7 +96,7 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
         }
         MapOp::Drain { cell } => {
             let (map, rev) = stored.context("the directory holds no map yet")?;
-            let next = drained(&map, &cell)?;
+            let next = map.drained(&cell)?;
             write(&dir, Some((map, rev)), &next).await?;
             crate::outln!(
                 "cell {cell} is draining: its buckets now route to the other active cells \
@@ -120,61 +120,6 @@ pub async fn push_to_cells(map: &CellMap, tls: Option<&ClientTlsConfig>) -> anyh
         crate::outln!("cell {cell}: serves by map version {version}");
     }
     Ok(())
-}
-
-/// The map with `cell`'s buckets spread over the remaining active cells and `cell`
-/// marked draining. Tenants pinned to `cell` stay pinned (an operator's choice).
-pub fn drained(map: &CellMap, cell: &str) -> anyhow::Result<CellMap> {
-    let entry = map
-        .cells
-        .iter()
-        .find(|c| c.name == cell)
-        .with_context(|| format!("no cell {cell} in the map"))?;
-    if entry.state == CellState::Draining {
-        bail!("cell {cell} is already draining");
-    }
-    let others: Vec<&str> = map
-        .cells
-        .iter()
-        .filter(|c| c.name != cell && c.state == CellState::Active)
-        .map(|c| c.name.as_str())
-        .collect();
-    if others.is_empty() {
-        bail!("cell {cell} is the last active cell: nothing to drain it to");
-    }
-    let mut next = map.clone();
-    next.version = map.next_version()?;
-    let mut ranges = Vec::new();
-    let mut turn = 0;
-    for r in &map.ranges {
-        if r.cell != cell {
-            ranges.push(r.clone());
-            continue;
-        }
-        // Split the range evenly over the other cells.
-        let len = r.to - r.from + 1;
-        let parts = (others.len() as u32).min(len);
-        let mut from = r.from;
-        for k in 0..parts {
-            let share = len / parts + u32::from(k < len % parts);
-            ranges.push(cellplane_map::BucketRange {
-                from,
-                to: from + share - 1,
-                cell: others[(turn + k as usize) % others.len()].to_string(),
-            });
-            from += share;
-        }
-        turn += 1;
-    }
-    ranges.sort_by_key(|r| r.from);
-    next.ranges = ranges;
-    for c in &mut next.cells {
-        if c.name == cell {
-            c.state = CellState::Draining;
-        }
-    }
-    next.validate()?;
-    Ok(next)
 }
 
 async fn write(
@@ -211,14 +156,14 @@ mod tests {
         ))
         .unwrap();
         let map = CellMap::from_toml(&text).unwrap();
-        let next = drained(&map, "beta").unwrap();
+        let next = map.drained("beta").unwrap();
         assert_eq!(next.version, map.version + 1);
         assert!(next.ranges.iter().all(|r| r.cell != "beta"));
-        assert!(drained(&next, "beta").is_err(), "already draining");
-        let next2 = drained(&next, "alpha").unwrap();
+        assert!(next.drained("beta").is_err(), "already draining");
+        let next2 = next.drained("alpha").unwrap();
         assert!(next2.ranges.iter().all(|r| r.cell == "gamma"));
         assert!(
-            drained(&next2, "gamma").is_err(),
+            next2.drained("gamma").is_err(),
             "the last active cell cannot drain"
         );
     }
@@ -232,7 +177,7 @@ mod tests {
         .unwrap();
         let mut map = CellMap::from_toml(&text).unwrap();
         map.version = cellplane_map::MAX_VERSION;
-        let err = drained(&map, "beta").unwrap_err();
+        let err = map.drained("beta").unwrap_err();
         assert!(
             err.to_string()
                 .contains("the map's version is at its maximum"),

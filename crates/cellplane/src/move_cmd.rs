@@ -14,7 +14,7 @@ use cellplane_mover::{MoveSettings, MoveState, Mover};
 pub struct MoverArgs {
     /// Directory endpoints (host:port, comma-separated). Default: the members of
     /// the directory cell named in <cells>/routers.toml.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', global = true)]
     pub directory: Vec<String>,
     /// With TLS on, moving a tenant needs an operator's certificate.
     #[command(flatten)]
@@ -52,7 +52,8 @@ pub struct MoveArgs {
     pub mover: MoverArgs,
 }
 
-fn mover(args: &MoverArgs, cells: &Path, settings: MoveSettings) -> anyhow::Result<Mover> {
+/// A mover talking to the directory `args` (or `cells`/routers.toml) names.
+pub fn mover(args: &MoverArgs, cells: &Path, settings: MoveSettings) -> anyhow::Result<Mover> {
     let endpoints = if args.directory.is_empty() {
         crate::map_cmd::directory_endpoints(cells)?
     } else {

@@ -306,3 +306,115 @@ async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
     let (ok, out) = mover(&env, &["a", "--resume"]);
     assert!(ok, "{out}");
 }
+
+/// Writes unique keys of `tenant` through the router; keeps the acknowledged.
+async fn writer(
+    mut kv: KvClient<Channel>,
+    tenant: String,
+    acked: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: CancellationToken,
+) {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let key = format!("/{tenant}/w/{n}");
+        if kv.put(put(&key, "v")).await.is_ok() {
+            acked.lock().unwrap().push(key);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_with_three_tenants_is_drained_under_load_and_a_new_cell_is_added() {
+    let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
+    apply_map(&env);
+    env.start_router();
+    let map = cellplane_map::CellMap::from_toml(&env.static_map(1, &[])).unwrap();
+    // Gamma's tenants: c (pinned to it) and two placed there by their bucket.
+    let mut tenants = vec!["c".to_string()];
+    tenants.extend(
+        (0..)
+            .map(|i| format!("t{i}"))
+            .filter(|t| map.cell_for(t).unwrap().name == "gamma")
+            .take(2),
+    );
+    let mut r = env.router_kv().await;
+    for t in &tenants {
+        for i in 0..20 {
+            r.put(put(&format!("/{t}/seed/{i}"), "v")).await.unwrap();
+        }
+    }
+    let stop = CancellationToken::new();
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks: Vec<_> = tenants
+        .iter()
+        .map(|t| tokio::spawn(writer(r.clone(), t.clone(), acked.clone(), stop.clone())))
+        .collect();
+    tasks.push(tokio::spawn(bystander(
+        r.clone(),
+        errors.clone(),
+        stop.clone(),
+    )));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let dir = env.directory.members[0].client.to_string();
+    let (ok, out) = cli(&[
+        "cell",
+        "drain",
+        "gamma",
+        "--directory",
+        &dir,
+        "--grace",
+        "1s",
+    ]);
+    assert!(ok && out.contains("3 tenant(s) moved"), "drain: {out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    // Tenant b (beta) saw no error; every acknowledged write is served, by a
+    // cell other than gamma, which keeps nothing of the three.
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "tenant b saw errors");
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 30,
+        "too few acknowledged writes: {}",
+        acked.len()
+    );
+    for t in &tenants {
+        let resp = r.range(common::prefix(&format!("/{t}/"))).await.unwrap();
+        assert_ne!(served_by(&resp), "gamma", "{t}");
+        let have: std::collections::HashSet<Vec<u8>> =
+            resp.into_inner().kvs.into_iter().map(|kv| kv.key).collect();
+        for k in acked.iter().filter(|k| k.starts_with(&format!("/{t}/"))) {
+            assert!(
+                have.contains(k.as_bytes()),
+                "{k} was acknowledged and is gone"
+            );
+        }
+        assert!(have.len() >= 20, "{t}: {}", have.len());
+        assert_eq!(keys_in_cell(&env, 2, t).await, [0], "gamma keeps {t}");
+    }
+    let (ok, out) = cli(&["map", "--directory", &dir, "show"]);
+    assert!(ok && out.contains("draining"), "{out}");
+
+    // A fourth cell joins the map and takes a tenant.
+    let delta = common::TestCell::start_named("delta", 1, "");
+    let (ok, out) = cli(&[
+        "cell",
+        "add",
+        delta.def_path.to_str().unwrap(),
+        "--directory",
+        &dir,
+    ]);
+    assert!(ok && out.contains("cell delta added"), "cell add: {out}");
+    let (ok, out) = mover(&env, &["c", "--to", "delta"]);
+    assert!(ok, "move to delta: {out}");
+    let resp = r.range(common::prefix("/c/")).await.unwrap();
+    assert_eq!(served_by(&resp), "delta");
+    assert!(resp.into_inner().kvs.len() >= 20);
+}
