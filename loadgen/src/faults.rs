@@ -1,6 +1,7 @@
 //! The fault schedule: at given times, kill (SIGKILL), pause (SIGSTOP), resume
 //! (SIGCONT) or restart a member, a whole cell or a router of an environment
-//! started by `cellplane up`, found through its `up.json`.
+//! started by `cellplane up`, found through its `up.json`; or move a tenant to
+//! another cell (`cellplane tenant move`, whose fence window the event reports).
 //!
 //! A restart asks `up` to start the stopped process again by creating
 //! `<data-dir>/restart/<member-CELL-ID|router-ID>` (`up` watches for it and starts
@@ -117,6 +118,14 @@ pub fn windows(events: &[FaultEvent], run_end_s: f64) -> Vec<FaultWindow> {
                     });
                 }
             }
+            FaultAction::Move => done.push(FaultWindow {
+                label: format!("move {}", e.target),
+                cell: e.cell.clone(),
+                processes: Vec::new(),
+                start_s: e.at_s,
+                end_s: e.done_s,
+                healed: true,
+            }),
             FaultAction::Resume | FaultAction::Restart => {
                 let (closing, staying): (Vec<FaultWindow>, Vec<FaultWindow>) = open
                     .into_iter()
@@ -205,6 +214,17 @@ impl Injector {
     pub fn check(&self, faults: &[Fault]) -> Result<(), String> {
         let env = self.env()?;
         for (i, f) in faults.iter().enumerate() {
+            if f.action == FaultAction::Move {
+                let to = f.to.as_deref().unwrap_or_default();
+                if !env.cells().iter().any(|c| c == to) {
+                    return Err(format!(
+                        "faults[{i}].to: the environment in {} has no cell {to} (cells: {})",
+                        self.data_dir.display(),
+                        env.cells().join(", ")
+                    ));
+                }
+                continue;
+            }
             if targets(&env, f).is_empty() {
                 let (field, what) = match (&f.cell, f.member, f.router) {
                     (Some(c), Some(m), _) => ("member", format!("member {m} of cell {c}")),
@@ -256,6 +276,7 @@ impl Injector {
             FaultAction::Pause => self.signal_all(&procs, Signal::SIGSTOP, &mut ev),
             FaultAction::Resume => self.signal_all(&procs, Signal::SIGCONT, &mut ev),
             FaultAction::Restart => self.restart(&procs, &mut ev).await,
+            FaultAction::Move => move_tenant(&env, f, &mut ev).await,
         };
         match result {
             Ok(msg) => {
@@ -421,6 +442,65 @@ pub fn targets<'a>(env: &'a UpEnvironment, f: &Fault) -> Vec<&'a UpProcess> {
     }
 }
 
+/// How long a move may take before the event says it failed (the mover goes on
+/// in the background: its record in the directory says where it is).
+const MOVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `cellplane tenant move` (the binary `up` runs) against the
+/// environment's directory; the event names the source cell and carries the
+/// mover's summary, with the fence window.
+async fn move_tenant(
+    env: &UpEnvironment,
+    f: &Fault,
+    ev: &mut FaultEvent,
+) -> Result<String, String> {
+    let (Some(tenant), Some(to)) = (&f.tenant, &f.to) else {
+        return Err("a move needs its tenant and cell".into());
+    };
+    let directory = env.members(&env.directory);
+    let exe = directory
+        .first()
+        .and_then(|p| p.argv.first())
+        .ok_or("up.json records no command line for the directory's members")?;
+    let endpoints: Vec<&str> = directory.iter().map(|p| p.client.as_str()).collect();
+    let run = tokio::process::Command::new(exe)
+        .args([
+            "tenant",
+            "move",
+            tenant,
+            "--to",
+            to,
+            "--grace",
+            "2s",
+            "--directory",
+        ])
+        .arg(endpoints.join(","))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(MOVE_TIMEOUT, run)
+        .await
+        .map_err(|_| format!("the move did not finish within {MOVE_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot run {exe}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .rfind(|l| l.starts_with("moved tenant"))
+        .unwrap_or_default()
+        .to_string();
+    // "moved tenant a from alpha to beta: …"
+    ev.cell = summary
+        .split_whitespace()
+        .skip_while(|w| *w != "from")
+        .nth(1)
+        .map(str::to_string);
+    if out.status.success() {
+        Ok(summary)
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!("the move failed: {}", stderr.trim()))
+    }
+}
+
 /// Starts `p` from its recorded command line, without `--parent-pid` (its parent
 /// would not be `up`), appending to its log.
 fn spawn_detached(p: &UpProcess) -> Result<u32, String> {
@@ -503,6 +583,16 @@ mod tests {
             ok: true,
             message: String::new(),
         }
+    }
+
+    #[test]
+    fn a_move_is_a_window_from_its_start_to_its_end() {
+        let mut e = ev(3.0, 3.4, FaultAction::Move, &["alpha"]);
+        e.processes.clear();
+        let w = windows(&[e], 10.0);
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].start_s, w[0].end_s, w[0].healed), (3.0, 3.4, true));
+        assert_eq!(w[0].cell.as_deref(), Some("alpha"));
     }
 
     #[test]

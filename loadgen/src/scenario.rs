@@ -356,6 +356,8 @@ pub enum FaultAction {
     Resume,
     /// Start a killed process again (a running one is killed first).
     Restart,
+    /// Move a tenant and its keys to another cell (`cellplane tenant move`).
+    Move,
 }
 
 impl FaultAction {
@@ -365,6 +367,7 @@ impl FaultAction {
             FaultAction::Pause => "pause",
             FaultAction::Resume => "resume",
             FaultAction::Restart => "restart",
+            FaultAction::Move => "move",
         }
     }
 }
@@ -383,11 +386,19 @@ pub struct Fault {
     pub member: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<u64>,
+    /// `move`: the tenant to move, and the cell to move it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 impl Fault {
     /// `cell beta`, `member beta/2`, `router 1`.
     pub fn target_label(&self) -> String {
+        if let (Some(t), Some(to)) = (&self.tenant, &self.to) {
+            return format!("tenant {t} to {to}");
+        }
         match (&self.cell, self.member, self.router) {
             (Some(c), Some(m), _) => format!("member {c}/{m}"),
             (Some(c), None, _) => format!("cell {c}"),
@@ -685,6 +696,26 @@ impl Scenario {
                     ),
                 );
             }
+            if f.action == FaultAction::Move {
+                if f.cell.is_some() || f.member.is_some() || f.router.is_some() {
+                    return bad(
+                        &field("cell"),
+                        "a move names a tenant and the cell it goes to (tenant, to), not a \
+                         process"
+                            .into(),
+                    );
+                }
+                match (&f.tenant, &f.to) {
+                    (Some(t), Some(to)) if !t.is_empty() && !to.is_empty() => continue,
+                    (Some(t), _) if !t.is_empty() => {
+                        return bad(&field("to"), "name the cell to move the tenant to".into());
+                    }
+                    _ => return bad(&field("tenant"), "name the tenant to move".into()),
+                }
+            }
+            if f.tenant.is_some() || f.to.is_some() {
+                return bad(&field("tenant"), "only a move names a tenant".into());
+            }
             match (&f.cell, f.member, f.router) {
                 (Some(_), _, Some(_)) => {
                     return bad(&field("router"), "name a cell or a router, not both".into());
@@ -757,6 +788,31 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.starts_with("s.toml: "), "{msg}");
         e.field().map(str::to_string).unwrap_or(msg)
+    }
+
+    #[test]
+    fn a_move_names_a_tenant_and_a_cell_and_nothing_else() {
+        let s = parse("[[faults]]\nat = 1\naction = \"move\"\ntenant = \"a\"\nto = \"beta\"\n")
+            .unwrap();
+        assert_eq!(s.faults[0].target_label(), "tenant a to beta");
+        assert_eq!(
+            field_of("[[faults]]\nat = 1\naction = \"move\"\ntenant = \"a\"\n"),
+            "faults[0].to"
+        );
+        assert_eq!(
+            field_of("[[faults]]\nat = 1\naction = \"move\"\nto = \"beta\"\n"),
+            "faults[0].tenant"
+        );
+        assert_eq!(
+            field_of(
+                "[[faults]]\nat = 1\naction = \"move\"\ntenant = \"a\"\nto = \"b\"\ncell = \"x\"\n"
+            ),
+            "faults[0].cell"
+        );
+        assert_eq!(
+            field_of("[[faults]]\nat = 1\naction = \"kill\"\ncell = \"x\"\ntenant = \"a\"\n"),
+            "faults[0].tenant"
+        );
     }
 
     #[test]
