@@ -77,6 +77,23 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
                 map.version
             );
             crate::out!("{}", map.to_toml());
+            // Moves in flight, as comments: the output stays a map file.
+            let mover = cellplane_mover::Mover::new(
+                &endpoints,
+                tls.clone(),
+                cellplane_mover::MoveSettings::default(),
+                |_| {},
+            )?;
+            for m in mover.list().await? {
+                crate::outln!(
+                    "# moving: tenant {} from {} to {} ({}, for map version {})",
+                    m.tenant,
+                    m.from,
+                    m.to,
+                    m.state,
+                    m.version
+                );
+            }
             return Ok(());
         }
         MapOp::Apply { file } => {

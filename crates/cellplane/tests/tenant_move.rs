@@ -418,3 +418,94 @@ async fn a_cell_with_three_tenants_is_drained_under_load_and_a_new_cell_is_added
     assert_eq!(served_by(&resp), "delta");
     assert!(resp.into_inner().kvs.len() >= 20);
 }
+
+/// Beta's member 1 holds this many of tenant a's keys (a serializable count:
+/// the destination of a move does not serve the tenant yet).
+async fn count_in(env: &TestEnv, cell: usize) -> i64 {
+    let mut kv = env.cells[cell].kv(1).await;
+    let mut r = common::prefix("/a/");
+    r.serializable = true;
+    r.count_only = true;
+    kv.range(r).await.unwrap().into_inner().count
+}
+
+/// Starts `cellplane tenant move a --to <to>` and SIGKILLs it once the
+/// destination holds part of the copy.
+async fn kill_mid_copy(env: &TestEnv, to: usize, total: i64) {
+    let dir = env.directory.members[0].client.to_string();
+    let to_name = env.cells[to].def_name();
+    let mut child = std::process::Command::new(common::bin())
+        .args(["tenant", "move", "a", "--to", &to_name, "--directory", &dir])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count_in(env, to).await;
+        if n > 0 {
+            assert!(
+                n < total,
+                "the copy finished before the kill: make it larger"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_killed_mid_copy_is_resumed_or_aborted() {
+    use cellplane_proto::etcdserverpb::{RequestOp, TxnRequest, request_op};
+    let mut env = TestEnv::start(&["alpha", "beta"], 1);
+    apply_map(&env);
+    env.start_router();
+    let mut r = env.router_kv().await;
+    let total: i64 = 20_000;
+    for chunk in 0..total / 100 {
+        let ops = (0..100)
+            .map(|i| RequestOp {
+                request: Some(request_op::Request::RequestPut(put(
+                    &format!("/a/k/{:05}", chunk * 100 + i),
+                    &"x".repeat(100),
+                ))),
+            })
+            .collect();
+        r.txn(TxnRequest {
+            success: ops,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let dir = env.directory.members[0].client.to_string();
+
+    // Killed mid-copy, then resumed: every key arrives, alpha keeps none.
+    kill_mid_copy(&env, 1, total).await;
+    let (ok, out) = cli(&["tenant", "moves", "--directory", &dir]);
+    assert!(ok && out.contains("copying"), "{out}");
+    // Meanwhile the tenant is served by alpha, and writes.
+    let resp = r.put(put("/a/during", "v")).await.unwrap();
+    assert_eq!(served_by(&resp), "alpha");
+    let (ok, out) = mover(&env, &["a", "--resume"]);
+    assert!(ok, "resume: {out}");
+    assert_eq!(count_in(&env, 1).await, total + 1);
+    assert_eq!(count_in(&env, 0).await, 0);
+
+    // Killed mid-copy back to alpha, then aborted: beta serves it as before,
+    // alpha keeps nothing, no cell is left moving.
+    kill_mid_copy(&env, 0, total + 1).await;
+    let (ok, out) = mover(&env, &["a", "--abort"]);
+    assert!(ok, "abort: {out}");
+    assert_eq!(count_in(&env, 0).await, 0);
+    assert!(moves_in_cells(&env).await.is_empty());
+    let resp = r.range(common::prefix("/a/")).await.unwrap();
+    assert_eq!(served_by(&resp), "beta");
+    assert_eq!(resp.into_inner().kvs.len() as i64, total + 1);
+}
