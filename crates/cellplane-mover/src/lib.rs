@@ -398,7 +398,7 @@ impl Mover {
         // Cut over: make sure every cell learned the map (a resumed mover may
         // have died before), then retire the old copy after the grace period.
         let (map, _) = self.map().await?;
-        push_map(&map, self.tls.as_ref()).await?;
+        self.push_for_move(&map, &r.from, &r.to).await?;
         let wait = r.retire_after_ms.saturating_sub(now_ms());
         self.say(&format!(
             "tenant {tenant}: retiring the copy in {} after {wait} ms",
@@ -453,7 +453,8 @@ impl Mover {
         for _ in 0..5 {
             let (map, mrev) = self.map().await?;
             if map.cell_for(tenant).is_some_and(|c| c.name == to) {
-                push_map(&map, self.tls.as_ref()).await?;
+                let from = self.source_cell(tenant).await?;
+                self.push_for_move(&map, &from, to).await?;
                 return Ok(map.version);
             }
             let mut next = map.clone();
@@ -469,7 +470,8 @@ impl Mover {
                         "cut over: map version {} sends {tenant} to {to}",
                         next.version
                     ));
-                    push_map(&next, self.tls.as_ref()).await?;
+                    let from = map.cell_for(tenant).map_or("", |c| c.name.as_str());
+                    self.push_for_move(&next, from, to).await?;
                     return Ok(next.version);
                 }
                 Err(e) if e.contains("changed meanwhile") => continue,
@@ -479,6 +481,44 @@ impl Mover {
         Err(MoveError::Directory(
             "the map kept changing under the cut-over: resume the move".into(),
         ))
+    }
+}
+
+impl Mover {
+    /// The source cell of `tenant`'s move in progress.
+    async fn source_cell(&self, tenant: &str) -> Result<String, MoveError> {
+        let (r, _) = self
+            .records
+            .get(tenant)
+            .await?
+            .ok_or_else(|| MoveError::NoMove(tenant.into()))?;
+        Ok(r.from)
+    }
+
+    /// Pushes a cut-over's map: the destination first (it serves the tenant
+    /// while the source is still fenced), then the source (its fence gives way
+    /// to the map), both required; then every other cell, where a failure is
+    /// reported, not fatal (that cell keeps its older map, which does not
+    /// concern this tenant, until `cellplane map push`).
+    async fn push_for_move(&self, map: &CellMap, from: &str, to: &str) -> Result<(), MoveError> {
+        let json = map.to_json();
+        for name in [to, from] {
+            self.conn(map, name)?.learn_map(&json).await?;
+        }
+        for entry in map.cells.iter().filter(|c| c.name != from && c.name != to) {
+            let learned = match CellConn::new(entry, self.tls.as_ref()) {
+                Ok(c) => c.learn_map(&json).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = learned {
+                self.say(&format!(
+                    "warning: cell {} did not learn map version {}: {e}; run `cellplane map \
+                     push` once it answers",
+                    entry.name, map.version
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

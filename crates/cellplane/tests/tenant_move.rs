@@ -509,3 +509,33 @@ async fn a_mover_killed_mid_copy_is_resumed_or_aborted() {
     assert_eq!(served_by(&resp), "beta");
     assert_eq!(resp.into_inner().kvs.len() as i64, total + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_completes_while_an_unrelated_cell_is_down() {
+    let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
+    apply_map(&env);
+    env.start_router();
+    let mut r = env.router_kv().await;
+    r.put(put("/a/k", "v")).await.unwrap();
+    env.cells[2].kill_all();
+
+    let (ok, out) = mover(&env, &["a", "--to", "beta"]);
+    assert!(ok, "move: {out}");
+    assert!(
+        out.contains("warning: cell gamma did not learn map version 2"),
+        "{out}"
+    );
+    let resp = r.range(get("/a/k")).await.unwrap();
+    assert_eq!(served_by(&resp), "beta");
+    assert_eq!(resp.into_inner().kvs.len(), 1);
+
+    // Back up, gamma learns the map with `map push`.
+    env.cells[2].spawn(1);
+    env.cells[2].wait_ready(Duration::from_secs(60));
+    let dir = env.directory.members[0].client.to_string();
+    let (ok, out) = cli(&["map", "--directory", &dir, "push"]);
+    assert!(
+        ok && out.contains("cell gamma: serves by map version 2"),
+        "{out}"
+    );
+}
