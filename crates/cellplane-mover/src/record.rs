@@ -175,42 +175,36 @@ impl Records {
     pub async fn put(&self, record: &MoveRecord, expected: i64) -> Result<i64, MoveError> {
         let key = Self::key(&record.tenant);
         let value = serde_json::to_vec(record).map_err(|e| MoveError::Directory(e.to_string()))?;
-        let txn = TxnRequest {
-            compare: vec![guard(&key, expected)],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                })),
-            }],
-            failure: vec![],
-        };
-        let r = self
-            .any(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
-        if !r.succeeded {
-            return Err(MoveError::Raced(record.tenant.clone()));
-        }
-        Ok(r.header.map_or(0, |h| h.revision))
+        let op = request_op::Request::RequestPut(PutRequest {
+            key: key.clone(),
+            value,
+            ..Default::default()
+        });
+        self.swap(&record.tenant, key, expected, op).await
     }
 
     /// Deletes the record if it is still at `expected`.
     pub async fn delete(&self, tenant: &str, expected: i64) -> Result<(), MoveError> {
         let key = Self::key(tenant);
+        let op = request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+            key: key.clone(),
+            ..Default::default()
+        });
+        self.swap(tenant, key, expected, op).await.map(drop)
+    }
+
+    /// Applies `op` to `tenant`'s record at `key` if it is still at revision
+    /// `expected`; answers the directory's revision after.
+    async fn swap(
+        &self,
+        tenant: &str,
+        key: Vec<u8>,
+        expected: i64,
+        op: request_op::Request,
+    ) -> Result<i64, MoveError> {
         let txn = TxnRequest {
             compare: vec![guard(&key, expected)],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestDeleteRange(
-                    DeleteRangeRequest {
-                        key,
-                        ..Default::default()
-                    },
-                )),
-            }],
+            success: vec![RequestOp { request: Some(op) }],
             failure: vec![],
         };
         let r = self
@@ -222,7 +216,7 @@ impl Records {
         if !r.succeeded {
             return Err(MoveError::Raced(tenant.to_string()));
         }
-        Ok(())
+        Ok(r.header.map_or(0, |h| h.revision))
     }
 }
 

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellplane_chaos::lincheck::{self, CheckOptions, KvInput, KvOutput, Recorder, Verdict};
+use cellplane_chaos::lincheck::{self, CheckOptions, KvOutput, Recorder, Verdict};
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use common::{TestCell, etcdctl, get, put};
 use tokio_util::sync::CancellationToken;
@@ -43,37 +43,12 @@ async fn client(rec: Arc<Recorder>, id: u64, members: Vec<SocketAddr>, stop: Can
     let mut n = 0u64;
     while !stop.is_cancelled() {
         n += 1;
-        let key = format!("/h/{}", n % 3);
-        let input = if n.is_multiple_of(2) {
-            KvInput::Put {
-                value: format!("{id}-{n}"),
-            }
-        } else {
-            KvInput::Get
-        };
         let mut kv = conns[at % conns.len()].clone();
-        let p = rec.invoke(id, &key, input.clone());
-        let result = match &input {
-            KvInput::Put { value } => kv.put(put(&key, value)).await.map(|_| KvOutput::Put),
-            _ => kv.range(get(&key)).await.map(|r| {
-                KvOutput::Get(
-                    r.into_inner()
-                        .kvs
-                        .first()
-                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
-                )
-            }),
-        };
-        match (result, &input) {
-            (Ok(out), _) => rec.complete(p, out),
-            (Err(_), KvInput::Get) => {
-                rec.discard(p);
-                at += 1;
-            }
-            (Err(_), _) => {
-                rec.unknown(p);
-                at += 1;
-            }
+        if common::recorded_op(&rec, id, n, "/h/", &mut kv)
+            .await
+            .is_none()
+        {
+            at += 1;
         }
     }
 }

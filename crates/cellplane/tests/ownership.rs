@@ -10,51 +10,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellplane_chaos::lincheck::{self, CheckOptions, KvInput, KvOutput, Recorder, Verdict};
+use cellplane_chaos::lincheck::{self, CheckOptions, KvOutput, Recorder, Verdict};
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::watch_client::WatchClient;
 use cellplane_proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, WatchCreateRequest, WatchRequest, watch_request,
 };
-use common::{StaleRouter, TestEnv, get, put};
+use common::{StaleRouter, TestEnv, apply_map, cli, get, put, served_by};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::bin())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// The cell that served a response, from its metadata.
-fn served_by<T>(r: &tonic::Response<T>) -> String {
-    r.metadata()
-        .get("cellplane-cell")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// `cellplane map apply` of version `version` of the environment's map with
-/// `extra` pins: written to the directory, then pushed to every cell.
-fn apply_map(env: &TestEnv, version: u64, extra: &[(&str, &str)]) -> String {
-    let file = env.folder.path().join(format!("map-{version}.toml"));
-    std::fs::write(&file, env.static_map(version, extra)).unwrap();
-    let dir = env.directory.members[0].client.to_string();
-    let (ok, out) = cli(&["map", "--directory", &dir, "apply", file.to_str().unwrap()]);
-    assert!(ok, "map apply: {out}");
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_refuses_tenants_it_does_not_own_and_routers_follow_it() {
@@ -238,38 +203,9 @@ async fn client(
     let mut n = 0u64;
     while !stop.is_cancelled() {
         n += 1;
-        let key = format!("/a/h/{}", n % 3);
         let mut kv = routers[(n as usize + id as usize) % routers.len()].clone();
-        let input = if n.is_multiple_of(2) {
-            KvInput::Put {
-                value: format!("{id}-{n}"),
-            }
-        } else {
-            KvInput::Get
-        };
-        let p = rec.invoke(id, &key, input.clone());
-        let result = match &input {
-            KvInput::Put { value } => kv
-                .put(put(&key, value))
-                .await
-                .map(|r| (served_by(&r), KvOutput::Put)),
-            _ => kv.range(get(&key)).await.map(|r| {
-                let cell = served_by(&r);
-                let v = r
-                    .into_inner()
-                    .kvs
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-                (cell, KvOutput::Get(v))
-            }),
-        };
-        match (result, &input) {
-            (Ok((cell, out)), _) => {
-                *served.lock().unwrap().entry(cell).or_default() += 1;
-                rec.complete(p, out);
-            }
-            (Err(_), KvInput::Get) => rec.discard(p),
-            (Err(_), _) => rec.unknown(p),
+        if let Some(cell) = common::recorded_op(&rec, id, n, "/a/h/", &mut kv).await {
+            *served.lock().unwrap().entry(cell).or_default() += 1;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{get, put};
+use common::{cli, get, put};
 
 use std::time::{Duration, Instant};
 
@@ -215,21 +215,6 @@ async fn map_survives_directory_loss_through_last_known_good_and_static() {
     let s = env.admin_status().await;
     assert_eq!(s.map_source, "directory");
     assert!(s.directory_reachable);
-}
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::bin())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,38 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cellplane_chaos::lincheck::{self, CheckOptions, KvInput, KvOutput, Recorder, Verdict};
+use cellplane_chaos::lincheck::{self, CheckOptions, KvOutput, Recorder, Verdict};
 use cellplane_proto::cell::ShowOwnershipRequest;
 use cellplane_proto::cell::ownership_client::OwnershipClient;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::watch_client::WatchClient;
 use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
-use common::{TestEnv, get, put};
+use common::{TestEnv, apply_map, cli, get, put, served_by};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::bin())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn served_by<T>(r: &tonic::Response<T>) -> String {
-    r.metadata()
-        .get("cellplane-cell")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
 
 /// `cellplane tenant move <args>` against the environment's directory.
 fn mover(env: &TestEnv, args: &[&str]) -> (bool, String) {
@@ -50,14 +27,6 @@ fn mover(env: &TestEnv, args: &[&str]) -> (bool, String) {
     a.extend_from_slice(args);
     a.extend_from_slice(&["--directory", &dir, "--grace", "1s"]);
     cli(&a)
-}
-
-fn apply_map(env: &TestEnv) {
-    let file = env.folder.path().join("map-1.toml");
-    std::fs::write(&file, env.static_map(1, &[])).unwrap();
-    let dir = env.directory.members[0].client.to_string();
-    let (ok, out) = cli(&["map", "--directory", &dir, "apply", file.to_str().unwrap()]);
-    assert!(ok, "map apply: {out}");
 }
 
 /// Which cells hold tenant moves (fenced or incoming), by cell.
@@ -90,31 +59,7 @@ async fn client(rec: Arc<Recorder>, id: u64, mut kv: KvClient<Channel>, stop: Ca
     let mut n = 0u64;
     while !stop.is_cancelled() {
         n += 1;
-        let key = format!("/a/h/{}", n % 3);
-        let input = if n.is_multiple_of(2) {
-            KvInput::Put {
-                value: format!("{id}-{n}"),
-            }
-        } else {
-            KvInput::Get
-        };
-        let p = rec.invoke(id, &key, input.clone());
-        let result = match &input {
-            KvInput::Put { value } => kv.put(put(&key, value)).await.map(|_| KvOutput::Put),
-            _ => kv.range(get(&key)).await.map(|r| {
-                KvOutput::Get(
-                    r.into_inner()
-                        .kvs
-                        .first()
-                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
-                )
-            }),
-        };
-        match (result, &input) {
-            (Ok(out), _) => rec.complete(p, out),
-            (Err(_), KvInput::Get) => rec.discard(p),
-            (Err(_), _) => rec.unknown(p),
-        }
+        common::recorded_op(&rec, id, n, "/a/h/", &mut kv).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -134,7 +79,7 @@ async fn bystander(mut kv: KvClient<Channel>, errors: Arc<AtomicU64>, stop: Canc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_moves_under_load_with_a_linearizable_history_and_no_lost_write() {
     let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 3);
-    apply_map(&env);
+    apply_map(&env, 1, &[]);
     env.start_router();
     let mut r = env.router_kv().await;
     for i in 0..300 {
@@ -241,7 +186,7 @@ async fn a_tenant_moves_under_load_with_a_linearizable_history_and_no_lost_write
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
     let mut env = TestEnv::start(&["alpha", "beta"], 1);
-    apply_map(&env);
+    apply_map(&env, 1, &[]);
     env.start_router();
     let mut r = env.router_kv().await;
     let mut expected = 0;
@@ -328,7 +273,7 @@ async fn writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_with_three_tenants_is_drained_under_load_and_a_new_cell_is_added() {
     let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
-    apply_map(&env);
+    apply_map(&env, 1, &[]);
     env.start_router();
     let map = cellplane_map::CellMap::from_toml(&env.static_map(1, &[])).unwrap();
     // Gamma's tenants: c (pinned to it) and two placed there by their bucket.
@@ -464,7 +409,7 @@ async fn kill_mid_copy(env: &TestEnv, to: usize, total: i64) {
 async fn a_mover_killed_mid_copy_is_resumed_or_aborted() {
     use cellplane_proto::etcdserverpb::{RequestOp, TxnRequest, request_op};
     let mut env = TestEnv::start(&["alpha", "beta"], 1);
-    apply_map(&env);
+    apply_map(&env, 1, &[]);
     env.start_router();
     let mut r = env.router_kv().await;
     let total: i64 = 20_000;
@@ -513,7 +458,7 @@ async fn a_mover_killed_mid_copy_is_resumed_or_aborted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_completes_while_an_unrelated_cell_is_down() {
     let mut env = TestEnv::start(&["alpha", "beta", "gamma"], 1);
-    apply_map(&env);
+    apply_map(&env, 1, &[]);
     env.start_router();
     let mut r = env.router_kv().await;
     r.put(put("/a/k", "v")).await.unwrap();

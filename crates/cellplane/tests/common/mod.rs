@@ -855,3 +855,89 @@ pub async fn revision(kv: &mut KvClient<Channel>) -> i64 {
         .unwrap()
         .revision
 }
+
+/// Runs `cellplane <args>`; answers whether it succeeded and what it printed
+/// (stdout, then stderr).
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The cell that served a router's response (its `cellplane-cell` metadata).
+pub fn served_by<T>(r: &tonic::Response<T>) -> String {
+    r.metadata()
+        .get("cellplane-cell")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `cellplane map apply` of version `version` of the environment's map with
+/// `extra` pins: written to the directory, then pushed to every cell.
+pub fn apply_map(env: &TestEnv, version: u64, extra: &[(&str, &str)]) -> String {
+    let file = env.folder.path().join(format!("map-{version}.toml"));
+    std::fs::write(&file, env.static_map(version, extra)).unwrap();
+    let dir = env.directory.members[0].client.to_string();
+    let (ok, out) = cli(&["map", "--directory", &dir, "apply", file.to_str().unwrap()]);
+    assert!(ok, "map apply: {out}");
+    out
+}
+
+/// Operation `n` of history client `id`, recorded in `rec`: a put of key
+/// `{prefix}{n % 3}` when `n` is even, a linearizable get otherwise. Answers
+/// the cell that served it, or `None` when it failed (a failed put is recorded
+/// as of unknown outcome, a failed get is dropped).
+pub async fn recorded_op(
+    rec: &cellplane_chaos::lincheck::Recorder,
+    id: u64,
+    n: u64,
+    prefix: &str,
+    kv: &mut KvClient<Channel>,
+) -> Option<String> {
+    use cellplane_chaos::lincheck::{KvInput, KvOutput};
+    let key = format!("{prefix}{}", n % 3);
+    let input = if n.is_multiple_of(2) {
+        KvInput::Put {
+            value: format!("{id}-{n}"),
+        }
+    } else {
+        KvInput::Get
+    };
+    let p = rec.invoke(id, &key, input.clone());
+    let result = match &input {
+        KvInput::Put { value } => kv
+            .put(put(&key, value))
+            .await
+            .map(|r| (served_by(&r), KvOutput::Put)),
+        _ => kv.range(get(&key)).await.map(|r| {
+            let cell = served_by(&r);
+            let v = r
+                .into_inner()
+                .kvs
+                .first()
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+            (cell, KvOutput::Get(v))
+        }),
+    };
+    match (result, input) {
+        (Ok((cell, out)), _) => {
+            rec.complete(p, out);
+            Some(cell)
+        }
+        (Err(_), KvInput::Get) => {
+            rec.discard(p);
+            None
+        }
+        (Err(_), _) => {
+            rec.unknown(p);
+            None
+        }
+    }
+}
