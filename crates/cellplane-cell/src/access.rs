@@ -65,6 +65,7 @@ const OPERATOR_ONLY: &[&str] = &[
     "/cellplane.cell.v1.Ownership/Unfence",
     "/cellplane.cell.v1.Ownership/Expect",
     "/cellplane.cell.v1.Ownership/Forget",
+    "/cellplane.cell.v1.Ownership/SetLeaseDeadlines",
 ];
 
 impl Policy {

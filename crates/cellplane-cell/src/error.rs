@@ -49,11 +49,17 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::Storage(_) => Status::internal(e.to_string()),
         KvError::Installing => Status::unavailable(e.to_string()),
         KvError::NotOwned {
-            ref cell, version, ..
+            ref tenant,
+            ref cell,
+            version,
         } => {
             let mut s = Status::failed_precondition(e.to_string());
             if let Ok(v) = cell.parse() {
                 s.metadata_mut().insert(cellplane_map::MOVED_TO_METADATA, v);
+            }
+            if let Ok(v) = tenant.parse() {
+                s.metadata_mut()
+                    .insert(cellplane_map::MOVED_TENANT_METADATA, v);
             }
             s.metadata_mut()
                 .insert(cellplane_map::MAP_VERSION_METADATA, version.into());

@@ -14,7 +14,14 @@
 //! its grants record the tenant as the lease's owner, and for any lease it does not
 //! own it gets the answers etcd gives for a lease that does not exist, so one
 //! tenant can neither touch nor discover another's leases. A call without it is an
-//! operator's (or a member's) and sees every lease. Expiry ignores owners.
+//! operator's (or a member's) and sees every lease.
+//!
+//! Leases move with their tenant (`cellplane-mover`): a lease whose tenant the
+//! cell does not serve (moving in, fenced, or moved away) is refused like the
+//! tenant's keys (FAILED_PRECONDITION naming the cell that serves it), is not
+//! expired here (its countdown restarts instead: the mover decides its fate),
+//! and only the mover, with the `cellplane-move-tenant` metadata, grants,
+//! revokes and reads it.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -38,6 +45,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{kv_status, node_status, read_status};
 use crate::node::{ProposeError, Shared};
+use crate::ownership::{keep_mover, mover_tenant};
 use crate::service::{forwarded_request, is_forwarded, serve_request};
 
 /// The gRPC metadata naming the tenant a call is made for. A router sets it on
@@ -205,6 +213,33 @@ impl Lessor {
         self.lock().revoking.remove(&id);
     }
 
+    /// Restarts an expired lease's countdown with a full TTL instead of revoking
+    /// it: its tenant is not served here (moving in or out), and the mover, not
+    /// expiry, decides what becomes of it.
+    fn hold(&self, id: i64) {
+        let mut st = self.lock();
+        st.revoking.remove(&id);
+        if let Some(d) = st.leases.get_mut(&id) {
+            d.expires = Instant::now() + secs(d.ttl);
+        }
+    }
+
+    /// Makes `id` expire `remaining` from now, if this member leads with its
+    /// deadlines loaded and tracks it; answers whether it did.
+    pub fn set_remaining(&self, id: i64, remaining: Duration) -> bool {
+        let mut st = self.lock();
+        if st.term.is_none() {
+            return false;
+        }
+        match st.leases.get_mut(&id) {
+            Some(d) => {
+                d.expires = Instant::now() + remaining;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn step_down(&self) {
         let mut st = self.lock();
         st.term = None;
@@ -225,7 +260,7 @@ impl Lessor {
         st.term = Some(term);
     }
 
-    fn loaded_term(&self) -> Option<u64> {
+    pub fn loaded_term(&self) -> Option<u64> {
         self.lock().term
     }
 }
@@ -292,6 +327,10 @@ pub async fn run_lessor(shared: Arc<Shared>, shutdown: CancellationToken) {
             continue;
         }
         for id in lessor.take_expired() {
+            if !lease_served(&shared, id) {
+                lessor.hold(id);
+                continue;
+            }
             let shared = shared.clone();
             // One at a time per lease, all of a tick's concurrently: the proposer
             // batches them into few Raft entries.
@@ -304,6 +343,11 @@ pub async fn run_lessor(shared: Arc<Shared>, shutdown: CancellationToken) {
                                 tracing::debug!(lease = id, "lease expired and revoked");
                             }
                             Some(Err(KvError::LeaseNotFound)) => {}
+                            Some(Err(KvError::NotOwned { .. })) => {
+                                // Its tenant started moving meanwhile.
+                                shared.lessor.hold(id);
+                                return;
+                            }
                             other => {
                                 tracing::warn!(lease = id, outcome = ?other, "revoking an expired lease failed");
                                 shared.lessor.retry_later(id);
@@ -317,6 +361,29 @@ pub async fn run_lessor(shared: Arc<Shared>, shutdown: CancellationToken) {
             });
         }
     }
+}
+
+/// Whether the cell serves the tenant that owns lease `id` (an operator's lease,
+/// or one the store cannot read now: yes, expiry proceeds as before).
+fn lease_served(s: &Shared, id: i64) -> bool {
+    match s.reader.lease(id) {
+        Ok(Some(rec)) => check_served(s, &rec).is_ok(),
+        _ => true,
+    }
+}
+
+/// Refuses a lease whose tenant this cell does not serve, as the tenant's keys
+/// are refused: FAILED_PRECONDITION naming the cell that serves it.
+fn check_served(s: &Shared, rec: &cellplane_storage::LeaseRecord) -> Result<(), Status> {
+    match &rec.owner {
+        Some(owner) => s.ownership.borrow().check_tenant(owner).map_err(kv_status),
+        None => Ok(()),
+    }
+}
+
+/// `inner` forwarded to the leader once, for `tenant`, as the mover if `mover`.
+fn forward<T>(inner: T, tenant: Option<&str>, mover: Option<&str>) -> Request<T> {
+    keep_mover(forwarded_for(inner, tenant), mover)
 }
 
 /// The etcd `Lease` service of a member.
@@ -391,21 +458,23 @@ impl LeaseService {
                 )),
             };
         }
-        // Another tenant's lease is answered as a missing one, and not renewed.
+        // Another tenant's lease is answered as a missing one, and not renewed;
+        // a lease whose tenant is not served here is refused.
         // Until the deadlines are loaded the store may lag: renew says to retry.
-        if let Some(t) = tenant
-            && s.lessor.loaded_term().is_some()
-            && !s
-                .reader
-                .lease(id)
-                .map_err(kv_status)?
-                .is_some_and(|r| r.owned_by(t))
-        {
-            return Ok(LeaseKeepAliveResponse {
-                header: Some(s.header(s.applied.borrow().revision)),
-                id,
-                ttl: 0,
-            });
+        if s.lessor.loaded_term().is_some() {
+            let rec = s.reader.lease(id).map_err(kv_status)?;
+            if let Some(t) = tenant
+                && !rec.as_ref().is_some_and(|r| r.owned_by(t))
+            {
+                return Ok(LeaseKeepAliveResponse {
+                    header: Some(s.header(s.applied.borrow().revision)),
+                    id,
+                    ttl: 0,
+                });
+            }
+            if let Some(rec) = &rec {
+                check_served(s, rec)?;
+            }
         }
         let stored = || s.reader.lease(id).ok().flatten().map(|r| r.ttl);
         let ttl = match s.lessor.renew(id, stored) {
@@ -460,8 +529,14 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let tenant = request_tenant(&request)?;
+        let mover = mover_tenant(request.metadata())?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseGrant", async {
+            if mover.is_some() && req.id == 0 {
+                return Err(Status::invalid_argument(
+                    "the mover grants a moving lease by the ID it has in the source cell",
+                ));
+            }
             if req.ttl > MAX_LEASE_TTL {
                 return Err(kv_status(KvError::LeaseTtlTooLarge));
             }
@@ -473,7 +548,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
             }
             if let Some(leader) = self.leader_elsewhere(forwarded).await? {
                 let mut c = self.leader_client(leader)?;
-                let req = forwarded_for(req, tenant.as_deref());
+                let req = forward(req, tenant.as_deref(), mover.as_deref());
                 return Ok(c.lease_grant(req).await?.into_inner());
             }
             let id = if req.id == 0 {
@@ -482,13 +557,21 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 req.id
             };
             let ttl = req.ttl.max(self.min_ttl());
-            let cmd = match &tenant {
-                Some(owner) => Command::LeaseGrantOwned {
+            let cmd = match (&mover, &tenant) {
+                (Some(t), _) => Command::Moving {
+                    tenant: t.clone(),
+                    cmd: Box::new(Command::LeaseGrantOwned {
+                        id,
+                        ttl,
+                        owner: t.clone(),
+                    }),
+                },
+                (None, Some(owner)) => Command::LeaseGrantOwned {
                     id,
                     ttl,
                     owner: owner.clone(),
                 },
-                None => Command::LeaseGrant { id, ttl },
+                (None, None) => Command::LeaseGrant { id, ttl },
             };
             match self.propose::<LeaseGrantResponse>(cmd, forwarded).await? {
                 Ok((resp, header)) => {
@@ -500,7 +583,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 }
                 Err(leader) => {
                     let mut c = self.leader_client(leader)?;
-                    let req = forwarded_for(req, tenant.as_deref());
+                    let req = forward(req, tenant.as_deref(), mover.as_deref());
                     Ok(c.lease_grant(req).await?.into_inner())
                 }
             }
@@ -514,16 +597,24 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let tenant = request_tenant(&request)?;
+        let mover = mover_tenant(request.metadata())?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseRevoke", async {
             // A tenant's revoke of a lease it does not own fails at apply as if the
             // lease did not exist.
-            let cmd = match &tenant {
-                Some(owner) => Command::LeaseRevokeOwned {
+            let cmd = match (&mover, &tenant) {
+                (Some(t), _) => Command::Moving {
+                    tenant: t.clone(),
+                    cmd: Box::new(Command::LeaseRevokeOwned {
+                        id: req.id,
+                        owner: t.clone(),
+                    }),
+                },
+                (None, Some(owner)) => Command::LeaseRevokeOwned {
                     id: req.id,
                     owner: owner.clone(),
                 },
-                None => Command::LeaseRevoke(req.id),
+                (None, None) => Command::LeaseRevoke(req.id),
             };
             match self.propose::<LeaseRevokeResponse>(cmd, forwarded).await? {
                 Ok((_, header)) => {
@@ -534,7 +625,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 }
                 Err(leader) => {
                     let mut c = self.leader_client(leader)?;
-                    let req = forwarded_for(req, tenant.as_deref());
+                    let req = forward(req, tenant.as_deref(), mover.as_deref());
                     Ok(c.lease_revoke(req).await?.into_inner())
                 }
             }
@@ -588,12 +679,13 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let tenant = request_tenant(&request)?;
+        let mover = mover_tenant(request.metadata())?;
         let req = request.into_inner();
         serve_request(&self.shared, "LeaseTimeToLive", async {
             let s = &self.shared;
             if let Some(leader) = self.leader_elsewhere(forwarded).await? {
                 let mut c = self.leader_client(leader)?;
-                let req = forwarded_for(req, tenant.as_deref());
+                let req = forward(req, tenant.as_deref(), mover.as_deref());
                 return Ok(c.lease_time_to_live(req).await?.into_inner());
             }
             let mut applied = s.applied.clone();
@@ -605,11 +697,16 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
             let header = Some(s.header(revision));
             // As etcd: an unknown (or expired and revoked) lease is TTL -1, not an
             // error. Another tenant's lease is answered the same way.
+            // The mover reads its tenant's leases wherever they are.
+            let owner = mover.as_deref().or(tenant.as_deref());
             let found = s
                 .reader
                 .lease_with_keys(req.id)
                 .map_err(kv_status)?
-                .filter(|(rec, _)| tenant.as_deref().is_none_or(|t| rec.owned_by(t)));
+                .filter(|(rec, _)| owner.is_none_or(|t| rec.owned_by(t)));
+            if let (Some((rec, _)), None) = (&found, &mover) {
+                check_served(s, rec)?;
+            }
             let Some((rec, keys)) = found else {
                 return Ok(LeaseTimeToLiveResponse {
                     header,
@@ -635,6 +732,7 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let tenant = request_tenant(&request)?;
+        let mover = mover_tenant(request.metadata())?;
         serve_request(&self.shared, "LeaseLeases", async {
             let s = &self.shared;
             let mut applied = s.applied.clone();
@@ -643,9 +741,13 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 .await
                 .map_err(read_status)?;
             let revision = applied.borrow().revision;
-            let leases = match &tenant {
-                Some(t) => s.reader.leases_of(t),
-                None => s.reader.leases(),
+            let leases = match (&mover, &tenant) {
+                (Some(t), _) => s.reader.leases_of(t),
+                (None, Some(t)) => {
+                    s.ownership.borrow().check_tenant(t).map_err(kv_status)?;
+                    s.reader.leases_of(t)
+                }
+                (None, None) => s.reader.leases(),
             }
             .map_err(kv_status)?;
             Ok(LeaseLeasesResponse {
@@ -699,6 +801,25 @@ mod tests {
         }
         let twice = request_tenant(&with_tenant(&[b"a", b"b"])).unwrap_err();
         assert_eq!(twice.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_held_lease_restarts_its_countdown_and_a_handed_over_deadline_is_kept() {
+        let lessor = Lessor::default();
+        assert!(!lessor.set_remaining(1, Duration::ZERO), "not leading yet");
+        lessor.load(3, vec![(1, 10), (2, 10)]);
+        assert!(lessor.set_remaining(1, Duration::ZERO));
+        assert!(!lessor.set_remaining(9, Duration::ZERO), "no such lease");
+        assert_eq!(lessor.take_expired(), vec![1]);
+        // Its tenant is not served here: held, not revoked, full TTL again.
+        lessor.hold(1);
+        assert!(lessor.take_expired().is_empty());
+        assert_eq!(lessor.remaining(1), Some(10));
+        // A remaining time handed over by the mover replaces it.
+        assert!(lessor.set_remaining(2, Duration::from_millis(2500)));
+        assert_eq!(lessor.remaining(2), Some(3));
+        lessor.step_down();
+        assert!(!lessor.set_remaining(2, Duration::ZERO));
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use cellplane_proto::cell::ownership_server::Ownership;
 use cellplane_proto::cell::{
-    LearnMapRequest, LearnMapResponse, Move, MoveStep, MoveStepResponse, ShowOwnershipRequest,
-    ShowOwnershipResponse,
+    LearnMapRequest, LearnMapResponse, LeaseDeadlines, LeaseDeadlinesResponse, Move, MoveStep,
+    MoveStepResponse, ShowOwnershipRequest, ShowOwnershipResponse,
 };
 use cellplane_storage::{Command, KvError};
 use tonic::{Request, Response, Status};
@@ -200,5 +200,32 @@ impl Ownership for OwnershipService {
     async fn forget(&self, r: Request<MoveStep>) -> Result<Response<MoveStepResponse>, Status> {
         self.step("Forget", r, |_, m| Command::Forget { tenant: m.tenant })
             .await
+    }
+
+    async fn set_lease_deadlines(
+        &self,
+        r: Request<LeaseDeadlines>,
+    ) -> Result<Response<LeaseDeadlinesResponse>, Status> {
+        let s = &self.shared;
+        let req = r.into_inner();
+        cellplane_security::check_tenant_name(&req.tenant)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if s.lessor.loaded_term().is_none() {
+            return Ok(Response::new(LeaseDeadlinesResponse::default()));
+        }
+        let mut set = 0u32;
+        for l in &req.leases {
+            // Only the moving tenant's leases: the call cannot shorten another's.
+            let owned = s
+                .reader
+                .lease(l.id)
+                .map_err(kv_status)?
+                .is_some_and(|rec| rec.owned_by(&req.tenant));
+            let remaining = std::time::Duration::from_millis(l.remaining_ms.max(0) as u64);
+            if owned && s.lessor.set_remaining(l.id, remaining) {
+                set += 1;
+            }
+        }
+        Ok(Response::new(LeaseDeadlinesResponse { leading: true, set }))
     }
 }

@@ -255,6 +255,10 @@ pub const MOVED_TO_METADATA: &str = "cellplane-moved-to";
 /// With [`MOVED_TO_METADATA`]: the version of the map that says so.
 pub const MAP_VERSION_METADATA: &str = "cellplane-map-version";
 
+/// With [`MOVED_TO_METADATA`]: the tenant refused (for a call that names only a
+/// lease ID, the lease's tenant).
+pub const MOVED_TENANT_METADATA: &str = "cellplane-moved-tenant";
+
 /// The metadata on a KV request to a cell that makes it the tenant mover's
 /// write of that tenant (see the cell's ownership module). Routers never
 /// forward it.

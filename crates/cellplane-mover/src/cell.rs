@@ -71,7 +71,7 @@ impl CellConn {
 
     /// Runs `call` on each member in turn until one answers other than
     /// UNAVAILABLE (a member down, or no leader for a moment), for a few rounds.
-    async fn any<T, F, Fut>(&self, mut call: F) -> Result<T, MoveError>
+    pub(crate) async fn any<T, F, Fut>(&self, mut call: F) -> Result<T, MoveError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -237,13 +237,15 @@ impl CellConn {
         }
     }
 
-    /// Hashes `tenant`'s keys and values at `revision` (0: the newest).
+    /// Hashes `tenant`'s keys, values and the leases they are attached to at
+    /// `revision` (0: the newest).
     pub async fn hash(&self, tenant: &str, revision: i64) -> Result<TenantHash, MoveError> {
         let mut h = Sha256::new();
         let (mut keys, mut bytes) = (0u64, 0u64);
         let mut pages = self.pages(tenant, revision).await?;
         while let Some(kvs) = pages.next().await? {
             for kv in &kvs {
+                h.update(kv.lease.to_be_bytes());
                 h.update((kv.key.len() as u32).to_be_bytes());
                 h.update(&kv.key);
                 h.update((kv.value.len() as u32).to_be_bytes());
@@ -276,8 +278,13 @@ impl CellConn {
         .await
     }
 
-    /// Deletes every key of `tenant`, as the mover.
+    /// Deletes every key of `tenant` and revokes its leases, as the mover.
     pub async fn delete_tenant(&self, tenant: &str) -> Result<(), MoveError> {
+        self.delete_keys(tenant).await?;
+        self.revoke_leases(tenant).await
+    }
+
+    async fn delete_keys(&self, tenant: &str) -> Result<(), MoveError> {
         let key = format!("/{tenant}/").into_bytes();
         let del = DeleteRangeRequest {
             range_end: cellplane_proto::prefix_end(&key),
@@ -344,7 +351,7 @@ impl Pager {
     }
 }
 
-fn as_mover<T>(body: T, tenant: &str) -> Request<T> {
+pub(crate) fn as_mover<T>(body: T, tenant: &str) -> Request<T> {
     let mut r = Request::new(body);
     if let Ok(v) = tenant.parse() {
         r.metadata_mut().insert(MOVE_TENANT_METADATA, v);

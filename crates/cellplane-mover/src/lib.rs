@@ -27,8 +27,9 @@
 //! every tenant that has keys in it pinned to it, then moves those tenants to the
 //! cells their buckets now go to, a few at a time.
 //!
-//! Not moved yet: leases (a tenant with keys attached to a lease is refused),
-//! and hash-placed buckets as a whole (a move pins the tenant with an override).
+//! Leases move with the tenant, keeping their IDs, granted TTLs and remaining
+//! time (`leases.rs`). Not moved yet: hash-placed buckets as a whole (a move
+//! pins the tenant with an override).
 //!
 //! Depends on `cellplane-map`, `cellplane-proto`, `cellplane-security` and the
 //! router's directory client; talks to cells and the directory over their gRPC
@@ -36,8 +37,10 @@
 
 mod cell;
 mod drain;
+mod leases;
 mod record;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cellplane_map::CellMap;
@@ -122,6 +125,16 @@ pub enum MoveError {
         source_keys: u64,
         dest_keys: u64,
     },
+    #[error(
+        "tenant {tenant}: the lease sets differ at the fence point (source {source_leases} \
+         leases, destination {dest_leases}); the tenant stays fenced: `--resume` copies again, \
+         `--abort` rolls back"
+    )]
+    VerifyLeases {
+        tenant: String,
+        source_leases: usize,
+        dest_leases: usize,
+    },
     #[error("stopped after {0}, as asked: `--resume` or `--abort` it")]
     Stopped(MoveState),
 }
@@ -137,6 +150,8 @@ pub struct MoveReport {
     /// Keys and bytes (keys and values) at the fence point.
     pub keys: u64,
     pub bytes: u64,
+    /// Leases moved (at the fence point).
+    pub leases: usize,
     /// How long the tenant's writes were refused (fence to cut-over).
     pub fence_window: Duration,
 }
@@ -327,7 +342,7 @@ impl Mover {
                 dst.delete_tenant(&tenant).await?;
                 let r0 = src.revision().await?;
                 let mut tail = Tail::open(&src, &tenant, r0 + 1).await?;
-                let copied = self.copy(&src, &dst, &tenant, r0).await?;
+                let copied = self.copy(&src, &dst, &tenant, r0, &mut tail.leases).await?;
                 self.say(&format!(
                     "tenant {tenant}: copied {copied} keys at revision {r0}"
                 ));
@@ -338,7 +353,7 @@ impl Mover {
             let (r0, mut tail) = match copied {
                 Ok(c) => c,
                 Err(e @ MoveError::Refused(_)) => {
-                    // The tenant cannot move (too large, leases): nothing to keep.
+                    // The tenant cannot move (too large): nothing to keep.
                     self.roll_back(&r).await?;
                     self.records.delete(&tenant, rev).await?;
                     return Err(e);
@@ -370,10 +385,21 @@ impl Mover {
         } else if r.state == MoveState::Fenced {
             // Resumed: the source is frozen for the tenant, copy it whole again.
             dst.delete_tenant(&tenant).await?;
-            self.copy(&src, &dst, &tenant, r.rf).await?;
+            self.copy(&src, &dst, &tenant, r.rf, &mut BTreeSet::new())
+                .await?;
         }
-        let (mut keys, mut bytes) = (r.keys, 0);
+        let (mut keys, mut bytes, mut leases) = (r.keys, 0, 0);
         if r.state == MoveState::Fenced {
+            let moved = leases::sync_leases(&src, &dst, &tenant).await?;
+            let landed = dst.leases(&tenant).await?;
+            if moved != landed {
+                return Err(MoveError::VerifyLeases {
+                    tenant,
+                    source_leases: moved.len(),
+                    dest_leases: landed.len(),
+                });
+            }
+            leases = moved.len();
             let (a, b) = (src.hash(&tenant, r.rf).await?, dst.hash(&tenant, 0).await?);
             if a != b {
                 return Err(MoveError::Verify {
@@ -385,11 +411,16 @@ impl Mover {
             (keys, bytes) = (a.keys, a.bytes);
             r.keys = keys;
             self.say(&format!(
-                "tenant {tenant}: verified {keys} keys, {bytes} bytes: same SHA-256 on both sides"
+                "tenant {tenant}: verified {keys} keys, {bytes} bytes, {leases} leases: same \
+                 SHA-256 on both sides"
             ));
             self.persist(&mut r, &mut rev, MoveState::Verified).await?;
         }
         if r.state == MoveState::Verified {
+            // The source is fenced: its leases count down untouched by clients.
+            let ttls = src.lease_ttls(&tenant).await?;
+            dst.set_lease_deadlines(&tenant, &ttls).await?;
+            leases = ttls.len();
             self.cut_over(&tenant, &r.to).await?;
             r.retire_after_ms = now_ms() + self.settings.grace.as_millis() as u64;
             self.persist(&mut r, &mut rev, MoveState::CutOver).await?;
@@ -415,19 +446,31 @@ impl Mover {
             version: map.version,
             keys,
             bytes,
+            leases,
             fence_window,
         })
     }
 
-    /// Copies the tenant's keys at `revision` from `src` to `dst`; answers how
-    /// many.
+    /// Copies the tenant's leases (as they are now) and keys (at `revision`)
+    /// from `src` to `dst`; answers how many keys, and adds the leases to
+    /// `leases`.
     async fn copy(
         &self,
         src: &CellConn,
         dst: &CellConn,
         tenant: &str,
         revision: i64,
+        leases: &mut BTreeSet<i64>,
     ) -> Result<u64, MoveError> {
+        let ttls = src.lease_ttls(tenant).await?;
+        if ttls.len() as u64 > self.settings.max_keys {
+            return Err(MoveError::Refused(format!(
+                "tenant {tenant} has more than {} leases: too large to move in one piece",
+                self.settings.max_keys
+            )));
+        }
+        dst.grant_leases(tenant, &ttls).await?;
+        leases.extend(ttls.iter().map(|l| l.id));
         let mut pages = src.pages(tenant, revision).await?;
         let mut n = 0u64;
         while let Some(kvs) = pages.next().await? {
@@ -438,10 +481,9 @@ impl Mover {
                     self.settings.max_keys
                 )));
             }
-            refuse_leases(tenant, &kvs)?;
             for chunk in kvs.chunks(OPS_PER_TXN) {
-                dst.write(tenant, chunk.iter().map(put_op).collect())
-                    .await?;
+                let ops = chunk.iter().map(|kv| put_op(kv, leases)).collect();
+                dst.write(tenant, ops).await?;
             }
         }
         Ok(n)
@@ -558,23 +600,19 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn refuse_leases(tenant: &str, kvs: &[KeyValue]) -> Result<(), MoveError> {
-    match kvs.iter().find(|kv| kv.lease != 0) {
-        Some(kv) => Err(MoveError::Refused(format!(
-            "tenant {tenant} has keys attached to leases ({} is on lease {:x}): moving leases \
-             is not supported yet",
-            String::from_utf8_lossy(&kv.key),
-            kv.lease
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn put_op(kv: &KeyValue) -> RequestOp {
+/// The put that recreates `kv` in the destination, on its lease if the
+/// destination has it (one that is not there was revoked in the source since:
+/// the revoke's delete follows in the tail).
+fn put_op(kv: &KeyValue, leases: &BTreeSet<i64>) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {
             key: kv.key.clone(),
             value: kv.value.clone(),
+            lease: if leases.contains(&kv.lease) {
+                kv.lease
+            } else {
+                0
+            },
             ..Default::default()
         })),
     }
@@ -585,6 +623,9 @@ struct Tail {
     requests: mpsc::Sender<WatchRequest>,
     responses: tonic::Streaming<WatchResponse>,
     tenant: String,
+    src: CellConn,
+    /// The tenant's leases the destination has.
+    leases: BTreeSet<i64>,
 }
 
 impl Tail {
@@ -621,6 +662,8 @@ impl Tail {
                         requests: tx,
                         responses,
                         tenant: tenant.to_string(),
+                        src: src.clone(),
+                        leases: BTreeSet::new(),
                     });
                 }
                 Ok(Some(r)) => last = r.cancel_reason,
@@ -637,9 +680,10 @@ impl Tail {
     /// Applies the source's changes to `dst` until the source says it has sent
     /// every change up to `target`.
     async fn drain_to(&mut self, dst: &CellConn, target: i64) -> Result<(), MoveError> {
+        let tenant = self.tenant.clone();
         let broken = |m: String| MoveError::Cell {
             cell: dst.name.clone(),
-            message: format!("the tail of tenant {} broke: {m}", self.tenant),
+            message: format!("the tail of tenant {tenant} broke: {m}"),
         };
         loop {
             let progress = WatchRequest {
@@ -674,7 +718,7 @@ impl Tail {
         }
     }
 
-    async fn apply(&self, dst: &CellConn, resp: &WatchResponse) -> Result<(), MoveError> {
+    async fn apply(&mut self, dst: &CellConn, resp: &WatchResponse) -> Result<(), MoveError> {
         let mut ops = Vec::new();
         let mut keys = std::collections::HashSet::new();
         for ev in &resp.events {
@@ -695,10 +739,22 @@ impl Tail {
                     )),
                 });
             } else {
-                refuse_leases(&self.tenant, std::slice::from_ref(kv))?;
-                ops.push(put_op(kv));
+                if kv.lease != 0 && !self.leases.contains(&kv.lease) {
+                    self.lease_moves_in(dst, kv.lease).await?;
+                }
+                ops.push(put_op(kv, &self.leases));
             }
         }
         dst.write(&self.tenant, ops).await
+    }
+
+    /// Grants in `dst` a lease the source granted after the copy, if it still
+    /// exists there.
+    async fn lease_moves_in(&mut self, dst: &CellConn, id: i64) -> Result<(), MoveError> {
+        if let Some(l) = self.src.lease_ttl(&self.tenant, id).await? {
+            dst.grant_lease(&self.tenant, id, l.granted).await?;
+            self.leases.insert(id);
+        }
+        Ok(())
     }
 }

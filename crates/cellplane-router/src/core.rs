@@ -71,6 +71,8 @@ struct Moved {
     to: String,
     /// That map's version.
     version: u64,
+    /// The tenant refused (named for a call about a lease by ID).
+    tenant: Option<String>,
 }
 
 impl Moved {
@@ -90,9 +92,15 @@ impl Moved {
             .ok()?
             .parse()
             .ok()?;
+        let tenant = s
+            .metadata()
+            .get(cellplane_map::MOVED_TENANT_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         Some(Moved {
             to: to.to_string(),
             version,
+            tenant,
         })
     }
 }
@@ -204,14 +212,20 @@ impl Core {
         }
     }
 
-    /// A call about lease `id`: acts for the caller's tenant (or unscoped, auth
-    /// off and no metadata) in the cell whose tag the ID carries. `Ok(None)` when
-    /// no cell of the map carries it: the lease exists nowhere.
+    /// A call about lease `id`: acts for the caller's tenant in the tenant's
+    /// cell (a lease moves with its tenant, keeping its ID), or, unscoped (auth
+    /// off and no metadata), in the cell whose tag the ID carries, which points
+    /// on to the tenant's cell while it still holds a moved lease. `Ok(None)`
+    /// when no cell of the map carries the tag: the lease exists nowhere.
     pub fn admit_lease(&self, caller: &Caller, id: i64) -> Result<Option<Admitted>, Status> {
         let scope = scope::scope(&caller.identity, caller.header.as_deref(), Action::Tenant)?;
         let map = self.maps.current().map;
-        let Some(route) = routes::for_lease(&map, id) else {
-            return Ok(None);
+        let route = match &scope {
+            Scope::Tenant(t) => routes::for_tenant(&map, t)?,
+            _ => match routes::for_lease(&map, id) {
+                Some(r) => r,
+                None => return Ok(None),
+            },
         };
         let cell = self.client(&route)?;
         Ok(Some(Admitted {
@@ -251,9 +265,11 @@ impl Admitted {
             match cell.unary(path, req, kind, tenant).await {
                 Ok(r) => return Ok(with_cell(r, cell.name())),
                 Err(mut s) => {
+                    let moved = Moved::of(&s);
+                    let refused = tenant.or(moved.as_ref().and_then(|m| m.tenant.as_deref()));
                     if !retried
-                        && let (Some(t), Some(moved)) = (tenant, Moved::of(&s))
-                        && let Some(next) = self.reroute.after(t, cell.name(), &moved).await
+                        && let (Some(t), Some(moved)) = (refused, &moved)
+                        && let Some(next) = self.reroute.after(t, cell.name(), moved).await
                     {
                         retried = true;
                         cell = next;
@@ -372,21 +388,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lease_id_finds_its_cell_and_keeps_the_callers_scope() {
+    async fn a_lease_goes_to_its_tenants_cell_or_unscoped_to_the_cell_its_id_names() {
         let dir = tempfile::tempdir().unwrap();
         let core = core(dir.path());
-        let tag = cellplane_map::lease_tag("beta");
-        let id = ((tag << cellplane_map::LEASE_TAG_SHIFT) | 7) as i64;
+        let with_tag = |cell: &str| {
+            ((cellplane_map::lease_tag(cell) << cellplane_map::LEASE_TAG_SHIFT) | 7) as i64
+        };
         let b = caller(Identity::Tenant("b".into()), None, None);
-        let a = core.admit_lease(&b, id).unwrap().unwrap();
-        assert_eq!((a.cell.name(), a.scope.tenant()), ("beta", Some("b")));
+        // A tenant's lease is in its cell, whichever cell granted it (moved).
+        for id in [with_tag("beta"), with_tag("alpha")] {
+            let a = core.admit_lease(&b, id).unwrap().unwrap();
+            assert_eq!((a.cell.name(), a.scope.tenant()), ("beta", Some("b")));
+        }
         let anon = caller(Identity::Anonymous, None, None);
-        let a = core.admit_lease(&anon, id).unwrap().unwrap();
-        assert_eq!(a.scope, Scope::Unscoped);
+        let a = core.admit_lease(&anon, with_tag("alpha")).unwrap().unwrap();
+        assert_eq!((a.cell.name(), &a.scope), ("alpha", &Scope::Unscoped));
         let nowhere = (0..0x7fffu64)
-            .find(|t| *t != tag && *t != cellplane_map::lease_tag("alpha"))
+            .find(|t| {
+                *t != cellplane_map::lease_tag("beta") && *t != cellplane_map::lease_tag("alpha")
+            })
             .unwrap();
         let id = (nowhere << cellplane_map::LEASE_TAG_SHIFT) as i64;
-        assert!(core.admit_lease(&b, id).unwrap().is_none());
+        assert!(core.admit_lease(&anon, id).unwrap().is_none());
     }
 }

@@ -351,10 +351,13 @@ impl Ownership {
 
     /// Whether the mover may apply `cmd` for `tenant` here, bypassing the
     /// checks above: while the tenant moves in (the copy), or, once the cell
-    /// does not own it, to delete its keys (retiring the old copy, or aborting a
-    /// move in). Every key `cmd` touches must be the tenant's.
+    /// does not own it, to delete its keys and revoke its leases (retiring the
+    /// old copy, or aborting a move in). Every key `cmd` touches must be the tenant's.
     pub fn check_mover(&self, tenant: &str, cmd: &Command) -> Result<(), KvError> {
-        let deletes_only = matches!(cmd, Command::DeleteRange(_));
+        let deletes_only = matches!(
+            cmd,
+            Command::DeleteRange(_) | Command::LeaseRevokeOwned { .. }
+        );
         let allowed = self.incoming.contains_key(tenant)
             || deletes_only && !self.fenced.contains_key(tenant) && !self.owns_by_map(tenant);
         if !allowed {
@@ -386,7 +389,11 @@ impl Ownership {
                 let t = TxnRequest::decode(b.as_slice()).map_err(undecodable)?;
                 for_txn_keys(&t, &mut |k, e, _| within(k, e))
             }
-            Command::LeaseGrantOwned { owner, .. } if owner == tenant => Ok(()),
+            Command::LeaseGrantOwned { owner, .. } | Command::LeaseRevokeOwned { owner, .. }
+                if owner == tenant =>
+            {
+                Ok(())
+            }
             _ => Err(KvError::Invalid(
                 "the mover writes keys and leases of one tenant only".into(),
             )),
@@ -692,9 +699,16 @@ mod tests {
         assert_eq!((src.moves().0.len(), dst.moves().1.len()), (0, 0));
         dst.check_write(b"/t/k", b"").unwrap();
         assert!(src.check_write(b"/t/k", b"").is_err());
-        // The old copy is deleted by the mover only.
+        // The old copy is deleted by the mover only, its leases revoked.
         src.check_mover("t", &del("/t/")).unwrap();
         assert!(src.check_mover("t", &put("/t/k")).is_err());
+        let revoke = |owner: &str| Command::LeaseRevokeOwned {
+            id: 7,
+            owner: owner.into(),
+        };
+        src.check_mover("t", &revoke("t")).unwrap();
+        assert!(src.check_mover("t", &revoke("u")).is_err());
+        assert!(dst.check_tenant("t").is_ok() && dst.check_mover("t", &revoke("t")).is_err());
 
         // The record survives a restart.
         let enc = postcard::to_stdvec(

@@ -564,6 +564,9 @@ impl Applier<'_> {
                 self.grant(*id, *ttl, None)
             }
             Command::LeaseRevoke(id) => {
+                if owned {
+                    self.check_lease_owner(*id)?;
+                }
                 self.revoke(*id)?;
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
             }
@@ -578,6 +581,9 @@ impl Applier<'_> {
                 // Another tenant's lease looks exactly like a missing one.
                 if !self.lease(*id)?.is_some_and(|l| l.owned_by(owner)) {
                     return Err(KvError::LeaseNotFound);
+                }
+                if owned {
+                    self.ownership.check_tenant(owner)?;
                 }
                 self.revoke(*id)?;
                 Ok(LeaseRevokeResponse::default().encode_to_vec())
@@ -618,6 +624,16 @@ impl Applier<'_> {
                 self.ownership.check_mover(tenant, cmd)?;
                 self.execute_command(cmd, false)
             }
+        }
+    }
+
+    /// Refuses a revoke of a lease whose tenant this cell does not serve (moving
+    /// out or in): its keys are the mover's to delete, or a revoke after the
+    /// fence point would be lost by the move.
+    fn check_lease_owner(&self, id: i64) -> Result<(), KvError> {
+        match self.lease(id)?.and_then(|l| l.owner) {
+            Some(owner) => self.ownership.check_tenant(&owner),
+            None => Ok(()),
         }
     }
 

@@ -526,6 +526,89 @@ async fn only_the_owner_revokes_a_tenants_lease() {
     assert_eq!(last.events.len(), 2);
 }
 
+/// Map version `version` of cells alpha and beta with tenant a pinned to `a_in`.
+fn map_json(version: u64, a_in: &str) -> Vec<u8> {
+    use cellplane_map::{CellEntry, CellMap, CellState};
+    CellMap {
+        version,
+        buckets: 16,
+        cells: ["alpha", "beta"]
+            .iter()
+            .map(|n| CellEntry {
+                name: n.to_string(),
+                endpoints: vec![format!("{n}:2379")],
+                state: CellState::Active,
+            })
+            .collect(),
+        ranges: CellMap::even_ranges(&["alpha", "beta"], 16),
+        tenants: [("a".to_string(), a_in.to_string())].into(),
+    }
+    .to_json()
+}
+
+#[tokio::test]
+async fn a_moving_tenants_leases_are_revoked_by_nobody_but_the_mover_once_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::new(cellplane_storage::open(dir.path()).unwrap()).unwrap();
+    let reader = sm.reader();
+    let learn = |v, a_in| Command::LearnMap {
+        cell: "alpha".into(),
+        map: map_json(v, a_in),
+    };
+    let setup = [
+        learn(1, "alpha"),
+        owned_grant(9, "a"),
+        Command::Put(put_with_lease(b"/a/1", 9).encode_to_vec()),
+        Command::Fence {
+            cell: "alpha".into(),
+            tenant: "a".into(),
+            to: "beta".into(),
+            version: 2,
+        },
+    ];
+    for (i, cmd) in setup.into_iter().enumerate() {
+        let (out, _) = apply_one(&mut sm, i as u64 + 1, cmd).await;
+        assert!(out.unwrap().is_ok());
+    }
+    let by_mover = || Command::Moving {
+        tenant: "a".into(),
+        cmd: Box::new(Command::LeaseRevokeOwned {
+            id: 9,
+            owner: "a".into(),
+        }),
+    };
+    // Fenced: the tenant's, an operator's (or expiry's) and the mover's revoke
+    // are all refused; a revoke after the fence point would be lost by the move.
+    let refused = [
+        Command::LeaseRevokeOwned {
+            id: 9,
+            owner: "a".into(),
+        },
+        Command::LeaseRevoke(9),
+        by_mover(),
+    ];
+    for (i, cmd) in refused.into_iter().enumerate() {
+        let (out, _) = apply_one(&mut sm, 10 + i as u64, cmd).await;
+        assert!(out.unwrap().is_err());
+    }
+    let (out, _) = apply_one(&mut sm, 20, Command::LeaseRevoke(9)).await;
+    assert!(
+        matches!(out, Some(Err(KvError::NotOwned { ref cell, .. })) if cell == "beta"),
+        "{out:?}"
+    );
+    assert_eq!(reader.range(&get("/a/1")).unwrap().kvs.len(), 1);
+
+    // Moved away: the tenant still cannot, the mover retires the lease and key.
+    let (out, _) = apply_one(&mut sm, 21, learn(2, "beta")).await;
+    assert!(out.unwrap().is_ok());
+    let (out, _) = apply_one(&mut sm, 22, Command::LeaseRevoke(9)).await;
+    assert!(matches!(out, Some(Err(KvError::NotOwned { .. }))));
+    let (out, _) = apply_one(&mut sm, 23, by_mover()).await;
+    assert!(out.unwrap().is_ok());
+    assert!(reader.lease(9).unwrap().is_none());
+    assert!(reader.range(&get("/a/1")).unwrap().kvs.is_empty());
+}
+
 /// A snapshot received as openraft receives one: written into a file the state
 /// machine handed out.
 async fn received(sm: &mut StateMachine, data: &[u8]) -> Box<SnapshotFile> {

@@ -87,12 +87,13 @@ pub async fn run(args: MoveArgs, cells: &Path) -> anyhow::Result<()> {
         m.start(&args.tenant, to).await?
     };
     crate::outln!(
-        "moved tenant {} from {} to {}: {} keys, {} bytes; writes refused for {} ms (fence window); map version {}",
+        "moved tenant {} from {} to {}: {} keys, {} bytes, {} leases; writes refused for {} ms (fence window); map version {}",
         report.tenant,
         report.from,
         report.to,
         report.keys,
         report.bytes,
+        report.leases,
         report.fence_window.as_millis(),
         report.version
     );

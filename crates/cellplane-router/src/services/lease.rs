@@ -2,11 +2,15 @@
 //!
 //! A lease lives in one cell and belongs to the tenant that granted it (the cell
 //! records the owner from the `cellplane-tenant` the router sends). Grant goes to
-//! the cell of the caller's tenant. The other calls carry only a lease ID: IDs a
-//! cell chooses carry its tag (`cellplane_map::lease_tag`), so the router finds
-//! the cell from the ID alone, and the cell answers only the owner (anyone else
-//! sees a lease that does not exist). A list names the caller's tenant's leases;
-//! with auth off and no tenant named, every cell's (an operator's view).
+//! the cell of the caller's tenant. The other calls carry only a lease ID: for a
+//! tenant they go to the tenant's cell (a lease moves with its tenant and keeps
+//! its ID), and the cell answers only the owner (anyone else sees a lease that
+//! does not exist). Unscoped (auth off, no tenant named) they go to the cell
+//! whose tag the ID carries (`cellplane_map::lease_tag`, in every ID a cell
+//! chooses); a cell holding a lease whose tenant moved away refuses it naming
+//! the tenant and its cell, and the router retries there. A list names the
+//! caller's tenant's leases; with auth off and no tenant named, every cell's (an
+//! operator's view).
 
 use std::pin::Pin;
 use std::sync::Arc;
