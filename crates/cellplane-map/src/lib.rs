@@ -636,6 +636,67 @@ impl CellMap {
         Ok(next)
     }
 
+    /// The successor map with bucket `bucket` assigned to `cell` (an active
+    /// cell of the map), its range split around it and neighbours of one cell
+    /// merged. Tenant overrides are kept.
+    pub fn with_bucket(&self, bucket: u32, cell: &str) -> Result<CellMap, MapError> {
+        let refuse = |field: &str, message: String| MapError::Invalid {
+            field: field.into(),
+            message,
+        };
+        if bucket >= self.buckets {
+            return Err(refuse(
+                "ranges",
+                format!(
+                    "no bucket {bucket}: the map has buckets 0..={}",
+                    self.buckets - 1
+                ),
+            ));
+        }
+        match self.cells.iter().find(|c| c.name == cell) {
+            None => return Err(refuse("cells", format!("no cell {cell} in the map"))),
+            Some(c) if c.state != CellState::Active => {
+                return Err(refuse(
+                    "cells",
+                    format!("cell {cell} is draining: give buckets to an active cell"),
+                ));
+            }
+            Some(_) => {}
+        }
+        let mut split = Vec::with_capacity(self.ranges.len() + 2);
+        for r in &self.ranges {
+            if bucket < r.from || bucket > r.to {
+                split.push(r.clone());
+                continue;
+            }
+            let part = |from, to, cell: &str| BucketRange {
+                from,
+                to,
+                cell: cell.to_string(),
+            };
+            if r.from < bucket {
+                split.push(part(r.from, bucket - 1, &r.cell));
+            }
+            split.push(part(bucket, bucket, cell));
+            if bucket < r.to {
+                split.push(part(bucket + 1, r.to, &r.cell));
+            }
+        }
+        split.sort_by_key(|r| r.from);
+        let mut ranges: Vec<BucketRange> = Vec::with_capacity(split.len());
+        for r in split {
+            match ranges.last_mut() {
+                Some(last) if last.cell == r.cell && last.to + 1 == r.from => last.to = r.to,
+                _ => ranges.push(r),
+            }
+        }
+        let mut next = self.clone();
+        next.version = self.next_version()?;
+        next.ranges = ranges;
+        next.validate()?;
+        Ok(next)
+    }
+
     /// The cell `tenant`'s bucket is assigned to, ignoring tenant overrides.
     pub fn bucket_cell(&self, tenant: &str) -> Option<&str> {
         let b = bucket_of(tenant, self.buckets);
@@ -689,6 +750,35 @@ mod tests {
             ranges: CellMap::even_ranges(&["a", "b", "c"], 4096),
             tenants: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn one_bucket_changes_cell_and_the_ranges_stay_minimal() {
+        let m = map();
+        let b = m.ranges[0].to; // the last bucket of a's range
+        let next = m.with_bucket(b, "b").unwrap();
+        assert_eq!(next.version, 2);
+        assert_eq!(next.ranges.len(), 3, "{:?}", next.ranges);
+        assert_eq!(next.ranges[0].to, b - 1);
+        assert_eq!(
+            (next.ranges[1].from, next.ranges[1].cell.as_str()),
+            (b, "b")
+        );
+        // A bucket in the middle splits its range in three; giving it back merges.
+        let mid = next.with_bucket(100, "c").unwrap();
+        assert_eq!(mid.ranges.len(), 5);
+        let back = mid.with_bucket(100, "a").unwrap();
+        assert_eq!(back.ranges, next.ranges);
+        for t in ["x", "acme", "t-7"] {
+            let moved = bucket_of(t, 4096) == b;
+            assert_eq!(
+                next.bucket_cell(t) == Some("b"),
+                moved || m.bucket_cell(t) == Some("b")
+            );
+        }
+        assert!(m.with_bucket(4096, "b").is_err());
+        assert!(m.with_bucket(1, "zeta").is_err());
+        assert!(m.drained("c").unwrap().with_bucket(1, "c").is_err());
     }
 
     /// The tenant → bucket mapping must never change silently: these values pin

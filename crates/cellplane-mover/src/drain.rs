@@ -5,6 +5,7 @@
 //! interrupted earlier are resumed first, and tenants already moved are not
 //! pinned again.
 
+use cellplane_map::CellMap;
 use futures::StreamExt;
 
 use crate::{MoveError, MoveReport, Mover};
@@ -34,10 +35,6 @@ impl Mover {
             }
         }
         let pinned = self.pin_tenants(cell).await?;
-        self.say(&format!(
-            "cell {cell} is draining; {} tenant(s) to move",
-            pinned.len()
-        ));
         let (map, _) = self.map().await?;
         let targets: Vec<(String, String)> = pinned
             .into_iter()
@@ -46,6 +43,18 @@ impl Mover {
                 Some((t, to))
             })
             .collect();
+        self.move_all(targets, concurrency, &mut report).await;
+        Ok(report)
+    }
+
+    /// Moves each `(tenant, to)`, `concurrency` at a time, into `report`; then
+    /// drops the overrides of those moved that their buckets imply.
+    pub(crate) async fn move_all(
+        &self,
+        targets: Vec<(String, String)>,
+        concurrency: usize,
+        report: &mut DrainReport,
+    ) {
         let mut moves = futures::stream::iter(targets)
             .map(|(t, to)| async move { (t.clone(), self.start(&t, &to).await) })
             .buffer_unordered(concurrency.max(1));
@@ -55,29 +64,50 @@ impl Mover {
                 Err(e) => report.failed.push((tenant, e)),
             }
         }
-        Ok(report)
+        let moved: Vec<String> = report.moved.iter().map(|m| m.tenant.clone()).collect();
+        self.unpin(&moved).await;
     }
 
     /// Marks `cell` draining with every tenant that has keys in it pinned to it;
-    /// answers the tenants pinned to it. Redone until no tenant appeared between
-    /// the scan and the map change (such a tenant is refused meanwhile, never
-    /// lost: it is pinned in the next round).
+    /// answers the tenants pinned to it.
     async fn pin_tenants(&self, cell: &str) -> Result<Vec<String>, MoveError> {
-        for _ in 0..PIN_ROUNDS {
-            let (map, mrev) = self.map().await?;
-            let found = self.conn(&map, cell)?.tenants(MAX_DRAIN_TENANTS).await?;
+        let change = |map: &CellMap| {
             let draining = map
                 .cells
                 .iter()
                 .any(|c| c.name == cell && c.state == cellplane_map::CellState::Draining);
-            let mut next = if draining {
-                map.clone()
-            } else {
-                map.drained(cell)
-                    .map_err(|e| MoveError::Refused(e.to_string()))?
-            };
-            let mut changed = !draining;
-            for t in &found {
+            if draining {
+                return Ok(None);
+            }
+            map.drained(cell).map(Some)
+        };
+        let pinned = self.pin_then_change(cell, change, |_| true).await?;
+        self.say(&format!(
+            "cell {cell} is draining, {} tenant(s) pinned to it",
+            pinned.len()
+        ));
+        Ok(pinned)
+    }
+
+    /// Changes the map with `change` (`None`: already done) while every tenant
+    /// that has keys in `cell`, is served there and is `selected` is pinned to
+    /// it, so that none becomes unreachable before it moves; answers the
+    /// selected tenants pinned to `cell`. Redone until no tenant appeared
+    /// between the scan and the map change (such a tenant is refused meanwhile,
+    /// never lost: it is pinned in the next round).
+    pub(crate) async fn pin_then_change(
+        &self,
+        cell: &str,
+        change: impl Fn(&CellMap) -> Result<Option<CellMap>, cellplane_map::MapError>,
+        selected: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, MoveError> {
+        for _ in 0..PIN_ROUNDS {
+            let (map, mrev) = self.map().await?;
+            let found = self.conn(&map, cell)?.tenants(MAX_DRAIN_TENANTS).await?;
+            let changed_map = change(&map).map_err(|e| MoveError::Refused(e.to_string()))?;
+            let mut changed = changed_map.is_some();
+            let mut next = changed_map.unwrap_or_else(|| map.clone());
+            for t in found.iter().filter(|t| selected(t)) {
                 let here = map.cell_for(t).is_some_and(|c| c.name == cell);
                 if here && next.tenants.get(t).is_none_or(|c| c != cell) {
                     next.tenants.insert(t.clone(), cell.to_string());
@@ -87,7 +117,7 @@ impl Mover {
             let pinned: Vec<String> = next
                 .tenants
                 .iter()
-                .filter(|(_, c)| *c == cell)
+                .filter(|(t, c)| *c == cell && selected(t))
                 .map(|(t, _)| t.clone())
                 .collect();
             if !changed {
@@ -102,7 +132,7 @@ impl Mover {
                 Ok(()) => {
                     crate::push_map(&next, self.tls.as_ref()).await?;
                     self.say(&format!(
-                        "map version {}: cell {cell} draining, {} tenant(s) pinned to it",
+                        "map version {}: {} tenant(s) pinned to cell {cell}",
                         next.version,
                         pinned.len()
                     ));
@@ -112,8 +142,51 @@ impl Mover {
             }
         }
         Err(MoveError::Refused(format!(
-            "tenants kept appearing in cell {cell} while it was marked draining: run the \
-             drain again"
+            "tenants kept appearing in cell {cell} while the map changed: run the command \
+             again"
         )))
+    }
+
+    /// Drops the overrides of `tenants` that send them where their bucket does
+    /// anyway (tenants a drain or bucket move pinned, now moved), so the map
+    /// does not grow with every move. Best effort: a failure is reported, the
+    /// overrides stay and route the same.
+    pub(crate) async fn unpin(&self, tenants: &[String]) {
+        let unpinned = async {
+            for _ in 0..5 {
+                let (map, mrev) = self.map().await?;
+                let mut next = map.clone();
+                next.tenants.retain(|t, c| {
+                    !(tenants.contains(t) && map.bucket_cell(t) == Some(c.as_str()))
+                });
+                if next.tenants.len() == map.tenants.len() {
+                    return Ok(());
+                }
+                next.version = map
+                    .next_version()
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                next.validate_successor(&map)
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                match self.directory.write(&next, mrev).await {
+                    Ok(()) => {
+                        crate::push_map(&next, self.tls.as_ref()).await?;
+                        self.say(&format!(
+                            "map version {}: {} override(s) the buckets now imply dropped",
+                            next.version,
+                            map.tenants.len() - next.tenants.len()
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) if e.contains("changed meanwhile") => continue,
+                    Err(e) => return Err(MoveError::Directory(e)),
+                }
+            }
+            Err(MoveError::Directory("the map kept changing".into()))
+        };
+        if let Err(e) = unpinned.await {
+            self.say(&format!(
+                "warning: the moved tenants' overrides stay in the map (they route the same): {e}"
+            ));
+        }
     }
 }

@@ -28,13 +28,14 @@
 //! cells their buckets now go to, a few at a time.
 //!
 //! Leases move with the tenant, keeping their IDs, granted TTLs and remaining
-//! time (`leases.rs`). Not moved yet: hash-placed buckets as a whole (a move
-//! pins the tenant with an override).
+//! time (`leases.rs`). [`Mover::move_bucket`] moves a hash bucket: its tenants
+//! with data, and the bucket in the map for tenants to come.
 //!
 //! Depends on `cellplane-map`, `cellplane-proto`, `cellplane-security` and the
 //! router's directory client; talks to cells and the directory over their gRPC
 //! APIs only.
 
+mod bucket;
 mod cell;
 mod drain;
 mod leases;

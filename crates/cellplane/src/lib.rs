@@ -38,6 +38,7 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(1);
 }
 
+pub mod bucket_cmd;
 pub mod cell_cmd;
 pub mod certs_cmd;
 pub mod client;

@@ -79,6 +79,8 @@ enum Cmd {
     Map(cellplane::map_cmd::MapArgs),
     /// Add a cell to the live map, or drain one with its data.
     Cell(cellplane::cell_cmd::CellArgs),
+    /// Move a hash bucket, with its tenants' data, to another cell.
+    Bucket(cellplane::bucket_cmd::BucketArgs),
     /// Render the Compose environment or the Kubernetes manifests from cells/.
     Deploy(cellplane::deploy::DeployArgs),
     /// Put, get, delete and watch keys.
@@ -165,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Status(args) => cellplane::status_cmd::run(args).await,
             Cmd::Map(args) => cellplane::map_cmd::run(args).await,
             Cmd::Cell(args) => cellplane::cell_cmd::run(args).await,
+            Cmd::Bucket(args) => cellplane::bucket_cmd::run(args).await,
             Cmd::Deploy(args) => cellplane::deploy::run(args),
             Cmd::Kv(args) => cellplane::kv_cmd::run(args).await,
             Cmd::Lease(args) => cellplane::lease_cmd::run(args).await,

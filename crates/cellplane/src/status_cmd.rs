@@ -1,4 +1,5 @@
-//! `cellplane status`: the map in force and every cell as a router sees it.
+//! `cellplane status`: the map in force and every cell as a router sees it,
+//! then the tenant moves in flight as the cells record them.
 
 use anyhow::Context;
 use cellplane_proto::router::RouterStatusRequest;
@@ -93,5 +94,71 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             members.join(", ")
         );
     }
+    show_moves(&args, &s.cells).await;
     Ok(())
+}
+
+/// Prints the tenant moves in flight as the cells record them: a tenant a cell
+/// expects (being copied and tailed into it) or has fenced (writes refused
+/// until the cut-over). A cell that cannot be asked is named, not fatal.
+async fn show_moves(args: &StatusArgs, cells: &[cellplane_proto::router::CellStatus]) {
+    let mut lines = Vec::new();
+    for c in cells {
+        match ownership_of(args, c).await {
+            Ok(own) => {
+                for m in &own.incoming {
+                    lines.push(format!(
+                        "tenant {}: {} -> {} (copying: {} takes its writes until the fence)",
+                        m.tenant, m.cell, own.cell, m.cell
+                    ));
+                }
+                for m in &own.fenced {
+                    lines.push(format!(
+                        "tenant {}: {} -> {} (FENCED: its writes are refused until the cut-over \
+                         to map version {})",
+                        m.tenant, own.cell, m.cell, m.version
+                    ));
+                }
+            }
+            Err(e) => lines.push(format!("cell {}: moves not known: {e:#}", c.name)),
+        }
+    }
+    if lines.is_empty() {
+        crate::outln!("no tenant moves in flight");
+        return;
+    }
+    crate::outln!("moves in flight (`cellplane tenant moves` for their records):");
+    for l in lines {
+        crate::outln!("  {l}");
+    }
+}
+
+/// Cell `c`'s ownership record, from the first member that answers.
+async fn ownership_of(
+    args: &StatusArgs,
+    c: &cellplane_proto::router::CellStatus,
+) -> anyhow::Result<cellplane_proto::cell::ShowOwnershipResponse> {
+    use cellplane_proto::cell::ShowOwnershipRequest;
+    use cellplane_proto::cell::ownership_client::OwnershipClient;
+    let mut last = anyhow::anyhow!("no member listed");
+    for m in &c.members {
+        let shown = async {
+            let ch = args
+                .tls
+                .endpoint(&m.endpoint)?
+                .connect_timeout(std::time::Duration::from_secs(1))
+                .timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await?;
+            let r = OwnershipClient::new(ch)
+                .show(ShowOwnershipRequest {})
+                .await?;
+            anyhow::Ok(r.into_inner())
+        };
+        match shown.await {
+            Ok(own) => return Ok(own),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -1,8 +1,8 @@
 //! `cellplane tenant move`: a tenant's keys move between cells while clients
 //! write and read it through the router (history checked for linearizability),
 //! other tenants see no error, a router on the stale static map is served by the
-//! new cell, and a mover stopped at every step is resumed or aborted with no
-//! write lost and no tenant left fenced.
+//! new cell, a mover stopped at every step is resumed or aborted with no
+//! write lost and no tenant left fenced, and leases move with their tenant.
 
 mod common;
 
@@ -14,8 +14,12 @@ use cellplane_chaos::lincheck::{self, CheckOptions, KvOutput, Recorder, Verdict}
 use cellplane_proto::cell::ShowOwnershipRequest;
 use cellplane_proto::cell::ownership_client::OwnershipClient;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::lease_client::LeaseClient;
 use cellplane_proto::etcdserverpb::watch_client::WatchClient;
-use cellplane_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+use cellplane_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest,
+    LeaseTimeToLiveRequest, WatchCreateRequest, WatchRequest, watch_request,
+};
 use common::{TestEnv, apply_map, cli, get, put, served_by};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -199,6 +203,11 @@ async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
     for _ in 0..50 {
         write(&mut r, &mut expected).await;
     }
+    // A lease with a key, which every finished move must carry along.
+    let mut leases = LeaseClient::new(common::channel(env.router_client).await.unwrap());
+    let lease = leased_key(&mut leases, &mut r, 600, "/a/leased")
+        .await
+        .unwrap();
     let cells = ["alpha", "beta"];
     let mut at = 0; // where tenant a is
     for (step, finish) in [
@@ -219,6 +228,14 @@ async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
         let dir = env.directory.members[0].client.to_string();
         let (ok, out) = cli(&["tenant", "moves", "--directory", &dir]);
         assert!(ok && out.contains(step), "{step}: {out}");
+        // `status` shows the move as the cells record it.
+        let (ok, out) = cli(&["status", "--admin", &env.router_admin.to_string()]);
+        let shown = match step {
+            "copying" => format!("tenant a: {} -> {to} (copying", cells[at]),
+            "fenced" | "verified" => format!("tenant a: {} -> {to} (FENCED", cells[at]),
+            _ => "no tenant moves in flight".to_string(),
+        };
+        assert!(ok && out.contains(&shown), "{step}: {out}");
         // A second mover cannot start the same move.
         let (ok, out) = mover(&env, &["a", "--to", to]);
         assert!(!ok && out.contains("in progress"), "{step}: {out}");
@@ -238,6 +255,22 @@ async fn a_mover_stopped_at_any_step_is_resumed_or_aborted_with_nothing_lost() {
             keys_in_cell(&env, 1 - at, "a").await,
             [0],
             "{step} {finish}: the other cell keeps no copy"
+        );
+        let (ttl, keys) = ttl_of(&mut leases, Some("a"), lease).await;
+        assert!(
+            ttl > 0 && keys == [b"/a/leased".to_vec()],
+            "{step} {finish}: {ttl} {keys:?}"
+        );
+        let other = common::channel(env.cells[1 - at].members[0].client)
+            .await
+            .unwrap();
+        let left = LeaseClient::new(other)
+            .lease_leases(LeaseLeasesRequest {})
+            .await
+            .unwrap();
+        assert!(
+            left.into_inner().leases.is_empty(),
+            "{step} {finish}: a lease left behind"
         );
     }
     // Cut over, the move cannot be aborted any more.
@@ -362,6 +395,42 @@ async fn a_cell_with_three_tenants_is_drained_under_load_and_a_new_cell_is_added
     let resp = r.range(common::prefix("/c/")).await.unwrap();
     assert_eq!(served_by(&resp), "delta");
     assert!(resp.into_inner().kvs.len() >= 20);
+
+    // And a hash bucket moves to it with its tenant, while b writes on.
+    let moved = &tenants[1];
+    let bucket = cellplane_map::bucket_of(moved, map.buckets).to_string();
+    let stop = CancellationToken::new();
+    let bystander = tokio::spawn(bystander(r.clone(), errors.clone(), stop.clone()));
+    let (ok, out) = cli(&[
+        "bucket",
+        "move",
+        &bucket,
+        "--to",
+        "delta",
+        "--directory",
+        &dir,
+        "--grace",
+        "1s",
+    ]);
+    stop.cancel();
+    bystander.await.unwrap();
+    assert!(
+        ok && out.contains("1 tenant(s) moved"),
+        "bucket move: {out}"
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "tenant b saw errors");
+    let resp = r
+        .range(common::prefix(&format!("/{moved}/")))
+        .await
+        .unwrap();
+    assert_eq!(served_by(&resp), "delta");
+    assert!(resp.into_inner().kvs.len() >= 20);
+    // The bucket, not an override, sends the tenant there now.
+    let (ok, out) = cli(&["map", "--directory", &dir, "show"]);
+    assert!(ok, "{out}");
+    let shown = cellplane_map::CellMap::from_toml(&out).unwrap();
+    assert_eq!(shown.bucket_cell(moved), Some("delta"));
+    assert!(!shown.tenants.contains_key(moved.as_str()), "{out}");
 }
 
 /// Beta's member 1 holds this many of tenant a's keys (a serializable count:
@@ -482,5 +551,262 @@ async fn a_move_completes_while_an_unrelated_cell_is_down() {
     assert!(
         ok && out.contains("cell gamma: serves by map version 2"),
         "{out}"
+    );
+}
+
+/// A request through the router for tenant `t` (`None`: naming no tenant).
+fn for_tenant<T>(t: Option<&str>, inner: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(inner);
+    if let Some(t) = t {
+        r.metadata_mut()
+            .insert("cellplane-tenant", t.parse().unwrap());
+    }
+    r
+}
+
+/// Grants a lease of tenant a through the router and puts `key` on it.
+async fn leased_key(
+    leases: &mut LeaseClient<Channel>,
+    kv: &mut KvClient<Channel>,
+    ttl: i64,
+    key: &str,
+) -> Result<i64, tonic::Status> {
+    let id = leases
+        .lease_grant(for_tenant(Some("a"), LeaseGrantRequest { ttl, id: 0 }))
+        .await?
+        .into_inner()
+        .id;
+    let mut p = put(key, "v");
+    p.lease = id;
+    kv.put(p).await?;
+    Ok(id)
+}
+
+/// Tenant a's lease `id` through the router: remaining TTL and keys.
+async fn ttl_of(
+    leases: &mut LeaseClient<Channel>,
+    t: Option<&str>,
+    id: i64,
+) -> (i64, Vec<Vec<u8>>) {
+    let r = leases
+        .lease_time_to_live(for_tenant(t, LeaseTimeToLiveRequest { id, keys: true }))
+        .await
+        .unwrap()
+        .into_inner();
+    (r.ttl, r.keys)
+}
+
+/// Keeps lease `id` alive through the router every 500 ms, reopening the
+/// stream on an error as etcd's clients do; counts answers with TTL 0 (lost).
+async fn keep_alive(
+    mut leases: LeaseClient<Channel>,
+    id: i64,
+    lost: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let req = for_tenant(Some("a"), tokio_stream::wrappers::ReceiverStream::new(rx));
+        let Ok(resp) = leases.lease_keep_alive(req).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let mut answers = resp.into_inner();
+        while !stop.is_cancelled() {
+            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                break;
+            }
+            match answers.message().await {
+                Ok(Some(a)) if a.ttl > 0 => {}
+                Ok(Some(_)) => {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_move_with_their_tenant_keeping_ids_keys_and_remaining_time() {
+    let mut env = TestEnv::start(&["alpha", "beta"], 1);
+    apply_map(&env, 1, &[]);
+    env.start_router();
+    let mut kv = env.router_kv().await;
+    let router = common::channel(env.router_client).await.unwrap();
+    let mut leases = LeaseClient::new(router.clone());
+
+    // kept: kept alive all along; counted: never renewed (its remaining time
+    // must survive the move); short: expires after the move, in the new cell.
+    let kept = leased_key(&mut leases, &mut kv, 60, "/a/kept")
+        .await
+        .unwrap();
+    let counted = leased_key(&mut leases, &mut kv, 30, "/a/counted")
+        .await
+        .unwrap();
+    let short = leased_key(&mut leases, &mut kv, 10, "/a/short")
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let lost = Arc::new(AtomicU64::new(0));
+    let keeper = tokio::spawn(keep_alive(
+        LeaseClient::new(router.clone()),
+        kept,
+        lost.clone(),
+        stop.clone(),
+    ));
+    // Leases granted while the tenant moves (the copy and the tail): the
+    // acknowledged ones must all arrive, keys attached.
+    let granter = {
+        let (mut leases, mut kv, stop) = (leases.clone(), kv.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let key = format!("/a/during/{n}");
+                if let Ok(id) = leased_key(&mut leases, &mut kv, 60, &key).await {
+                    acked.push((key, id));
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            acked
+        })
+    };
+    // Time passes on `counted` before the move: 30 s granted, over 3 s gone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let dir = env.directory.members[0].client.to_string();
+    let mover = std::thread::spawn(move || {
+        cli(&[
+            "tenant",
+            "move",
+            "a",
+            "--to",
+            "beta",
+            "--directory",
+            &dir,
+            "--grace",
+            "4s",
+        ])
+    });
+    // Once beta serves a, and before alpha's copy is retired, a call naming no
+    // tenant goes to alpha (the ID's cell), which points the router to beta.
+    loop {
+        let r = kv.range(get("/a/kept")).await;
+        if r.as_ref().is_ok_and(|r| served_by(r) == "beta") {
+            break;
+        }
+        if mover.is_finished() {
+            panic!("the move ended first: {}", mover.join().unwrap().1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = leases
+        .lease_time_to_live(for_tenant(
+            None,
+            LeaseTimeToLiveRequest {
+                id: kept,
+                keys: true,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(served_by(&r), "beta");
+    assert_eq!(r.into_inner().keys, vec![b"/a/kept".to_vec()]);
+
+    let (ok, out) = mover.join().unwrap();
+    assert!(ok && out.contains("leases"), "move: {out}");
+    stop.cancel();
+    keeper.await.unwrap();
+    let acked = granter.await.unwrap();
+    assert!(!acked.is_empty());
+    assert_eq!(
+        lost.load(Ordering::Relaxed),
+        0,
+        "a kept-alive lease was lost"
+    );
+
+    // Every lease is in beta under its ID, with its keys, and alive.
+    let mut beta = LeaseClient::new(
+        common::channel(env.cells[1].members[0].client)
+            .await
+            .unwrap(),
+    );
+    let mut beta_kv = env.cells[1].kv(1).await;
+    for (key, id) in acked.iter().chain([&("/a/kept".to_string(), kept)]) {
+        let (ttl, keys) = ttl_of(&mut leases, Some("a"), *id).await;
+        assert!(
+            ttl > 0 && keys == vec![key.clone().into_bytes()],
+            "{key}: {ttl} {keys:?}"
+        );
+        let mut r = get(key);
+        r.serializable = true;
+        let got = beta_kv.range(r).await.unwrap().into_inner().kvs;
+        assert_eq!(got.len(), 1, "{key} is in beta");
+        assert_eq!(got[0].lease, *id, "{key} keeps its lease");
+    }
+    // The lease nobody renewed kept counting down: over 3 s had gone.
+    let (ttl, _) = ttl_of(&mut leases, Some("a"), counted).await;
+    assert!((1..=27).contains(&ttl), "remaining {ttl} of 30 s");
+    let granted = beta
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: counted,
+            keys: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .granted_ttl;
+    assert_eq!(granted, 30);
+
+    // The short lease expires in beta, deleting its key there.
+    let mut expired = false;
+    for _ in 0..100 {
+        if ttl_of(&mut leases, Some("a"), short).await.0 == -1 {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(expired, "the short lease never expired in beta");
+    assert!(
+        kv.range(get("/a/short"))
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .is_empty()
+    );
+
+    // Alpha keeps nothing of a's: keys and leases were retired.
+    let mut alpha = LeaseClient::new(
+        common::channel(env.cells[0].members[0].client)
+            .await
+            .unwrap(),
+    );
+    let left = alpha
+        .lease_leases(LeaseLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert!(left.iter().all(|l| l.id != kept), "{left:?}");
+    assert_eq!(keys_in_cell(&env, 0, "a").await, vec![0]);
+
+    // A revoke through the router deletes the key in beta.
+    leases
+        .lease_revoke(for_tenant(Some("a"), LeaseRevokeRequest { id: kept }))
+        .await
+        .unwrap();
+    assert!(
+        kv.range(get("/a/kept"))
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .is_empty()
     );
 }
