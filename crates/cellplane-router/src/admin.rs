@@ -76,10 +76,21 @@ impl Admin {
                     members: c
                         .members
                         .iter()
-                        .map(|m| MemberStatus {
-                            endpoint: m.endpoint.clone(),
-                            healthy: m.healthy(),
-                            member_id: m.member_id(),
+                        .map(|m| {
+                            let h = m.health.view();
+                            MemberStatus {
+                                endpoint: m.endpoint.clone(),
+                                healthy: m.healthy(),
+                                member_id: m.member_id(),
+                                ejected: h.ejected,
+                                ejection_reason: h.reason,
+                                latency_ms: h.ewma_ms,
+                                probe_ms: h.probe_ms,
+                                pending: h.pending,
+                                failures_in_a_row: h.failures_in_a_row,
+                                applied_index: h.applied_index,
+                                ejections_total: h.ejections_total,
+                            }
                         })
                         .collect(),
                     leader_id: c
@@ -182,16 +193,57 @@ impl Admin {
                 let _ = writeln!(out, "{name}{{cell=\"{}\"}} {v}", pool.inner.name);
             }
         }
-        let _ = writeln!(out, "# TYPE cellplane_router_member_healthy gauge");
-        for pool in self.pools.all() {
-            for m in &pool.inner.members {
-                let _ = writeln!(
-                    out,
-                    "cellplane_router_member_healthy{{cell=\"{}\",endpoint=\"{}\"}} {}",
-                    pool.inner.name,
-                    m.endpoint,
-                    u8::from(m.healthy())
-                );
+        let families: [(&str, &str, &str); 6] = [
+            (
+                "cellplane_router_member_healthy",
+                "gauge",
+                "1 while the member's probes answer",
+            ),
+            (
+                "cellplane_router_member_ejected",
+                "gauge",
+                "1 while the member is ejected (see status for why)",
+            ),
+            (
+                "cellplane_router_member_latency_seconds",
+                "gauge",
+                "peak-EWMA latency of calls to the member",
+            ),
+            (
+                "cellplane_router_member_probe_seconds",
+                "gauge",
+                "peak-EWMA latency of the member's probes",
+            ),
+            (
+                "cellplane_router_member_pending",
+                "gauge",
+                "calls in flight to the member",
+            ),
+            (
+                "cellplane_router_member_ejections_total",
+                "counter",
+                "times the member was ejected",
+            ),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for pool in self.pools.all() {
+                for m in &pool.inner.members {
+                    let h = m.health.view();
+                    let v = match name {
+                        "cellplane_router_member_healthy" => f64::from(u8::from(m.healthy())),
+                        "cellplane_router_member_ejected" => f64::from(u8::from(h.ejected)),
+                        "cellplane_router_member_latency_seconds" => h.ewma_ms / 1000.0,
+                        "cellplane_router_member_probe_seconds" => h.probe_ms / 1000.0,
+                        "cellplane_router_member_pending" => h.pending as f64,
+                        _ => h.ejections_total as f64,
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{cell=\"{}\",endpoint=\"{}\"}} {v}",
+                        pool.inner.name, m.endpoint
+                    );
+                }
             }
         }
         out

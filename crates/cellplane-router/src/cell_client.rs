@@ -11,8 +11,11 @@
 //! - a timeout per call, retries included;
 //! - retries with a budget (a fraction of recent calls), only for calls that are
 //!   safe to send again to another member;
-//! - member choice: the known leader for writes and linearizable reads, else any
-//!   healthy member; a member that fails is skipped until a probe finds it well.
+//! - member choice: the known leader for writes and linearizable reads, else the
+//!   better of two serving members by latency × calls pending (power of two
+//!   choices); a member that fails is skipped until a probe finds it well, and one
+//!   that looks unhealthy by what callers see is ejected ([`member_health`]),
+//!   ending the calls in flight to it.
 //!
 //! A stream (watch, discovery watch) takes one of the cell's `max_streams` slots
 //! for its life, opens within the call timeout on a healthy member (another one
@@ -30,8 +33,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use cellplane_map::CellMap;
-use cellplane_proto::etcdserverpb::StatusRequest;
+use cellplane_proto::etcdserverpb::kv_client::KvClient;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use cellplane_proto::etcdserverpb::{RangeRequest, StatusRequest};
 use prost::bytes::{Buf, BufMut, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -43,7 +47,13 @@ use tonic::{Status, Streaming};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+use crate::member_health::{self, Cap, Health};
 use crate::scope::TENANT_METADATA;
+
+/// A key of no tenant: the probe's data-path read (serializable, one key).
+const PROBE_KEY: &[u8] = b"/_cellplane/router-probe";
+/// How often a cell's members are compared (ejections, rejoins).
+const EVALUATE_EVERY: Duration = Duration::from_millis(100);
 
 /// Settings of every cell's pool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -239,6 +249,8 @@ pub struct MemberState {
     member_id: AtomicU64,
     /// The leader id the member last reported (0: none).
     leader_id: AtomicU64,
+    /// What calls and probes say of it.
+    pub health: Health,
 }
 
 impl MemberState {
@@ -251,6 +263,17 @@ impl MemberState {
     pub fn member_id(&self) -> u64 {
         self.member_id.load(Ordering::Relaxed)
     }
+    /// Reachable and not ejected: calls may go to it.
+    pub fn serving(&self) -> bool {
+        self.healthy() && !self.health.is_ejected()
+    }
+}
+
+/// True when a call failed in transport (tonic built the status from a
+/// connection error), as opposed to the member answering, even UNAVAILABLE
+/// ("no leader" during an election is a member that works).
+fn transport_failure(s: &Status) -> bool {
+    std::error::Error::source(s).is_some()
 }
 
 /// Call counters and recent latency of one cell.
@@ -317,21 +340,43 @@ pub struct CellInner {
 }
 
 impl CellInner {
-    /// The member to send a call to next: the leader when wanted and known
-    /// healthy, else the next healthy member round-robin, skipping `avoid`.
+    /// The leader the serving members report (else any reachable one's).
+    fn leader(&self) -> Option<u64> {
+        let reported = |serving: bool| {
+            self.members.iter().find_map(|m| {
+                let l = m.leader_id();
+                (m.healthy() && (!serving || m.serving()) && l != 0).then_some(l)
+            })
+        };
+        reported(true).or_else(|| reported(false))
+    }
+
+    /// The member to send a call to next, never `avoid`: the leader when wanted
+    /// and serving; else the better of two serving members (latency × calls
+    /// pending); else, when none serves, the next reachable one round-robin.
     fn pick(&self, prefer_leader: bool, avoid: Option<usize>) -> Option<usize> {
         if prefer_leader {
-            let leader = self.members.iter().find_map(|m| {
-                let l = m.leader_id();
-                (m.healthy() && l != 0).then_some(l)
-            });
-            let at = leader.and_then(|l| {
+            let at = self.leader().and_then(|l| {
                 self.members
                     .iter()
-                    .position(|m| m.member_id() == l && m.healthy())
+                    .position(|m| m.member_id() == l && m.serving())
             });
             if let Some(i) = at.filter(|i| Some(*i) != avoid) {
                 return Some(i);
+            }
+        }
+        let serving: Vec<usize> = (0..self.members.len())
+            .filter(|i| Some(*i) != avoid && self.members[*i].serving())
+            .collect();
+        match serving.len() {
+            0 => {}
+            1 => return Some(serving[0]),
+            n => {
+                let a = rand::random_range(0..n);
+                let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+                let (a, b) = (serving[a], serving[b]);
+                let better = self.members[a].health.score() <= self.members[b].health.score();
+                return Some(if better { a } else { b });
             }
         }
         let n = self.members.len();
@@ -339,6 +384,21 @@ impl CellInner {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|i| Some(*i) != avoid && self.members[*i].healthy())
+    }
+
+    fn healths(&self) -> Vec<&Health> {
+        self.members.iter().map(|m| &m.health).collect()
+    }
+
+    /// Records a call's outcome on member `i`'s health.
+    fn observed(&self, i: usize, elapsed: Duration, r: &Result<Bytes, Status>) {
+        let h = &self.members[i].health;
+        match r {
+            Err(s) if transport_failure(s) => {
+                h.failed(elapsed, s.message(), &Cap::of(&self.healths()));
+            }
+            _ => h.answered(elapsed),
+        }
     }
 
     /// A member's call failed without its own answer: stop choosing it until a
@@ -426,7 +486,11 @@ impl Service<Attempt> for Picker {
                 .pick(a.kind.prefer_leader, a.failed_on)
                 .ok_or(NoMember)?;
             let mut grpc = picker.grpc(i);
-            let r = async {
+            let member = &picker.cell.members[i];
+            let _pending = member.health.start();
+            let mut ejected = member.health.ejections();
+            let started = Instant::now();
+            let call = async {
                 grpc.ready()
                     .await
                     .map_err(|e| Status::unavailable(format!("member not ready: {e}")))?;
@@ -440,8 +504,21 @@ impl Service<Attempt> for Picker {
                     let req = with_tenant(a.body, &a.tenant);
                     Ok(grpc.unary(req, a.path, RawCodec).await?.into_inner())
                 }
-            }
-            .await;
+            };
+            let r = tokio::select! {
+                r = call => {
+                    picker.cell.observed(i, started.elapsed(), &r);
+                    r
+                }
+                // A read is retried on another member (UNAVAILABLE from here is
+                // "unreachable"); a write is not: it may have been applied.
+                _ = ejected.changed() => Err(Status::unavailable(format!(
+                    "member {} was ejected while the call was in flight ({}); a write's \
+                     outcome is unknown",
+                    member.endpoint,
+                    member.health.view().reason
+                ))),
+            };
             r.map_err(|status| {
                 picker.cell.failed(i, &status);
                 Box::new(MemberError { status, member: i }) as BoxError
@@ -608,6 +685,7 @@ impl CellClient {
                 healthy: AtomicBool::new(true),
                 member_id: AtomicU64::new(0),
                 leader_id: AtomicU64::new(0),
+                health: Health::default(),
             });
         }
         let inner = Arc::new(CellInner {
@@ -763,38 +841,73 @@ impl CellClient {
         Err(last)
     }
 
-    /// Probes every member until `shutdown`: Status tells health, id and leader.
+    /// Probes every member until `shutdown` (Status: reachability, id, leader
+    /// and applied index; then a serializable read of a key of no tenant: the
+    /// data path), and compares the members every [`EVALUATE_EVERY`].
     pub async fn probe_loop(self, shutdown: CancellationToken) {
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.settings.probe_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut evaluate = tokio::time::interval(EVALUATE_EVERY);
+        evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = evaluate.tick() => {
+                    member_health::evaluate(&self.inner.healths());
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             let timeout = Duration::from_millis(self.settings.probe_timeout_ms);
-            let probes = self.inner.members.iter().map(|m| async move {
-                let mut c = MaintenanceClient::new(m.channel.clone());
-                let r = tokio::time::timeout(timeout, c.status(StatusRequest {})).await;
+            let cell = &self.inner;
+            let probes = cell.members.iter().map(|m| async move {
+                let started = Instant::now();
+                let r = tokio::time::timeout(timeout, probe(m)).await;
+                let elapsed = started.elapsed();
+                let cap = Cap::of(&cell.healths());
                 match r {
-                    Ok(Ok(s)) => {
-                        let s = s.into_inner();
-                        if let Some(h) = &s.header {
-                            m.member_id.store(h.member_id, Ordering::Relaxed);
-                        }
-                        m.leader_id.store(s.leader, Ordering::Relaxed);
+                    Ok(Ok((id, leader, applied))) => {
+                        m.member_id.store(id, Ordering::Relaxed);
+                        m.leader_id.store(leader, Ordering::Relaxed);
                         m.healthy.store(true, Ordering::Relaxed);
+                        m.health.probed(Some(applied), elapsed, "", &cap);
                     }
-                    _ => {
+                    Ok(Err(s)) => {
                         m.healthy.store(false, Ordering::Relaxed);
                         m.leader_id.store(0, Ordering::Relaxed);
+                        m.health.probed(None, elapsed, s.message(), &cap);
+                    }
+                    Err(_) => {
+                        m.healthy.store(false, Ordering::Relaxed);
+                        m.leader_id.store(0, Ordering::Relaxed);
+                        let why = format!("no answer within {} ms", timeout.as_millis());
+                        m.health.probed(None, elapsed, &why, &cap);
                     }
                 }
             });
             futures::future::join_all(probes).await;
         }
     }
+}
+
+/// One probe of `m`: its id, the leader it knows and its applied index, once it
+/// also served a serializable read.
+async fn probe(m: &MemberState) -> Result<(u64, u64, u64), Status> {
+    let s = MaintenanceClient::new(m.channel.clone())
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    KvClient::new(m.channel.clone())
+        .range(RangeRequest {
+            key: PROBE_KEY.to_vec(),
+            serializable: true,
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    let id = s.header.as_ref().map_or(0, |h| h.member_id);
+    Ok((id, s.leader, s.raft_applied_index))
 }
 
 fn tenant_value(tenant: Option<&str>) -> Result<Option<MetadataValue<Ascii>>, Status> {

@@ -25,6 +25,7 @@ pub mod config;
 mod core;
 pub mod directory;
 pub mod map_source;
+mod member_health;
 mod routes;
 mod run;
 mod scope;

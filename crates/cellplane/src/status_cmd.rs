@@ -76,7 +76,14 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         let members: Vec<String> = c
             .members
             .iter()
-            .map(|m| format!("{}{}", m.endpoint, if m.healthy { "" } else { " (down)" }))
+            .map(|m| {
+                let state = match (m.healthy, m.ejected) {
+                    (_, true) => " (EJECTED)",
+                    (false, _) => " (down)",
+                    _ => "",
+                };
+                format!("{}{state}", m.endpoint)
+            })
             .collect();
         crate::outln!(
             "{:<10} {:<9} {:>9} {:>7} {:>9.1} {:>9.1} {:>9.2}  {}",
@@ -94,8 +101,46 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             members.join(", ")
         );
     }
+    show_members(&s.cells);
     show_moves(&args, &s.cells).await;
     Ok(())
+}
+
+/// Each member as the router's calls and probes see it, and why one is ejected.
+fn show_members(cells: &[cellplane_proto::router::CellStatus]) {
+    crate::outln!(
+        "{:<10} {:>6} {:<24} {:>10} {:>9} {:>7} {:>8} {:>10}  state",
+        "CELL",
+        "MEMBER",
+        "ENDPOINT",
+        "LATENCY MS",
+        "PROBE MS",
+        "PENDING",
+        "FAILURES",
+        "APPLIED"
+    );
+    for c in cells {
+        for m in &c.members {
+            let state = if m.ejected {
+                format!("EJECTED: {}", m.ejection_reason)
+            } else if !m.healthy {
+                "down (probes fail)".to_string()
+            } else {
+                "serving".to_string()
+            };
+            crate::outln!(
+                "{:<10} {:>6} {:<24} {:>10.2} {:>9.2} {:>7} {:>8} {:>10}  {state}",
+                c.name,
+                m.member_id,
+                m.endpoint,
+                m.latency_ms,
+                m.probe_ms,
+                m.pending,
+                m.failures_in_a_row,
+                m.applied_index
+            );
+        }
+    }
 }
 
 /// Prints the tenant moves in flight as the cells record them: a tenant a cell
