@@ -20,6 +20,7 @@
 
 pub mod compare;
 pub mod env;
+pub mod failover;
 pub mod faults;
 pub mod html;
 pub mod progress;

@@ -49,6 +49,39 @@ enum Cmd {
     },
     /// Closed-loop load from flags (the first version's interface).
     Closed(ClosedArgs),
+    /// Kill a cell's leader again and again under write load through the
+    /// router; report how long writes failed after each kill.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FailoverArgs {
+    /// Data directory of a running `cellplane up` environment.
+    #[arg(long)]
+    up: PathBuf,
+    #[arg(long, default_value = "alpha")]
+    cell: String,
+    /// A tenant the router sends to --cell.
+    #[arg(long, default_value = "a")]
+    tenant: String,
+    #[arg(long, default_value_t = 30)]
+    kills: usize,
+    /// Concurrent writers (each puts back to back).
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Connections to the router the writers share (1: all on one; as many as
+    /// --writers: one each).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Seconds of load with no fault first, counting spurious elections.
+    #[arg(long, default_value_t = 30.0)]
+    quiet: f64,
+    /// Seconds after a restarted member is ready before the next kill.
+    #[arg(long, default_value_t = 3.0)]
+    settle: f64,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,6 +244,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Validate { scenarios } => validate(&scenarios),
             Cmd::Render { json, html } => render(&json, html),
             Cmd::Closed(a) => closed(a, shutdown).await,
+            Cmd::Failover(a) => failover(a).await,
         }
     });
     match result {
@@ -220,6 +254,44 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
+    use loadgen::failover::{FailoverConfig, run_failover, write_json};
+    let cfg = FailoverConfig {
+        data_dir: a.up,
+        cell: a.cell,
+        tenant: a.tenant,
+        kills: a.kills,
+        writers: a.writers.max(1),
+        connections: a.connections.max(1),
+        quiet: Duration::from_secs_f64(a.quiet.max(0.0)),
+        settle: Duration::from_secs_f64(a.settle.max(0.0)),
+    };
+    let r = run_failover(&cfg, |m| eprintln!("{m}"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "cell {}: {} kills of the leader, {} writers on {} connection(s) to the router: writes failed for \
+         median {:.0} ms, p90 {:.0} ms, max {:.0} ms; elections per kill {:.2}; {} spurious \
+         election(s) in {:.0} s of load without faults; puts ok {}, failed {}",
+        r.cell,
+        r.kills.len(),
+        r.writers,
+        r.connections,
+        r.median_ms,
+        r.p90_ms,
+        r.max_ms,
+        r.kills.iter().map(|k| k.elections).sum::<u64>() as f64 / r.kills.len().max(1) as f64,
+        r.quiet_elections,
+        r.quiet_s,
+        r.puts_ok,
+        r.puts_failed
+    );
+    if let Some(p) = a.json {
+        write_json(&r, &p).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
 }
 
 fn unix_secs() -> u64 {

@@ -400,9 +400,13 @@ impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_width_ms: 250,
-            election_stagger_ms: 250,
+            // A follower campaigns once its leader lease (openraft 0.9: its
+            // election timeout's upper end) and an election timeout have passed
+            // without a heartbeat: 700–800 ms for the first member, 900–1000 and
+            // 1100–1200 for the next (loadgen failover: docs/benchmarks.md).
+            election_timeout_min_ms: 300,
+            election_timeout_width_ms: 100,
+            election_stagger_ms: 100,
             snapshot_every_entries: 20_000,
             keep_entries_after_snapshot: 1_000,
             max_entries_per_append: 128,
@@ -747,8 +751,8 @@ http = "127.0.0.1:6"
         let def = CellDef::parse(GOOD, Path::new("x")).unwrap();
         assert_eq!(def.members.len(), 2);
         assert_eq!(def.limits.max_txn_ops, 128);
-        assert_eq!(def.election_timeout(1), (500, 750));
-        assert_eq!(def.election_timeout(2), (750, 1000));
+        assert_eq!(def.election_timeout(1), (300, 400));
+        assert_eq!(def.election_timeout(2), (400, 500));
     }
 
     #[test]

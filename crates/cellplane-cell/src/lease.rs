@@ -418,7 +418,9 @@ impl LeaseService {
     }
 
     /// The smallest TTL a lease gets: long enough to survive a leader election
-    /// (etcd: 1.5 election timeouts).
+    /// (etcd: 1.5 election timeouts; here 1.5 × the longest a member waits before
+    /// it campaigns, its leader lease plus its election timeout, each up to the
+    /// range's upper end).
     fn min_ttl(&self) -> i64 {
         let cell = &self.shared.config.cell;
         let max_election_ms = cell
@@ -427,7 +429,7 @@ impl LeaseService {
             .map(|m| cell.election_timeout(m.id).1)
             .max()
             .unwrap_or(1000);
-        (max_election_ms * 3 / 2).div_ceil(1000) as i64
+        (max_election_ms * 3).div_ceil(1000) as i64
     }
 
     fn new_lease_id(&self) -> i64 {
