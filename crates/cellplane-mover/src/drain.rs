@@ -123,22 +123,13 @@ impl Mover {
             if !changed {
                 return Ok(pinned);
             }
-            next.version = map
-                .next_version()
-                .map_err(|e| MoveError::Refused(e.to_string()))?;
-            next.validate_successor(&map)
-                .map_err(|e| MoveError::Refused(e.to_string()))?;
-            match self.directory.write(&next, mrev).await {
-                Ok(()) => {
-                    crate::push_map(&next, self.tls.as_ref()).await?;
-                    self.say(&format!(
-                        "map version {}: {} tenant(s) pinned to cell {cell}",
-                        next.version,
-                        pinned.len()
-                    ));
-                }
-                Err(e) if e.contains("changed meanwhile") => {}
-                Err(e) => return Err(MoveError::Directory(e)),
+            if self.commit_map(&map, mrev, &mut next).await? {
+                crate::push_map(&next, self.tls.as_ref()).await?;
+                self.say(&format!(
+                    "map version {}: {} tenant(s) pinned to cell {cell}",
+                    next.version,
+                    pinned.len()
+                ));
             }
         }
         Err(MoveError::Refused(format!(
@@ -162,24 +153,16 @@ impl Mover {
                 if next.tenants.len() == map.tenants.len() {
                     return Ok(());
                 }
-                next.version = map
-                    .next_version()
-                    .map_err(|e| MoveError::Refused(e.to_string()))?;
-                next.validate_successor(&map)
-                    .map_err(|e| MoveError::Refused(e.to_string()))?;
-                match self.directory.write(&next, mrev).await {
-                    Ok(()) => {
-                        crate::push_map(&next, self.tls.as_ref()).await?;
-                        self.say(&format!(
-                            "map version {}: {} override(s) the buckets now imply dropped",
-                            next.version,
-                            map.tenants.len() - next.tenants.len()
-                        ));
-                        return Ok(());
-                    }
-                    Err(e) if e.contains("changed meanwhile") => continue,
-                    Err(e) => return Err(MoveError::Directory(e)),
+                if !self.commit_map(&map, mrev, &mut next).await? {
+                    continue;
                 }
+                crate::push_map(&next, self.tls.as_ref()).await?;
+                self.say(&format!(
+                    "map version {}: {} override(s) the buckets now imply dropped",
+                    next.version,
+                    map.tenants.len() - next.tenants.len()
+                ));
+                return Ok(());
             }
             Err(MoveError::Directory("the map kept changing".into()))
         };

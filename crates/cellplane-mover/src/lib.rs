@@ -52,7 +52,7 @@ use cellplane_proto::etcdserverpb::{
 };
 use cellplane_proto::mvccpb::KeyValue;
 use cellplane_proto::mvccpb::event::EventType;
-use cellplane_router::directory::Directory;
+use cellplane_router::directory::{Directory, MapWriteError};
 use tokio::sync::mpsc;
 use tonic::transport::ClientTlsConfig;
 
@@ -501,25 +501,17 @@ impl Mover {
                 return Ok(map.version);
             }
             let mut next = map.clone();
-            next.version = map
-                .next_version()
-                .map_err(|e| MoveError::Refused(e.to_string()))?;
             next.tenants.insert(tenant.to_string(), to.to_string());
-            next.validate_successor(&map)
-                .map_err(|e| MoveError::Refused(e.to_string()))?;
-            match self.directory.write(&next, mrev).await {
-                Ok(()) => {
-                    self.say(&format!(
-                        "cut over: map version {} sends {tenant} to {to}",
-                        next.version
-                    ));
-                    let from = map.cell_for(tenant).map_or("", |c| c.name.as_str());
-                    self.push_for_move(&next, from, to).await?;
-                    return Ok(next.version);
-                }
-                Err(e) if e.contains("changed meanwhile") => continue,
-                Err(e) => return Err(MoveError::Directory(e)),
+            if !self.commit_map(&map, mrev, &mut next).await? {
+                continue;
             }
+            self.say(&format!(
+                "cut over: map version {} sends {tenant} to {to}",
+                next.version
+            ));
+            let from = map.cell_for(tenant).map_or("", |c| c.name.as_str());
+            self.push_for_move(&next, from, to).await?;
+            return Ok(next.version);
         }
         Err(MoveError::Directory(
             "the map kept changing under the cut-over: resume the move".into(),
@@ -528,6 +520,27 @@ impl Mover {
 }
 
 impl Mover {
+    /// Writes `next` as the successor of `map` (stored at directory revision
+    /// `mrev`), numbered and validated; `Ok(false)` when another writer changed
+    /// the map meanwhile (read it again).
+    async fn commit_map(
+        &self,
+        map: &CellMap,
+        mrev: i64,
+        next: &mut CellMap,
+    ) -> Result<bool, MoveError> {
+        next.version = map
+            .next_version()
+            .map_err(|e| MoveError::Refused(e.to_string()))?;
+        next.validate_successor(map)
+            .map_err(|e| MoveError::Refused(e.to_string()))?;
+        match self.directory.write(next, mrev).await {
+            Ok(()) => Ok(true),
+            Err(MapWriteError::Changed) => Ok(false),
+            Err(e) => Err(MoveError::Directory(e.to_string())),
+        }
+    }
+
     /// The source cell of `tenant`'s move in progress.
     async fn source_cell(&self, tenant: &str) -> Result<String, MoveError> {
         let (r, _) = self

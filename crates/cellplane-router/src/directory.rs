@@ -112,7 +112,7 @@ impl Directory {
     /// Writes `map` (already validated by the caller) if the stored one is still at
     /// `expected_revision` (0: no map stored yet): a compare-and-swap, so two
     /// operators cannot overwrite each other's change unseen.
-    pub async fn write(&self, map: &CellMap, expected_revision: i64) -> Result<(), String> {
+    pub async fn write(&self, map: &CellMap, expected_revision: i64) -> Result<(), MapWriteError> {
         use cellplane_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
         use cellplane_proto::etcdserverpb::{
             Compare, PutRequest, RequestOp, TxnRequest, request_op,
@@ -139,17 +139,27 @@ impl Directory {
             let mut c = KvClient::new(ch.clone());
             match c.txn(txn.clone()).await {
                 Ok(r) if r.get_ref().succeeded => return Ok(()),
-                Ok(_) => {
-                    return Err("the map in the directory changed meanwhile; read it again".into());
-                }
+                Ok(_) => return Err(MapWriteError::Changed),
                 Err(s) if s.code() == tonic::Code::Unavailable => last = s.message().to_string(),
                 // The directory's own answer (a refusal): another member would
                 // answer the same.
-                Err(s) => return Err(format!("the directory refused the write: {}", s.message())),
+                Err(s) => return Err(MapWriteError::Refused(s.message().to_string())),
             }
         }
-        Err(format!("directory unreachable: {last}"))
+        Err(MapWriteError::Unreachable(last))
     }
+}
+
+/// Why a map was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum MapWriteError {
+    /// Another writer changed the map since it was read: read it again.
+    #[error("the map in the directory changed meanwhile; read it again")]
+    Changed,
+    #[error("the directory refused the write: {0}")]
+    Refused(String),
+    #[error("directory unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// What ended a watch of the map key.

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
 use cellplane_mover::MoveSettings;
 
 #[derive(clap::Args, Debug)]
@@ -55,16 +54,7 @@ pub async fn run(args: BucketArgs) -> anyhow::Result<()> {
     let report = mover
         .move_bucket(bucket, &to, from.as_deref(), concurrency)
         .await?;
-    for (tenant, e) in &report.failed {
-        crate::outln!("tenant {tenant}: not moved: {e}");
-    }
-    if !report.failed.is_empty() {
-        bail!(
-            "{} tenant(s) of bucket {bucket} did not move; run the command again once the \
-             cause is fixed",
-            report.failed.len()
-        );
-    }
+    crate::move_cmd::refuse_failures(&report, &format!("bucket {bucket}"))?;
     crate::outln!(
         "bucket {bucket} is in cell {to}: {} tenant(s) moved with their data",
         report.moved.len()

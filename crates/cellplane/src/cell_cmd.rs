@@ -51,16 +51,7 @@ pub async fn run(args: CellArgs) -> anyhow::Result<()> {
             };
             let mover = crate::move_cmd::mover(&args.mover, &args.cells, settings)?;
             let report = mover.drain(&cell, concurrency).await?;
-            for (tenant, e) in &report.failed {
-                crate::outln!("tenant {tenant}: not moved: {e}");
-            }
-            if !report.failed.is_empty() {
-                bail!(
-                    "{} tenant(s) of cell {cell} did not move; run the drain again once the \
-                     cause is fixed",
-                    report.failed.len()
-                );
-            }
+            crate::move_cmd::refuse_failures(&report, &format!("cell {cell}"))?;
             crate::outln!(
                 "cell {cell} drained: {} tenant(s) moved; it serves no tenant now. Remove it \
                  from the map (`cellplane map apply`) once no router needs it, then stop it",
@@ -103,7 +94,7 @@ async fn add(args: &crate::move_cmd::MoverArgs, cells: &Path, file: &Path) -> an
         state: CellState::Active,
     });
     next.validate_successor(&map)?;
-    dir.write(&next, rev).await.map_err(anyhow::Error::msg)?;
+    dir.write(&next, rev).await?;
     crate::outln!("map version {}: cell {} added", next.version, def.name);
     crate::map_cmd::push_to_cells(&next, tls.as_ref()).await?;
     crate::outln!(

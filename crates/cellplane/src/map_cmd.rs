@@ -154,9 +154,7 @@ async fn write(
             0
         }
     };
-    dir.write(next, expected)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    dir.write(next, expected).await?;
     crate::outln!("map version {} written to the directory", next.version);
     Ok(())
 }

@@ -127,3 +127,18 @@ pub async fn list(args: MoverArgs, cells: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Prints each tenant of `what` (a cell, a bucket) that did not move, and fails
+/// if any did not: running the command again resumes.
+pub fn refuse_failures(report: &cellplane_mover::DrainReport, what: &str) -> anyhow::Result<()> {
+    for (tenant, e) in &report.failed {
+        crate::outln!("tenant {tenant}: not moved: {e}");
+    }
+    if !report.failed.is_empty() {
+        anyhow::bail!(
+            "{} tenant(s) of {what} did not move; run the command again once the cause is fixed",
+            report.failed.len()
+        );
+    }
+    Ok(())
+}

@@ -398,9 +398,7 @@ async fn seed_directory(
     match dir.read().await {
         Ok((map, _)) => Ok(map),
         Err(cellplane_router::directory::DirectoryError::Empty) => {
-            dir.write(&env.static_map, 0)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            dir.write(&env.static_map, 0).await?;
             println!(
                 "seeded the directory with the static map (version {})",
                 env.static_map.version
