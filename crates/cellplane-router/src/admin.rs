@@ -181,6 +181,10 @@ impl Admin {
                 "cellplane_router_shed_total",
                 "requests shed by the cell's bulkhead",
             ),
+            (
+                "cellplane_router_hedged_total",
+                "serializable reads sent a second time because the first was slow",
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for pool in self.pools.all() {
@@ -188,6 +192,7 @@ impl Admin {
                 let v = match name {
                     "cellplane_router_requests_total" => s.requests.load(Ordering::Relaxed),
                     "cellplane_router_errors_total" => s.errors.load(Ordering::Relaxed),
+                    "cellplane_router_hedged_total" => s.hedged.load(Ordering::Relaxed),
                     _ => s.shed.load(Ordering::Relaxed),
                 };
                 let _ = writeln!(out, "{name}{{cell=\"{}\"}} {v}", pool.inner.name);

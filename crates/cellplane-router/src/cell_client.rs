@@ -11,6 +11,10 @@
 //! - a timeout per call, retries included;
 //! - retries with a budget (a fraction of recent calls), only for calls that are
 //!   safe to send again to another member;
+//! - around the stack, for serializable reads: a **hedge** — when the first
+//!   attempt has not answered within `hedge_after_ms`, a second one goes out
+//!   (within the same budget) and the first success wins, so one slow member
+//!   does not set the cell's tail latency;
 //! - member choice: the known leader for writes and linearizable reads, else the
 //!   better of two serving members by latency × calls pending (power of two
 //!   choices); a member that fails is skipped until a probe finds it well, and one
@@ -27,7 +31,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -75,6 +79,10 @@ pub struct PoolSettings {
     pub retry_ratio: f32,
     /// Retries always allowed per second, whatever the ratio.
     pub retry_min_per_sec: u32,
+    /// A serializable read unanswered this long is sent again (to the better of
+    /// two members, which the first one's pending call makes another one);
+    /// 0: never hedge.
+    pub hedge_after_ms: u64,
 }
 
 impl Default for PoolSettings {
@@ -88,6 +96,7 @@ impl Default for PoolSettings {
             probe_timeout_ms: 400,
             retry_ratio: 0.2,
             retry_min_per_sec: 10,
+            hedge_after_ms: 50,
         }
     }
 }
@@ -281,6 +290,8 @@ pub struct CellStats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub shed: AtomicU64,
+    /// Serializable reads sent a second time ([`PoolSettings::hedge_after_ms`]).
+    pub hedged: AtomicU64,
     window: Mutex<(
         Instant,
         hdrhistogram::Histogram<u64>,
@@ -299,6 +310,7 @@ impl CellStats {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             shed: AtomicU64::new(0),
+            hedged: AtomicU64::new(0),
             window: Mutex::new((Instant::now(), h(), h())),
         }
     }
@@ -356,10 +368,12 @@ impl CellInner {
     /// pending); else, when none serves, the next reachable one round-robin.
     fn pick(&self, prefer_leader: bool, avoid: Option<usize>) -> Option<usize> {
         if prefer_leader {
+            // The leader serves writes best even when slow; only one that does
+            // not answer is passed over (followers forward to it anyway).
             let at = self.leader().and_then(|l| {
                 self.members
                     .iter()
-                    .position(|m| m.member_id() == l && m.serving())
+                    .position(|m| m.member_id() == l && m.healthy() && !m.health.is_down())
             });
             if let Some(i) = at.filter(|i| Some(*i) != avoid) {
                 return Some(i);
@@ -419,6 +433,9 @@ struct Attempt {
     tenant: Option<MetadataValue<Ascii>>,
     kind: CallKind,
     failed_on: Option<usize>,
+    /// The member the call last went to (`usize::MAX`: none yet), so a hedge
+    /// goes elsewhere.
+    sent_to: Arc<AtomicUsize>,
 }
 
 fn with_tenant<T>(body: T, tenant: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
@@ -485,6 +502,7 @@ impl Service<Attempt> for Picker {
                 .cell
                 .pick(a.kind.prefer_leader, a.failed_on)
                 .ok_or(NoMember)?;
+            a.sent_to.store(i, Ordering::Relaxed);
             let mut grpc = picker.grpc(i);
             let member = &picker.cell.members[i];
             let _pending = member.health.start();
@@ -605,6 +623,8 @@ fn cell_status(cell: &str, e: BoxError, settings: &PoolSettings, stats: &CellSta
 pub struct CellClient {
     pub inner: Arc<CellInner>,
     stack: Stack,
+    /// The retry budget, which hedges draw on too.
+    budget: Arc<TpsBudget>,
     streams: Arc<Semaphore>,
     settings: PoolSettings,
     limits: MessageLimits,
@@ -694,12 +714,13 @@ impl CellClient {
             stats: CellStats::new(),
             next: AtomicU64::new(0),
         });
+        let budget = Arc::new(TpsBudget::new(
+            Duration::from_secs(10),
+            settings.retry_min_per_sec,
+            settings.retry_ratio,
+        ));
         let policy = RetryPolicy {
-            budget: Arc::new(TpsBudget::new(
-                Duration::from_secs(10),
-                settings.retry_min_per_sec,
-                settings.retry_ratio,
-            )),
+            budget: budget.clone(),
             attempts_left: endpoints.len().saturating_sub(1),
         };
         let stack = ServiceBuilder::new()
@@ -714,6 +735,7 @@ impl CellClient {
         Ok(CellClient {
             inner,
             stack,
+            budget,
             streams: Arc::new(Semaphore::new(settings.max_streams)),
             settings: settings.clone(),
             limits,
@@ -745,13 +767,14 @@ impl CellClient {
             tenant: tenant_value(tenant)?,
             kind,
             failed_on: None,
+            sent_to: Arc::new(AtomicUsize::new(usize::MAX)),
         };
-        let result = self
-            .stack
-            .clone()
-            .oneshot(attempt)
-            .await
-            .map_err(|e| cell_status(&self.inner.name, e, &self.settings, &self.inner.stats));
+        let result = if kind == CallKind::LOCAL_READ && self.settings.hedge_after_ms > 0 {
+            self.hedged(attempt).await
+        } else {
+            self.stack.clone().oneshot(attempt).await
+        }
+        .map_err(|e| cell_status(&self.inner.name, e, &self.settings, &self.inner.stats));
         let ok = !matches!(&result, Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Internal);
         self.inner.stats.record(started.elapsed(), ok);
         let bytes = result?;
@@ -761,6 +784,41 @@ impl CellClient {
                 self.inner.name
             ))
         })
+    }
+
+    /// Sends `attempt`; if it has not answered within `hedge_after_ms` and the
+    /// budget allows, sends it again, and answers the first success (or, if both
+    /// fail, the last failure).
+    async fn hedged(&self, attempt: Attempt) -> Result<Bytes, BoxError> {
+        let first = self.stack.clone().oneshot(attempt.clone());
+        tokio::pin!(first);
+        let delay = Duration::from_millis(self.settings.hedge_after_ms);
+        tokio::select! {
+            r = &mut first => return r,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if !self.budget.withdraw() {
+            return first.await;
+        }
+        self.inner.stats.hedged.fetch_add(1, Ordering::Relaxed);
+        let busy = attempt.sent_to.load(Ordering::Relaxed);
+        let again = Attempt {
+            failed_on: (busy != usize::MAX).then_some(busy),
+            sent_to: Arc::new(AtomicUsize::new(usize::MAX)),
+            ..attempt
+        };
+        let second = self.stack.clone().oneshot(again);
+        tokio::pin!(second);
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(b) => Ok(b),
+                Err(_) => second.await,
+            },
+            r = &mut second => match r {
+                Ok(b) => Ok(b),
+                Err(_) => first.await,
+            },
+        }
     }
 
     /// Opens stream `path` on a healthy member with `first` as its first request,

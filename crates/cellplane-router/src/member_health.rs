@@ -58,7 +58,18 @@ impl Cause {
     fn capped(self) -> bool {
         matches!(self, Cause::Outlier | Cause::Lagging)
     }
+
+    /// Whether calls in flight to the member are ended too: only when they
+    /// would not complete (a slow or lagging member still answers, and ending a
+    /// write there would turn a slow success into an error of unknown outcome).
+    fn interrupts(self) -> bool {
+        matches!(self, Cause::Failing | Cause::Stalled)
+    }
 }
+
+/// Weight of a new probe in the probe latency average (plain EWMA: one slow
+/// probe is no outlier, a few in a row are).
+const PROBE_WEIGHT: f64 = 0.3;
 
 #[derive(Debug, Clone)]
 struct Ejection {
@@ -75,10 +86,9 @@ struct State {
     /// writes, which are slower by nature).
     ewma_us: f64,
     updated: Instant,
-    /// Peak EWMA of the probes' latency: the same read on every member, so
-    /// members are compared by it.
+    /// EWMA of the probes' latency: the same read on every member, so members
+    /// are compared by it.
     probe_ewma_us: f64,
-    probe_updated: Instant,
     /// When calls last went from none pending to some.
     busy_since: Instant,
     failures_in_a_row: u32,
@@ -124,7 +134,6 @@ impl Default for Health {
                 ewma_us: 0.0,
                 updated: now,
                 probe_ewma_us: 0.0,
-                probe_updated: now,
                 busy_since: now,
                 failures_in_a_row: 0,
                 last_error: String::new(),
@@ -158,6 +167,15 @@ impl Health {
 
     pub fn is_ejected(&self) -> bool {
         self.lock().ejected.is_some()
+    }
+
+    /// Ejected for not answering at all (failing, stalled): even calls only it
+    /// can serve well (the leader's) go elsewhere.
+    pub fn is_down(&self) -> bool {
+        self.lock()
+            .ejected
+            .as_ref()
+            .is_some_and(|e| e.cause.interrupts())
     }
 
     /// Load-aware cost of sending the next call here (lower is better).
@@ -209,8 +227,12 @@ impl Health {
     pub fn probed(&self, applied: Option<u64>, elapsed: Duration, error: &str, cap: &Cap) {
         let mut s = self.lock();
         let now = Instant::now();
-        let (ewma, at) = observe(s.probe_ewma_us, s.probe_updated, elapsed);
-        (s.probe_ewma_us, s.probe_updated) = (ewma, at);
+        let sample = elapsed.as_micros() as f64;
+        s.probe_ewma_us = if s.probe_ewma_us == 0.0 {
+            sample
+        } else {
+            s.probe_ewma_us * (1.0 - PROBE_WEIGHT) + sample * PROBE_WEIGHT
+        };
         match applied {
             Some(index) => {
                 if index != s.applied_index {
@@ -260,7 +282,9 @@ impl Health {
             probes_ok: 0,
         });
         self.ejections_total.fetch_add(1, Ordering::Relaxed);
-        self.ejected_tx.send_modify(|n| *n += 1);
+        if cause.interrupts() {
+            self.ejected_tx.send_modify(|n| *n += 1);
+        }
         true
     }
 
@@ -470,13 +494,23 @@ mod tests {
         let cap = Cap::of(&r);
         c[0].probed(Some(1), Duration::from_millis(2), "", &cap);
         c[1].probed(Some(1), Duration::from_millis(2), "", &cap);
-        c[2].probed(Some(1), Duration::from_millis(900), "", &cap);
+        c[2].probed(Some(1), Duration::from_millis(2), "", &cap);
+        // One slow probe is no outlier; several in a row are.
+        c[2].probed(Some(1), Duration::from_millis(300), "", &cap);
+        evaluate(&r);
+        assert!(!c[2].is_ejected(), "{:?}", c[2].view());
+        let told = c[2].ejections();
+        for _ in 0..3 {
+            c[2].probed(Some(1), Duration::from_millis(300), "", &cap);
+        }
         // Slow calls alone (the leader's writes) are no outlier.
         c[0].answered(Duration::from_millis(900));
         evaluate(&r);
         assert!(!c[0].is_ejected());
         assert!(c[2].is_ejected(), "{:?}", c[2].view());
         assert!(c[2].view().reason.starts_with("slow:"));
+        // A slow member's calls still complete: they are not ended.
+        assert!(!told.has_changed().unwrap() && !c[2].is_down());
         // Another one falls behind: not ejected, the cap is reached.
         c[1].lock().applied_index = 5;
         c[1].lock().applied_changed = Instant::now() - LAG_STALL * 2;

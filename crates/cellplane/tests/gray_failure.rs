@@ -96,11 +96,28 @@ async fn a_frozen_member_is_ejected_reads_go_around_it_and_it_rejoins() {
     kv.put(put("/a/k2", "v")).await.unwrap();
     let (ok, out) = cli(&["status", "--admin", &env.router_admin.to_string()]);
     assert!(ok && out.contains("EJECTED: "), "{out}");
-    let (_, metrics) = common::http_get(env.router_http, "/metrics").unwrap();
+    // The plain HTTP getter gives up after 2 s of silence; a loaded machine
+    // may take that long to schedule the router: ask again.
+    let mut got = None;
+    for _ in 0..5 {
+        got = common::http_get(env.router_http, "/metrics");
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = got.expect("the router's /metrics answers");
     assert!(
         metrics
             .lines()
             .any(|l| l.starts_with("cellplane_router_member_ejected{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Reads that went to the frozen member before its ejection were hedged.
+    assert!(
+        metrics.lines().any(|l| {
+            l.starts_with("cellplane_router_hedged_total{cell=\"alpha\"}") && !l.ends_with(" 0")
+        }),
         "{metrics}"
     );
 
