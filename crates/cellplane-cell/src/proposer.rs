@@ -225,7 +225,7 @@ async fn run(
         let forward = forward.clone();
         tokio::spawn(async move {
             match leader_elsewhere(&raft) {
-                Some((leader, addr)) => forward_batch(&forward, leader, addr, batch).await,
+                Some((leader, addr)) => forward_batch(&raft, &forward, leader, addr, batch).await,
                 None => propose_here(&raft, batch).await,
             }
             drop(permit);
@@ -265,8 +265,12 @@ async fn propose_here(raft: &Raft, batch: Vec<Pending>) {
 }
 
 /// Sends the forwardable commands of a batch to the leader in one RPC; the others
-/// are told to forward themselves.
+/// are told to forward themselves. If this member learns of another leader (or
+/// of none) while the RPC is out, the batch's outcome is reported unknown at
+/// once: a leader that froze would otherwise hold the writes until it thaws or
+/// the RPC times out, long after the cell elected another.
 async fn forward_batch(
+    raft: &Raft,
     forward: &ForwardSettings,
     leader: NodeId,
     addr: Option<String>,
@@ -292,7 +296,15 @@ async fn forward_batch(
             &format!("etcdserver: leader {leader} is not in this member's membership view"),
         );
     };
-    match send(forward, leader, &addr, Batch(cmds)).await {
+    let mut metrics = raft.metrics();
+    let sent = tokio::select! {
+        r = send(forward, leader, &addr, Batch(cmds)) => r,
+        _ = metrics.wait_for(|m| m.current_leader != Some(leader)) => Err(Sent::Failed(format!(
+            "etcdserver: write forwarded to leader {leader}, outcome unknown (it may or may \
+             not have been applied): the cell elected another leader meanwhile"
+        ))),
+    };
+    match sent {
         Ok(p) => complete(waiters, p.responses, p.term),
         // Known not appended: forward each client request the old way, or wait for
         // a leader (see `Shared::propose`).

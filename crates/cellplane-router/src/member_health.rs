@@ -214,7 +214,7 @@ impl Health {
         (s.ewma_us, s.updated) = (ewma, at);
         s.failures_in_a_row += 1;
         s.last_error = error.to_string();
-        if s.failures_in_a_row >= FAILURES_TO_EJECT && s.ejected.is_none() {
+        if s.failures_in_a_row >= FAILURES_TO_EJECT {
             let reason = format!("{} failures in a row (last: {error})", s.failures_in_a_row);
             return self.eject(&mut s, Cause::Failing, reason, cap);
         }
@@ -249,7 +249,7 @@ impl Health {
                 }
                 s.failures_in_a_row += 1;
                 s.last_error = format!("probe: {error}");
-                if s.failures_in_a_row >= FAILURES_TO_EJECT && s.ejected.is_none() {
+                if s.failures_in_a_row >= FAILURES_TO_EJECT {
                     let reason = format!(
                         "{} failures in a row (last: probe: {error})",
                         s.failures_in_a_row
@@ -260,7 +260,19 @@ impl Health {
         }
     }
 
+    /// Ejects the member for `cause`; one already ejected for being slow or
+    /// behind is ejected again as not answering (its calls in flight end).
+    /// Answers whether anything changed.
     fn eject(&self, s: &mut State, cause: Cause, reason: String, cap: &Cap) -> bool {
+        if let Some(e) = &mut s.ejected {
+            if e.cause.interrupts() || !cause.interrupts() {
+                return false;
+            }
+            tracing::warn!(%reason, "ejected member does not answer either");
+            (e.cause, e.reason) = (cause, reason);
+            self.ejected_tx.send_modify(|n| *n += 1);
+            return true;
+        }
         if !cap.allows(cause) {
             return false;
         }
@@ -392,7 +404,7 @@ pub fn evaluate(members: &[&Health]) {
     for (i, h) in members.iter().enumerate() {
         let cap = Cap::of(members);
         let mut s = h.lock();
-        if s.ejected.is_some() {
+        if s.ejected.as_ref().is_some_and(|e| e.cause.interrupts()) {
             continue;
         }
         let pending = h.pending.load(Ordering::Relaxed);
@@ -517,6 +529,13 @@ mod tests {
         c[0].lock().applied_index = 50;
         evaluate(&r);
         assert!(!c[1].is_ejected());
+        // Once the slow one stops answering altogether, its calls are ended.
+        let _call = c[2].start();
+        c[2].lock().busy_since = Instant::now() - STALL * 2;
+        c[2].lock().last_answer = Instant::now() - STALL * 2;
+        evaluate(&r);
+        assert!(told.has_changed().unwrap() && c[2].is_down());
+        assert!(c[2].view().reason.starts_with("stalled"));
         // In five members two may go.
         let c = cell(5);
         let r = refs(&c);
