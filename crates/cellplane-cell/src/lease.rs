@@ -45,7 +45,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{kv_status, node_status, read_status};
 use crate::node::{ProposeError, Shared};
-use crate::ownership::{keep_mover, mover_tenant};
+use crate::ownership::{keep_mover, mover_tenant, moving};
 use crate::service::{forwarded_request, is_forwarded, serve_request};
 
 /// The gRPC metadata naming the tenant a call is made for. A router sets it on
@@ -559,22 +559,16 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
                 req.id
             };
             let ttl = req.ttl.max(self.min_ttl());
-            let cmd = match (&mover, &tenant) {
-                (Some(t), _) => Command::Moving {
-                    tenant: t.clone(),
-                    cmd: Box::new(Command::LeaseGrantOwned {
-                        id,
-                        ttl,
-                        owner: t.clone(),
-                    }),
-                },
-                (None, Some(owner)) => Command::LeaseGrantOwned {
+            // The mover grants for the tenant it moves; a router for its caller.
+            let grant = match mover.as_ref().or(tenant.as_ref()) {
+                Some(owner) => Command::LeaseGrantOwned {
                     id,
                     ttl,
                     owner: owner.clone(),
                 },
-                (None, None) => Command::LeaseGrant { id, ttl },
+                None => Command::LeaseGrant { id, ttl },
             };
+            let cmd = moving(mover.clone(), grant);
             match self.propose::<LeaseGrantResponse>(cmd, forwarded).await? {
                 Ok((resp, header)) => {
                     self.shared.lessor.granted(id, ttl);
@@ -604,20 +598,14 @@ impl cellplane_proto::etcdserverpb::lease_server::Lease for LeaseService {
         serve_request(&self.shared, "LeaseRevoke", async {
             // A tenant's revoke of a lease it does not own fails at apply as if the
             // lease did not exist.
-            let cmd = match (&mover, &tenant) {
-                (Some(t), _) => Command::Moving {
-                    tenant: t.clone(),
-                    cmd: Box::new(Command::LeaseRevokeOwned {
-                        id: req.id,
-                        owner: t.clone(),
-                    }),
-                },
-                (None, Some(owner)) => Command::LeaseRevokeOwned {
+            let revoke = match mover.as_ref().or(tenant.as_ref()) {
+                Some(owner) => Command::LeaseRevokeOwned {
                     id: req.id,
                     owner: owner.clone(),
                 },
-                (None, None) => Command::LeaseRevoke(req.id),
+                None => Command::LeaseRevoke(req.id),
             };
+            let cmd = moving(mover.clone(), revoke);
             match self.propose::<LeaseRevokeResponse>(cmd, forwarded).await? {
                 Ok((_, header)) => {
                     self.shared.lessor.revoked(req.id);

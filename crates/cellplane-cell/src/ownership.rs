@@ -82,12 +82,17 @@ pub(crate) fn check_read(s: &Shared, key: &[u8], range_end: &[u8]) -> Result<(),
 /// `cmd`, as the mover's write of the tenant `request` names in
 /// [`MOVE_TENANT_METADATA`], if it names one.
 pub(crate) fn as_mover<T>(request: &Request<T>, cmd: Command) -> Result<Command, Status> {
-    match mover_tenant(request.metadata())? {
-        Some(tenant) => Ok(Command::Moving {
+    Ok(moving(mover_tenant(request.metadata())?, cmd))
+}
+
+/// `cmd`, as the mover's write of `tenant` if one is named.
+pub(crate) fn moving(tenant: Option<String>, cmd: Command) -> Command {
+    match tenant {
+        Some(tenant) => Command::Moving {
             tenant,
             cmd: Box::new(cmd),
-        }),
-        None => Ok(cmd),
+        },
+        None => cmd,
     }
 }
 
