@@ -34,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 start_cell() {
   for id in 1 2 3; do
-    "$bin/cellplane" node --cell cells/alpha.toml --id $id --data-dir "$work/alpha-$id" >"$work/alpha-$id.log" 2>&1 &
+    "$bin/cellplane" node --plaintext --cell cells/alpha.toml --id $id --data-dir "$work/alpha-$id" >"$work/alpha-$id.log" 2>&1 &
     pids+=($!)
   done
   for port in 12381 12391 12401; do

@@ -10,7 +10,7 @@
 //! [`workload`] (keys and requests), [`schedule`] (open- and closed-loop pacing),
 //! [`watch`] (watch fan-out), [`faults`] and [`env`] (the fault schedule against
 //! `up.json`), [`record`] (histograms and the per-second series), [`runner`] (one
-//! run), [`report`] and [`html`] (outputs), [`compare`] (several systems
+//! run), [`cpu`] (CPU time of processes over a run's window), [`report`] and [`html`] (outputs), [`compare`] (several systems
 //! alternated), [`progress`] (the terminal bar).
 //!
 //! Depends on `cellplane-proto` (the wire types) and `cellplane-map` (tenant →
@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compare;
+pub mod cpu;
 pub mod env;
 pub mod failover;
 pub mod faults;

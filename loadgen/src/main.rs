@@ -218,6 +218,11 @@ struct ClosedArgs {
     /// Watches per watch stream (idle mode; stalled and active use one each).
     #[arg(long, default_value_t = 100)]
     watches_per_stream: usize,
+    /// Report the CPU these processes spend per 1,000 operations in the measured
+    /// window: NAME=PID[+PID...], repeatable (`--cpu members=11+12+13 --cpu
+    /// router=14`). The client's own CPU is always reported, as `client`.
+    #[arg(long = "cpu", value_name = "NAME=PIDS", value_parser = loadgen::cpu::Group::parse)]
+    cpu: Vec<loadgen::cpu::Group>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -466,6 +471,12 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
     s.watch.watches_per_stream = a.watches_per_stream;
     s.validate()
         .map_err(|(field, msg)| anyhow::anyhow!("{field}: {msg}"))?;
+    let mut groups = a.cpu.clone();
+    groups.push(loadgen::cpu::Group {
+        name: "client".into(),
+        pids: vec![std::process::id()],
+    });
+    let sampler = loadgen::cpu::Sampler::start(groups);
     let result = run(
         RunConfig {
             scenario: s,
@@ -478,6 +489,10 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
         shutdown,
     )
     .await?;
+    let cpu = sampler
+        .finish(result.window.0.into_std())
+        .await
+        .map_err(|e| anyhow::anyhow!("measuring CPU: {e}"))?;
     let r = &result.report;
     let ms = |us: u64| us as f64 / 1000.0;
     let op = format!("{:?}", a.op).to_lowercase();
@@ -488,8 +503,12 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
         );
     }
     let t = &r.totals;
+    let cpu_text: Vec<String> = cpu
+        .iter()
+        .map(|u| format!("{} {:.0}", u.name, u.per_1k_ops(t.throughput)))
+        .collect();
     println!(
-        "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}",
+        "{} clients={} connections={}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, errors {}, cpu ms/1k ops: {}",
         op,
         a.clients,
         a.connections,
@@ -498,8 +517,13 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
         ms(t.latency.p99_us),
         ms(t.latency.p999_us),
         ms(t.latency.max_us),
-        t.errors
+        t.errors,
+        cpu_text.join(", ")
     );
+    let cpu_json: serde_json::Map<String, serde_json::Value> = cpu
+        .iter()
+        .map(|u| (u.name.clone(), u.per_1k_ops(t.throughput).into()))
+        .collect();
     if a.json {
         println!(
             "{}",
@@ -515,6 +539,7 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
                 "p99_ms": ms(t.latency.p99_us),
                 "p999_ms": ms(t.latency.p999_us),
                 "max_ms": ms(t.latency.max_us),
+                "cpu_ms_per_1k_ops": cpu_json,
             })
         );
     }

@@ -44,6 +44,9 @@ pub struct RunConfig {
 pub struct RunOutput {
     pub report: Report,
     pub recorder: Recorder,
+    /// When the measured window began and ended (tokio clock) (the last client finished), so a
+    /// caller can charge what it sampled alongside (CPU) to the same window.
+    pub window: (Instant, Instant),
 }
 
 /// Runs the scenario; `shutdown` ends it early (the report covers what ran).
@@ -296,6 +299,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
     Ok(RunOutput {
         report,
         recorder: rec,
+        window: (measure_from, finished),
     })
 }
 
