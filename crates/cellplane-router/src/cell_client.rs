@@ -760,10 +760,30 @@ impl CellClient {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
+        let bytes = self
+            .unary_raw(path, Bytes::from(req.encode_to_vec()), kind, tenant)
+            .await?;
+        Resp::decode(bytes).map_err(|e| {
+            Status::internal(format!(
+                "cell {}: undecodable answer to {path}: {e}",
+                self.inner.name
+            ))
+        })
+    }
+
+    /// [`CellClient::unary`] on an encoded request, answering the encoded
+    /// response: what the router forwards without decoding.
+    pub async fn unary_raw(
+        &self,
+        path: &'static str,
+        body: Bytes,
+        kind: CallKind,
+        tenant: Option<&str>,
+    ) -> Result<Bytes, Status> {
         let started = Instant::now();
         let attempt = Attempt {
             path: PathAndQuery::from_static(path),
-            body: Bytes::from(req.encode_to_vec()),
+            body,
             tenant: tenant_value(tenant)?,
             kind,
             failed_on: None,
@@ -777,13 +797,7 @@ impl CellClient {
         .map_err(|e| cell_status(&self.inner.name, e, &self.settings, &self.inner.stats));
         let ok = !matches!(&result, Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Internal);
         self.inner.stats.record(started.elapsed(), ok);
-        let bytes = result?;
-        Resp::decode(bytes).map_err(|e| {
-            Status::internal(format!(
-                "cell {}: undecodable answer to {path}: {e}",
-                self.inner.name
-            ))
-        })
+        result
     }
 
     /// Sends `attempt`; if it has not answered within `hedge_after_ms` and the

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellplane_security::Identity;
+use prost::bytes::Bytes;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
@@ -258,11 +259,34 @@ impl Admitted {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
+        let answer = self
+            .unary_raw(path, req.encode_to_vec().into(), kind)
+            .await?;
+        let (meta, bytes, ext) = answer.into_parts();
+        let body = Resp::decode(bytes).map_err(|e| {
+            let cell = meta.get(CELL_METADATA).and_then(|v| v.to_str().ok());
+            Status::internal(format!(
+                "cell {}: undecodable answer to {path}: {e}",
+                cell.unwrap_or("?")
+            ))
+        })?;
+        Ok(Response::from_parts(meta, body, ext))
+    }
+
+    /// [`Admitted::unary`] on an encoded request, answering the cell's encoded
+    /// response as it came: the router forwards KV calls without decoding more
+    /// than their keys ([`crate::services::kv`]).
+    pub async fn unary_raw(
+        &self,
+        path: &'static str,
+        body: Bytes,
+        kind: CallKind,
+    ) -> Result<Response<Bytes>, Status> {
         let tenant = self.scope.tenant();
         let mut cell = self.cell.clone();
         let mut retried = false;
         loop {
-            match cell.unary(path, req, kind, tenant).await {
+            match cell.unary_raw(path, body.clone(), kind, tenant).await {
                 Ok(r) => return Ok(with_cell(r, cell.name())),
                 Err(mut s) => {
                     let moved = Moved::of(&s);

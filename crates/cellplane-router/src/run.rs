@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use cellplane_proto::discovery::discovery_server::DiscoveryServer;
 use cellplane_proto::etcdserverpb::auth_server::AuthServer;
-use cellplane_proto::etcdserverpb::kv_server::KvServer;
 use cellplane_proto::etcdserverpb::lease_server::LeaseServer;
 use cellplane_proto::etcdserverpb::watch_server::WatchServer;
 use cellplane_proto::router::router_admin_server::RouterAdminServer;
@@ -93,11 +92,11 @@ pub async fn run(
         config.tls.is_some(),
     ));
     let client = server(&config, ClientAuth::Optional)?
-        .add_service(
-            KvServer::new(RouterKv::new(core.clone()))
-                .max_decoding_message_size(s.max_request_bytes)
-                .max_encoding_message_size(limits.response),
-        )
+        .add_service(RouterKv::new(
+            core.clone(),
+            s.max_request_bytes,
+            limits.response,
+        ))
         .add_service(
             WatchServer::new(RouterWatch::new(core.clone()))
                 .max_decoding_message_size(s.max_request_bytes)
