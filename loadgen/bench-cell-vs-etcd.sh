@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 dur=${1:-10}
 target=${CARGO_TARGET_DIR:-target}
 bin=$target/release
+for port in 12379 12389 12399 12381 12391 12401 42379 42389 42399; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "$(basename "$0"): port $port is taken: stop \`cellplane up\` (alpha's ports) and any etcd on 42379..42399 first" >&2
+    exit 1
+  fi
+done
 work=$(mktemp -d /tmp/cellplane-bench.XXXXXX)
 pids=()
 cleanup() {

@@ -2,7 +2,10 @@
 # Put throughput and latency at 64 clients on one cell (cells/alpha.toml) and on
 # etcd, side by side, with (a) no watchers, (b) 10,000 idle watchers on keys that
 # are not written, (c) 1,000 stalled watchers (streams never read) on the written
-# keys, (d) 1,000 active watchers on the written keys. Each system starts fresh
+# keys, (c2) the same stalled watchers on connections whose HTTP/2 windows grow
+# adaptively, as grpc-go and gRPC C-core clients' do (`--watch-flow adaptive`: a
+# stream nobody reads takes much more before the server sees it stall), (d) 1,000
+# active watchers on the written keys. Each system starts fresh
 # for each case, so a case cannot inherit another's damage.
 #
 #   loadgen/bench-watchers.sh [DURATION_SECS] [ROUNDS]
@@ -11,13 +14,19 @@
 # time), so with ROUNDS > 1 every case runs ROUNDS times, the cases alternated
 # within each round (in reverse order every other round), and a summary gives
 # each case's median throughput and p99 and the ratios to (a). Each line also
-# gives the CPU the system's three processes spent per 1,000 puts (watcher setup
-# included), which the disk does not blur.
+# gives the CPU the system's three processes spent per 1,000 puts over the
+# measured window (`loadgen closed --cpu`), which the disk does not blur.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dur=${1:-10}
 rounds=${2:-1}
 bin=${CARGO_TARGET_DIR:-target}/release
+for port in 12379 12389 12399 12381 12391 12401 42379 42389 42399; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "$(basename "$0"): port $port is taken: stop \`cellplane up\` (alpha's ports) and any etcd on 42379..42399 first" >&2
+    exit 1
+  fi
+done
 work=$(mktemp -d /tmp/cellplane-wbench.XXXXXX)
 pids=()
 stop_cell() {
@@ -41,41 +50,31 @@ start_cell() {
     for _ in $(seq 1 150); do curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
   done
 }
-# CPU time (user + system, ms) the given processes have used so far.
-cpu_ms() {
-  local ticks=0 p f
-  for p in "$@"; do
-    read -r -a f <"/proc/$p/stat"
-    ticks=$((ticks + f[13] + f[14]))
-  done
-  echo $((ticks * 1000 / $(getconf CLK_TCK)))
-}
 # One measured run against ENDPOINTS by the processes PIDS...: prints the line.
 measure() {
   local endpoints=$1 args=$2; shift 2
-  local before line ops
-  before=$(cpu_ms "$@")
+  local pids
+  pids=$(IFS=+; echo "$*")
   # shellcheck disable=SC2086
-  line=$("$bin/loadgen" closed --endpoints "$endpoints" --op put --clients 64 --connections 8 --duration "$dur" $args)
-  ops=$(grep -o '[0-9]* ops/s' <<<"$line" | cut -d' ' -f1)
-  echo "$line, cpu $(awk -v ms=$(($(cpu_ms "$@") - before)) -v n=$((ops * dur)) 'BEGIN { printf "%.0f", n ? ms * 1000 / n : 0 }') ms/1k puts"
+  "$bin/loadgen" closed --endpoints "$endpoints" --op put --clients 64 --connections 8 --duration "$dur" $args --cpu "members=$pids"
 }
-cases=("none|" "idle|--watchers 10000 --watch-mode idle" "stalled|--watchers 1000 --watch-mode stalled" "active|--watchers 1000 --watch-mode active")
+cases=("none|" "idle|--watchers 10000 --watch-mode idle" "stalled|--watchers 1000 --watch-mode stalled"
+       "stalled-adaptive|--watchers 1000 --watch-mode stalled --watch-flow adaptive" "active|--watchers 1000 --watch-mode active")
 cell=127.0.0.1:12379,127.0.0.1:12389,127.0.0.1:12399
 echo "# $(date -u +%FT%TZ) $(nproc) cores, 64 put clients on 8 connections, ${dur}s per run, $rounds round(s)"
 results="$work/results"
 for round in $(seq 1 "$rounds"); do
-order=(0 1 2 3)
-[ $((round % 2)) -eq 0 ] && order=(3 2 1 0)
+order=(0 1 2 3 4)
+[ $((round % 2)) -eq 0 ] && order=(4 3 2 1 0)
 for i in "${order[@]}"; do
   case=${cases[$i]}; name=${case%%|*}; args=${case#*|}
   start_cell
   line=$(measure "$cell" "$args" "${pids[@]}")
-  printf '%-10s %-8s %s\n' cellplane "$name" "$line" | tee -a "$results"
+  printf '%-10s %-16s %s\n' cellplane "$name" "$line" | tee -a "$results"
   stop_cell
   etcd=$(loadgen/etcd-cluster.sh start "$work/etcd")
   line=$(measure "$etcd" "$args" $(cat "$work"/etcd/e*.pid))
-  printf '%-10s %-8s %s\n' etcd "$name" "$line" | tee -a "$results"
+  printf '%-10s %-16s %s\n' etcd "$name" "$line" | tee -a "$results"
   loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null
 done
 done
@@ -83,7 +82,7 @@ if [ "$rounds" -gt 1 ]; then
   echo "# medians of $rounds rounds; ratios to (a) of the same system: of the medians, and the median of each round's own ratio"
   awk '
     { sys=$1; c=$2
-      for (i=3; i<=NF; i++) { if ($(i+1) ~ /^ops\/s/) ops=$i; if ($i=="p99") p99=$(i+1); if ($i=="cpu") cpu=$(i+1) }
+      for (i=3; i<=NF; i++) { if ($(i+1) ~ /^ops\/s/) ops=$i; if ($i=="p99") p99=$(i+1); if ($i=="members") cpu=$(i+1) }
       k=sys" "c; n[k]++; o[k, n[k]]=ops+0; p[k, n[k]]=p99+0; u[k, n[k]]=cpu+0; order[++m]=k }
     function median(arr, k, cnt,   i, j, t, v) {
       for (i=1; i<=cnt; i++) v[i]=arr[k, i]
@@ -94,7 +93,7 @@ if [ "$rounds" -gt 1 ]; then
         split(k, a, " "); mo=median(o, k, n[k]); mp=median(p, k, n[k]); mu=median(u, k, n[k])
         base=a[1]" none"; bo=median(o, base, n[base]); bp=median(p, base, n[base])
         for (r=1; r<=n[k]; r++) { ro[k, r]=o[k, r]/o[base, r]; rp[k, r]=p[k, r]/p[base, r] }
-        printf "%-10s %-8s %6.0f ops/s %7.2f ms p99 %5.0f cpu ms/1k puts | %.2fx, p99 %.2fx | per round %.2fx, p99 %.2fx\n",
+        printf "%-10s %-16s %6.0f ops/s %7.2f ms p99 %5.0f cpu ms/1k puts | %.2fx, p99 %.2fx | per round %.2fx, p99 %.2fx\n",
           a[1], a[2], mo, mp, mu, mo/bo, mp/bp, median(ro, k, n[k]), median(rp, k, n[k]) } }
   ' "$results"
 fi

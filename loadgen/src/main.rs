@@ -175,6 +175,12 @@ enum WatchMode {
     Active,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum WatchFlow {
+    Default,
+    Adaptive,
+}
+
 #[derive(clap::Args, Debug)]
 struct ClosedArgs {
     /// Comma-separated client endpoints (host:port).
@@ -218,6 +224,11 @@ struct ClosedArgs {
     /// Watches per watch stream (idle mode; stalled and active use one each).
     #[arg(long, default_value_t = 100)]
     watches_per_stream: usize,
+    /// HTTP/2 flow control of the watchers' connections: default (fixed 2 MiB
+    /// per stream, 5 MiB per connection) or adaptive (grown to the measured
+    /// bandwidth-delay product, as grpc-go and gRPC C-core clients do).
+    #[arg(long, value_enum, default_value = "default")]
+    watch_flow: WatchFlow,
     /// Report the CPU these processes spend per 1,000 operations in the measured
     /// window: NAME=PID[+PID...], repeatable (`--cpu members=11+12+13 --cpu
     /// router=14`). The client's own CPU is always reported, as `client`.
@@ -469,6 +480,10 @@ async fn closed(a: ClosedArgs, shutdown: CancellationToken) -> anyhow::Result<()
     };
     s.watch.connections = a.watch_connections;
     s.watch.watches_per_stream = a.watches_per_stream;
+    s.watch.flow = match a.watch_flow {
+        WatchFlow::Default => loadgen::scenario::Flow::Default,
+        WatchFlow::Adaptive => loadgen::scenario::Flow::Adaptive,
+    };
     s.validate()
         .map_err(|(field, msg)| anyhow::anyhow!("{field}: {msg}"))?;
     let mut groups = a.cpu.clone();

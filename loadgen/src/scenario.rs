@@ -270,6 +270,9 @@ pub struct Watch {
     pub connections: usize,
     /// Idle mode: watches per watch stream (the others use one each).
     pub watches_per_stream: usize,
+    /// HTTP/2 flow control of the watchers' connections: what a client that
+    /// never reads lets the server send before the server sees it stall.
+    pub flow: Flow,
 }
 
 impl Default for Watch {
@@ -279,8 +282,22 @@ impl Default for Watch {
             mode: WatchMode::Active,
             connections: 16,
             watches_per_stream: 100,
+            flow: Flow::Default,
         }
     }
+}
+
+/// HTTP/2 flow-control windows of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Flow {
+    /// hyper's client defaults: 2 MiB per stream, 5 MiB per connection, fixed.
+    #[default]
+    Default,
+    /// Windows grown from the measured bandwidth-delay product (up to 16 MiB),
+    /// as grpc-go and gRPC C-core (Python, C++) clients do by default: a stream
+    /// nobody reads takes far more before the server's writes block.
+    Adaptive,
 }
 
 /// The discovery workload: `keys.space` instances (per tenant, whose name is the

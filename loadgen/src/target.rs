@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::env::UpEnvironment;
+use crate::scenario::Flow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -178,6 +179,11 @@ impl Target {
 
 /// Opens a channel to `endpoint` (`host:port` or a URL).
 pub async fn connect_one(endpoint: &str) -> anyhow::Result<Channel> {
+    connect_flow(endpoint, Flow::Default).await
+}
+
+/// [`connect_one`] with the given HTTP/2 flow control.
+pub async fn connect_flow(endpoint: &str, flow: Flow) -> anyhow::Result<Channel> {
     let uri = if endpoint.starts_with("http") {
         endpoint.to_string()
     } else {
@@ -186,6 +192,7 @@ pub async fn connect_one(endpoint: &str) -> anyhow::Result<Channel> {
     Endpoint::from_shared(uri.clone())
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
         .tcp_nodelay(true)
+        .http2_adaptive_window(flow == Flow::Adaptive)
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
@@ -194,9 +201,17 @@ pub async fn connect_one(endpoint: &str) -> anyhow::Result<Channel> {
 
 /// `n` channels spread round-robin over `endpoints`.
 pub async fn connect_n(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Channel>> {
+    connect_n_flow(endpoints, n, Flow::Default).await
+}
+
+async fn connect_n_flow(
+    endpoints: &[String],
+    n: usize,
+    flow: Flow,
+) -> anyhow::Result<Vec<Channel>> {
     let mut v = Vec::with_capacity(n);
     for i in 0..n.max(1) {
-        v.push(connect_one(&endpoints[i % endpoints.len()]).await?);
+        v.push(connect_flow(&endpoints[i % endpoints.len()], flow).await?);
     }
     Ok(v)
 }
@@ -210,15 +225,20 @@ pub struct Connections {
 
 impl Connections {
     pub async fn open(target: &Target, n: usize) -> anyhow::Result<Connections> {
+        Connections::open_flow(target, n, Flow::Default).await
+    }
+
+    /// [`Connections::open`] with the given HTTP/2 flow control.
+    pub async fn open_flow(target: &Target, n: usize, flow: Flow) -> anyhow::Result<Connections> {
         let mut by_cell = HashMap::new();
         let mut channels = Vec::new();
         if target.kind == TargetKind::Map {
             let map = target.map.as_ref().context("map target without a map")?;
             for c in &map.cells {
-                by_cell.insert(c.name.clone(), connect_n(&c.endpoints, n).await?);
+                by_cell.insert(c.name.clone(), connect_n_flow(&c.endpoints, n, flow).await?);
             }
         } else {
-            channels = connect_n(&target.endpoints, n).await?;
+            channels = connect_n_flow(&target.endpoints, n, flow).await?;
         }
         Ok(Connections { channels, by_cell })
     }

@@ -66,7 +66,7 @@ impl Watchers {
         if w.watchers == 0 {
             return Ok(out);
         }
-        let conns = Connections::open(target, w.connections).await?;
+        let conns = Connections::open_flow(target, w.connections, w.flow).await?;
         let per_stream = if w.mode == WatchMode::Idle {
             w.watches_per_stream
         } else {
