@@ -35,6 +35,7 @@ use cellplane_proto::etcdserverpb::watch_server::Watch;
 use cellplane_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
 };
+use cellplane_proto::mvccpb::Event;
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_storage::{HistoryPage, KeyRange, KvError, RevisionEvents};
 use prost::Message;
@@ -54,6 +55,16 @@ const NO_WATCH: i64 = -1;
 /// stream's buffer.
 const MIN_CATCH_UP_PAGE_BYTES: usize = 64 << 10;
 const MAX_CATCH_UP_PAGE_BYTES: usize = 4 << 20;
+
+/// Revisions already waiting in a stream's mailbox are delivered together, one
+/// response per watcher holding the events of all of them (etcd's watch
+/// responses may span revisions; the header names the newest): with 1,000
+/// watchers on written keys the member otherwise builds, encodes and sends a
+/// response per watcher per revision. At most this many revisions, and about
+/// [`COALESCE_BYTES`] of keys and values (or a quarter of the stream's byte
+/// budget, if smaller), go in one response.
+const COALESCE_REVISIONS: usize = 64;
+const COALESCE_BYTES: usize = 256 << 10;
 
 /// How long a catching-up watcher waits for its client to take something
 /// before the stream is ended as not read.
@@ -180,7 +191,7 @@ impl WatchStream {
                     _ => Err(Stop::Done),
                 },
                 next = self.events.next() => match next {
-                    Some(Next::Revision(revision)) => self.deliver(&revision),
+                    Some(Next::Revision(revision)) => self.deliver_waiting(revision),
                     Some(Next::Lagged(from)) => self.cancel_all_behind(from),
                     None => Err(Stop::Done),
                 },
@@ -469,29 +480,9 @@ impl WatchStream {
 
     /// The response a watcher gets for one revision, if any event matches.
     fn matching(&self, id: i64, w: &Watcher, rev: &RevisionEvents) -> Option<WatchResponse> {
-        if rev.revision < w.next {
-            return None;
-        }
-        let events: Vec<_> = rev
-            .events
-            .iter()
-            .filter(|e| {
-                let put = e.r#type == EventType::Put as i32;
-                !(put && w.no_put || !put && w.no_delete)
-                    && e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key))
-            })
-            .map(|e| {
-                let mut e = e.clone();
-                if !w.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
-            })
-            .collect();
-        if events.is_empty() {
-            return None;
-        }
-        Some(WatchResponse {
+        let mut events = Vec::new();
+        matching_events(w, rev, &mut events);
+        (!events.is_empty()).then(|| WatchResponse {
             header: self.header(rev.revision),
             watch_id: id,
             events,
@@ -499,44 +490,79 @@ impl WatchStream {
         })
     }
 
-    fn deliver(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
-        if rev.elided {
-            // Too large for the in-memory log: read this revision from RocksDB.
-            match self.shared.reader.history(rev.revision, rev.revision, None) {
-                Ok(stored) => {
-                    for r in &stored {
-                        self.deliver_events(r)?;
-                    }
-                }
-                // Compacted away already: the watchers resume from a revision
-                // they can read.
-                Err(_) => return self.cancel_all_behind(rev.revision),
+    /// Delivers `first` and the revisions waiting behind it in the mailbox,
+    /// coalesced (see [`COALESCE_REVISIONS`]).
+    fn deliver_waiting(&mut self, first: Arc<RevisionEvents>) -> Result<(), Stop> {
+        let max_bytes = COALESCE_BYTES.min(self.shared.config.cell.watch.stream_buffer_bytes / 4);
+        let mut run: Vec<Arc<RevisionEvents>> = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(rev) = next.take() {
+            if rev.elided {
+                // Read from RocksDB on its own, in order.
+                self.deliver_run(&run)?;
+                run.clear();
+                bytes = 0;
+                self.deliver_elided(rev.revision)?;
+            } else {
+                bytes += rev.payload_bytes();
+                run.push(rev);
             }
-        } else {
-            self.deliver_events(rev)?;
+            if run.len() < COALESCE_REVISIONS && bytes < max_bytes {
+                next = self.events.try_next();
+            }
         }
-        self.finished = rev.revision;
-        Ok(())
+        self.deliver_run(&run)
     }
 
-    fn deliver_events(&mut self, rev: &RevisionEvents) -> Result<(), Stop> {
+    /// One response per watcher with the events of `run` (consecutive revisions,
+    /// none elided) that it matches.
+    fn deliver_run(&mut self, run: &[Arc<RevisionEvents>]) -> Result<(), Stop> {
+        let Some(last) = run.last().map(|r| r.revision) else {
+            return Ok(());
+        };
         // Revisions arrive in order, so a watcher's `next` only matters for the
         // revisions its catch-up already covered.
         let mut candidates: BTreeSet<i64> = self.spans.clone();
-        for e in &rev.events {
+        for e in run.iter().flat_map(|r| &r.events) {
             if let Some(ids) = e.kv.as_ref().and_then(|kv| self.by_key.get(&kv.key)) {
                 candidates.extend(ids.iter().copied());
             }
         }
         for id in candidates {
-            if let Some(resp) = self
-                .watchers
-                .get(&id)
-                .and_then(|w| self.matching(id, w, rev))
-            {
-                self.send(resp)?;
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
+            let mut events = Vec::new();
+            for rev in run {
+                matching_events(w, rev, &mut events);
+            }
+            if !events.is_empty() {
+                self.send(WatchResponse {
+                    header: self.header(last),
+                    watch_id: id,
+                    events,
+                    ..Default::default()
+                })?;
             }
         }
+        self.finished = last;
+        Ok(())
+    }
+
+    /// Delivers a revision too large for the in-memory log, read from RocksDB.
+    fn deliver_elided(&mut self, revision: i64) -> Result<(), Stop> {
+        match self.shared.reader.history(revision, revision, None) {
+            Ok(stored) => {
+                for r in stored {
+                    self.deliver_run(&[Arc::new(r)])?;
+                }
+            }
+            // Compacted away already: the watchers resume from a revision they
+            // can read.
+            Err(_) => return self.cancel_all_behind(revision),
+        }
+        self.finished = revision;
         Ok(())
     }
 
@@ -612,6 +638,30 @@ impl WatchStream {
         }
         Ok(())
     }
+}
+
+/// Adds the events of `rev` that watcher `w` wants to `out`, as it wants them
+/// (without the previous value unless it asked for it).
+fn matching_events(w: &Watcher, rev: &RevisionEvents, out: &mut Vec<Event>) {
+    if rev.revision < w.next {
+        return;
+    }
+    out.extend(
+        rev.events
+            .iter()
+            .filter(|e| {
+                let put = e.r#type == EventType::Put as i32;
+                !(put && w.no_put || !put && w.no_delete)
+                    && e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key))
+            })
+            .map(|e| {
+                let mut e = e.clone();
+                if !w.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            }),
+    );
 }
 
 /// The etcd `(key, range_end)` of a watched range.
