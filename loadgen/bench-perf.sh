@@ -17,6 +17,9 @@
 # per 1,000 operations over the measured window (`loadgen closed --cpu`):
 # `members` (the cell's three members or etcd's three), `router`, `client`
 # (loadgen). The summary gives medians over the rounds and the ratios to etcd.
+# CELLPLANE_WORKER_THREADS=N starts every cellplane process with N runtime
+# threads (tokio's TOKIO_WORKER_THREADS; the default is one per core), e.g. 1
+# to see what thread hand-offs cost when 11 processes share 2 cores.
 # Needs a release build: cargo build --release --workspace
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +44,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
+if [ -n "${CELLPLANE_WORKER_THREADS:-}" ]; then
+  TOKIO_WORKER_THREADS=$CELLPLANE_WORKER_THREADS "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
+else
+  "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
+fi
 up_pid=$!
 for _ in $(seq 1 600); do
   grep -q "cellplane is ready" "$work/up.log" && break
@@ -78,6 +85,7 @@ rtt=$("$bin/loadgen" closed --endpoints "${alpha%%,*}" --op serializable-get --c
   --duration 3 --warmup 1 --prefix /a/bench/ | grep -o 'p50 [0-9.]*' | cut -d' ' -f2)
 
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), ${dur}s per run, $rounds round(s)"
+[ -n "${CELLPLANE_WORKER_THREADS:-}" ] && echo "# cellplane processes run $CELLPLANE_WORKER_THREADS runtime thread(s) each"
 echo "# floor: fdatasync of a 4 KiB append p50 ${floor% *} ms, p99 ${floor#* } ms; one client's serializable get from a member (a round trip) p50 $rtt ms"
 workloads=("put-1|--op put --clients 1 --connections 1"
            "put-16|--op put --clients 16 --connections 4"
