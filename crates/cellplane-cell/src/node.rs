@@ -13,7 +13,6 @@ use cellplane_proto::etcdserverpb::kv_server::KvServer;
 use cellplane_proto::etcdserverpb::lease_server::LeaseServer;
 use cellplane_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cellplane_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use cellplane_proto::etcdserverpb::watch_server::WatchServer;
 use cellplane_proto::etcdserverpb::{ResponseHeader, StatusRequest};
 use cellplane_proto::raft::raft_server::RaftServer;
 use cellplane_storage::{
@@ -427,11 +426,11 @@ pub async fn run(
                 .max_decoding_message_size(max_req)
                 .max_encoding_message_size(max_resp),
         )
-        .add_service(
-            WatchServer::new(crate::watch::WatchService::new(shared.clone()))
-                .max_decoding_message_size(max_req)
-                .max_encoding_message_size(max_resp),
-        )
+        .add_service(crate::watch::WatchService::new(
+            shared.clone(),
+            max_req,
+            max_resp,
+        ))
         .add_service(
             LeaseServer::new(crate::lease::LeaseService::new(shared.clone()))
                 .max_decoding_message_size(max_req)

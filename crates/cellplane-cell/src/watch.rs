@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cellplane_proto::etcdserverpb::watch_create_request::FilterType;
-use cellplane_proto::etcdserverpb::watch_server::Watch;
 use cellplane_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
 };
@@ -39,9 +38,11 @@ use cellplane_proto::mvccpb::Event;
 use cellplane_proto::mvccpb::event::EventType;
 use cellplane_storage::{HistoryPage, KeyRange, KvError, RevisionEvents};
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::Shared;
@@ -86,26 +87,31 @@ fn compacted_cancel(
     }
 }
 
+/// The Watch service. Responses leave as bytes the stream encoded itself, so a
+/// revision's events, encoded once ([`RevisionEvents::encoded_events`]), can go
+/// to every stream that wants them alike; requests decode as usual.
+#[derive(Clone)]
 pub struct WatchService {
     shared: Arc<Shared>,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
 }
 
 impl WatchService {
-    pub fn new(shared: Arc<Shared>) -> WatchService {
-        WatchService { shared }
+    pub fn new(
+        shared: Arc<Shared>,
+        max_request_bytes: usize,
+        max_response_bytes: usize,
+    ) -> WatchService {
+        WatchService {
+            shared,
+            max_request_bytes,
+            max_response_bytes,
+        }
     }
-}
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    type WatchStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let inbound = request.into_inner();
+    /// Starts the stream's task; answers its responses as they are queued.
+    fn open(&self, inbound: Streaming<WatchRequest>) -> ResponseStream {
         let (tx, rx) = mpsc::channel(self.shared.config.cell.watch.stream_buffer);
         let queued = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(tokio::sync::Notify::new());
@@ -126,12 +132,108 @@ impl Watch for WatchService {
         // What the client has taken leaves the byte count.
         let out = ReceiverStream::new(rx).map(move |item| {
             if let Ok(r) = &item {
-                queued.fetch_sub(r.encoded_len(), Ordering::Relaxed);
+                queued.fetch_sub(r.len(), Ordering::Relaxed);
                 drained.notify_one();
             }
             item
         });
-        Ok(Response::new(Box::pin(out)))
+        Box::pin(out)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+impl tonic::server::NamedService for WatchService {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for WatchService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+            let status = Status::unimplemented(format!(
+                "{}: not a method of etcdserverpb.Watch",
+                req.uri().path()
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let svc = self.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec).apply_max_message_size_config(
+                Some(svc.max_request_bytes),
+                Some(svc.max_response_bytes),
+            );
+            Ok(grpc.streaming(svc, req).await)
+        })
+    }
+}
+
+impl tonic::server::StreamingService<WatchRequest> for WatchService {
+    type Response = Bytes;
+    type ResponseStream = ResponseStream;
+    type Future = tonic::codegen::BoxFuture<Response<ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
+        let out = self.open(request.into_inner());
+        Box::pin(async move { Ok(Response::new(out)) })
+    }
+}
+
+/// Decodes watch requests; sends responses as the bytes they were encoded to.
+#[derive(Debug, Clone, Copy, Default)]
+struct WatchCodec;
+
+impl tonic::codec::Codec for WatchCodec {
+    type Encode = Bytes;
+    type Decode = WatchRequest;
+    type Encoder = WatchCodec;
+    type Decoder = WatchCodec;
+
+    fn encoder(&mut self) -> WatchCodec {
+        WatchCodec
+    }
+
+    fn decoder(&mut self) -> WatchCodec {
+        WatchCodec
+    }
+}
+
+impl tonic::codec::Encoder for WatchCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for WatchCodec {
+    type Item = WatchRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<WatchRequest>, Status> {
+        WatchRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("undecodable watch request: {e}")))
     }
 }
 
@@ -150,7 +252,7 @@ struct WatchStream {
     /// Which tenants the cell serves: a watch of a tenant that moved away ends.
     ownership: tokio::sync::watch::Receiver<Arc<cellplane_storage::Ownership>>,
     events: Subscription,
-    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
     /// Encoded bytes of the responses in `tx` not yet taken by the client.
     queued: Arc<AtomicUsize>,
     /// Signalled when the client takes a response (a catch-up waits on it).
@@ -247,7 +349,12 @@ impl WatchStream {
     /// client is not reading. One response larger than the byte bound still goes
     /// when nothing else is queued.
     fn send(&self, resp: WatchResponse) -> Result<(), Stop> {
-        let size = resp.encoded_len();
+        self.send_encoded(Bytes::from(resp.encode_to_vec()))
+    }
+
+    /// [`WatchStream::send`] of an encoded response.
+    fn send_encoded(&self, resp: Bytes) -> Result<(), Stop> {
+        let size = resp.len();
         let queued = self.queued.load(Ordering::Relaxed);
         if queued > 0 && queued + size > self.shared.config.cell.watch.stream_buffer_bytes {
             return Err(Stop::Stalled);
@@ -533,6 +640,10 @@ impl WatchStream {
             let Some(w) = self.watchers.get(&id) else {
                 continue;
             };
+            if let Some(resp) = self.shared_response(id, w, run, last) {
+                self.send_encoded(resp)?;
+                continue;
+            }
             let mut events = Vec::new();
             for rev in run {
                 matching_events(w, rev, &mut events);
@@ -548,6 +659,46 @@ impl WatchStream {
         }
         self.finished = last;
         Ok(())
+    }
+
+    /// The response for watcher `id` to `run` built from the revisions' shared
+    /// encoding, when the watcher wants every event of every revision as stored
+    /// (no filter, no previous values): a header and a watch id, then the events'
+    /// bytes (a message's fields may be concatenated). `None` otherwise.
+    fn shared_response(
+        &self,
+        id: i64,
+        w: &Watcher,
+        run: &[Arc<RevisionEvents>],
+        last: i64,
+    ) -> Option<Bytes> {
+        let wants_all = !w.no_put && !w.no_delete && !w.prev_kv;
+        let every_event = |rev: &RevisionEvents| {
+            rev.revision >= w.next
+                && rev
+                    .events
+                    .iter()
+                    .all(|e| e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key)))
+        };
+        if !wants_all
+            || !run.iter().all(|r| every_event(r))
+            || run.iter().all(|r| r.events.is_empty())
+        {
+            return None;
+        }
+        let head = WatchResponse {
+            header: self.header(last),
+            watch_id: id,
+            ..Default::default()
+        };
+        let parts: Vec<&Vec<u8>> = run.iter().map(|r| encoded_events(r)).collect();
+        let mut out =
+            Vec::with_capacity(head.encoded_len() + parts.iter().map(|p| p.len()).sum::<usize>());
+        head.encode(&mut out).ok()?;
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        Some(Bytes::from(out))
     }
 
     /// Delivers a revision too large for the in-memory log, read from RocksDB.
@@ -640,6 +791,25 @@ impl WatchStream {
     }
 }
 
+/// `rev`'s events as the repeated `events` field (11) of a WatchResponse,
+/// without previous values; encoded by the first stream that asks.
+fn encoded_events(rev: &RevisionEvents) -> &Vec<u8> {
+    rev.encoded_events.get_or_init(|| {
+        let mut out = Vec::new();
+        for e in &rev.events {
+            let plain = Event {
+                prev_kv: None,
+                ..e.clone()
+            };
+            prost::encoding::message::encode(WATCH_RESPONSE_EVENTS_TAG, &plain, &mut out);
+        }
+        out
+    })
+}
+
+/// The field number of `events` in etcd's WatchResponse (rpc.proto).
+const WATCH_RESPONSE_EVENTS_TAG: u32 = 11;
+
 /// Adds the events of `rev` that watcher `w` wants to `out`, as it wants them
 /// (without the previous value unless it asked for it).
 fn matching_events(w: &Watcher, rev: &RevisionEvents, out: &mut Vec<Event>) {
@@ -673,5 +843,81 @@ fn bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
             end: Some(end),
         } => (start.clone(), end.clone()),
         KeyRange::Span { start, end: None } => (start.clone(), vec![0]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellplane_proto::etcdserverpb::ResponseHeader;
+    use cellplane_proto::mvccpb::KeyValue;
+
+    fn kv(key: &str, value: &str, rev: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            mod_revision: rev,
+            create_revision: 1,
+            version: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn shared_event_bytes_decode_as_the_response_built_for_one_watcher() {
+        let rev = |n: i64| RevisionEvents {
+            revision: n,
+            events: vec![
+                Event {
+                    kv: Some(kv("/a/x", "1", n)),
+                    prev_kv: Some(kv("/a/x", "0", n - 1)),
+                    ..Default::default()
+                },
+                Event {
+                    r#type: EventType::Delete as i32,
+                    kv: Some(kv("/a/y", "", n)),
+                    ..Default::default()
+                },
+            ],
+            elided: false,
+            encoded_events: Default::default(),
+        };
+        let (r7, r8) = (rev(7), rev(8));
+        let header = ResponseHeader {
+            cluster_id: 3,
+            member_id: 4,
+            revision: 8,
+            raft_term: 5,
+        };
+        let mut bytes = WatchResponse {
+            header: Some(header),
+            watch_id: 9,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        bytes.extend_from_slice(encoded_events(&r7));
+        bytes.extend_from_slice(encoded_events(&r8));
+        let got = WatchResponse::decode(&bytes[..]).unwrap();
+        let w = Watcher {
+            range: KeyRange::new(b"/a/", b"/a0"),
+            next: 0,
+            prev_kv: false,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+        };
+        let mut events = Vec::new();
+        matching_events(&w, &r7, &mut events);
+        matching_events(&w, &r8, &mut events);
+        let want = WatchResponse {
+            header: Some(header),
+            watch_id: 9,
+            events,
+            ..Default::default()
+        };
+        assert_eq!(got, want);
+        assert!(got.events.iter().all(|e| e.prev_kv.is_none()));
+        // Encoded once: a second stream gets the same bytes.
+        assert!(std::ptr::eq(encoded_events(&r7), encoded_events(&r7)));
     }
 }

@@ -387,6 +387,7 @@ mod tests {
                 })
                 .collect(),
             elided: false,
+            encoded_events: Default::default(),
         })
     }
 

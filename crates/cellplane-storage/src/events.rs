@@ -19,6 +19,11 @@ pub struct RevisionEvents {
     /// The events were too large to keep in the in-memory log (`events` is empty):
     /// read them with [`KvReader::history`]`(revision, revision)`.
     pub elided: bool,
+    /// The events as encoded in a watch response (the repeated `events` field of
+    /// an etcd WatchResponse, without previous values), filled by the first watch
+    /// stream that needs them and shared by every other: a revision delivered to
+    /// 1,000 streams is encoded once. Empty until then.
+    pub encoded_events: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl RevisionEvents {
@@ -150,6 +155,7 @@ impl KvReader {
                     elided: false,
                     revision: rev.main,
                     events: vec![event],
+                    encoded_events: Default::default(),
                 }),
             }
         }

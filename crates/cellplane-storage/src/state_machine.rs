@@ -485,6 +485,7 @@ impl Applier<'_> {
                     revision: self.revision,
                     events: std::mem::take(&mut self.pending_events),
                     elided: false,
+                    encoded_events: Default::default(),
                 };
                 if rev.payload_bytes() > self.max_revision_bytes {
                     rev.events = Vec::new();
