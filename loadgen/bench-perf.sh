@@ -26,12 +26,9 @@ cd "$(dirname "$0")/.."
 dur=${1:-10}
 rounds=${2:-3}
 bin=${CARGO_TARGET_DIR:-target}/release
-for port in 2379 12379 12389 12399 42379 42389 42399; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "bench-perf: port $port is taken: stop \`cellplane up\` (or whatever listens there) and any etcd on 42379..42399 first" >&2
-    exit 1
-  fi
-done
+# shellcheck source=loadgen/up-lib.sh
+. loadgen/up-lib.sh
+refuse_taken_ports 2379 12379 12389 12399 42379 42389 42399
 for b in cellplane loadgen; do
   [ -x "$bin/$b" ] || { echo "bench-perf: no $bin/$b: run cargo build --release --workspace first" >&2; exit 1; }
 done
@@ -44,18 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ -n "${CELLPLANE_WORKER_THREADS:-}" ]; then
-  TOKIO_WORKER_THREADS=$CELLPLANE_WORKER_THREADS "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
-else
-  "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
-fi
-up_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "cellplane is ready" "$work/up.log" && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$work/up.log" >&2; exit 1; }
-  sleep 0.2
-done
-grep -q "cellplane is ready" "$work/up.log" || { echo "cellplane up not ready; log:" >&2; cat "$work/up.log" >&2; exit 1; }
+start_up "$bin" "$work"
 pids_of() { # kind cell -> PID+PID...
   python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); print("+".join(str(p["pid"]) for p in e["processes"] if p["kind"]==sys.argv[2] and p["cell"]==sys.argv[3]))' \
     "$work/up/up.json" "$1" "$2"

@@ -18,6 +18,9 @@ dur=${1:-10s}
 rounds=${2:-2}
 out=${3:-}
 bin=${CARGO_TARGET_DIR:-target}/release
+# shellcheck source=loadgen/up-lib.sh
+. loadgen/up-lib.sh
+refuse_taken_ports 2379 12379 12389 12399 42379 42389 42399
 work=$(mktemp -d /tmp/cellplane-compare.XXXXXX)
 up_pid=""
 cleanup() {
@@ -30,14 +33,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
-up_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "cellplane is ready" "$work/up.log" && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$work/up.log" >&2; exit 1; }
-  sleep 0.2
-done
-grep -q "cellplane is ready" "$work/up.log" || { echo "cellplane up not ready; log:" >&2; cat "$work/up.log" >&2; exit 1; }
+start_up "$bin" "$work"
 etcd=$(loadgen/etcd-cluster.sh start "$work/etcd")
 alpha=127.0.0.1:12379,127.0.0.1:12389,127.0.0.1:12399   # cells/alpha.toml
 router=127.0.0.1:2379                                    # cells/routers.toml
