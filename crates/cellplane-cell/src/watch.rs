@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use cellplane_proto::etcdserverpb::watch_create_request::FilterType;
 use cellplane_proto::etcdserverpb::{
-    WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
+    ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
 };
 use cellplane_proto::mvccpb::Event;
 use cellplane_proto::mvccpb::event::EventType;
@@ -628,6 +628,8 @@ impl WatchStream {
         let Some(last) = run.last().map(|r| r.revision) else {
             return Ok(());
         };
+        // One header for the run: every watcher's response names the same revision.
+        let header = self.header(last);
         // Revisions arrive in order, so a watcher's `next` only matters for the
         // revisions its catch-up already covered.
         let mut candidates: BTreeSet<i64> = self.spans.clone();
@@ -640,7 +642,7 @@ impl WatchStream {
             let Some(w) = self.watchers.get(&id) else {
                 continue;
             };
-            if let Some(resp) = self.shared_response(id, w, run, last) {
+            if let Some(resp) = shared_response(id, w, run, header) {
                 self.send_encoded(resp)?;
                 continue;
             }
@@ -650,7 +652,7 @@ impl WatchStream {
             }
             if !events.is_empty() {
                 self.send(WatchResponse {
-                    header: self.header(last),
+                    header,
                     watch_id: id,
                     events,
                     ..Default::default()
@@ -659,46 +661,6 @@ impl WatchStream {
         }
         self.finished = last;
         Ok(())
-    }
-
-    /// The response for watcher `id` to `run` built from the revisions' shared
-    /// encoding, when the watcher wants every event of every revision as stored
-    /// (no filter, no previous values): a header and a watch id, then the events'
-    /// bytes (a message's fields may be concatenated). `None` otherwise.
-    fn shared_response(
-        &self,
-        id: i64,
-        w: &Watcher,
-        run: &[Arc<RevisionEvents>],
-        last: i64,
-    ) -> Option<Bytes> {
-        let wants_all = !w.no_put && !w.no_delete && !w.prev_kv;
-        let every_event = |rev: &RevisionEvents| {
-            rev.revision >= w.next
-                && rev
-                    .events
-                    .iter()
-                    .all(|e| e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key)))
-        };
-        if !wants_all
-            || !run.iter().all(|r| every_event(r))
-            || run.iter().all(|r| r.events.is_empty())
-        {
-            return None;
-        }
-        let head = WatchResponse {
-            header: self.header(last),
-            watch_id: id,
-            ..Default::default()
-        };
-        let parts: Vec<&Vec<u8>> = run.iter().map(|r| encoded_events(r)).collect();
-        let mut out =
-            Vec::with_capacity(head.encoded_len() + parts.iter().map(|p| p.len()).sum::<usize>());
-        head.encode(&mut out).ok()?;
-        for p in parts {
-            out.extend_from_slice(p);
-        }
-        Some(Bytes::from(out))
     }
 
     /// Delivers a revision too large for the in-memory log, read from RocksDB.
@@ -791,6 +753,42 @@ impl WatchStream {
     }
 }
 
+/// The response for watcher `id` to `run` built from the revisions' shared
+/// encoding, when the watcher wants every event of every revision as stored (no
+/// filter, no previous values): a header and a watch id, then the events' bytes
+/// (a message's fields may be concatenated). `None` otherwise.
+fn shared_response(
+    id: i64,
+    w: &Watcher,
+    run: &[Arc<RevisionEvents>],
+    header: Option<ResponseHeader>,
+) -> Option<Bytes> {
+    let wants_all = !w.no_put && !w.no_delete && !w.prev_kv;
+    let every_event = |rev: &Arc<RevisionEvents>| {
+        rev.revision >= w.next
+            && rev
+                .events
+                .iter()
+                .all(|e| e.kv.as_ref().is_some_and(|kv| w.range.contains(&kv.key)))
+    };
+    if !wants_all || !run.iter().all(every_event) || run.iter().all(|r| r.events.is_empty()) {
+        return None;
+    }
+    let head = WatchResponse {
+        header,
+        watch_id: id,
+        ..Default::default()
+    };
+    let parts: Vec<&Vec<u8>> = run.iter().map(|r| encoded_events(r)).collect();
+    let mut out =
+        Vec::with_capacity(head.encoded_len() + parts.iter().map(|p| p.len()).sum::<usize>());
+    head.encode(&mut out).ok()?;
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    Some(Bytes::from(out))
+}
+
 /// `rev`'s events as the repeated `events` field (11) of a WatchResponse,
 /// without previous values; encoded by the first stream that asks.
 fn encoded_events(rev: &RevisionEvents) -> &Vec<u8> {
@@ -849,7 +847,6 @@ fn bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellplane_proto::etcdserverpb::ResponseHeader;
     use cellplane_proto::mvccpb::KeyValue;
 
     fn kv(key: &str, value: &str, rev: i64) -> KeyValue {

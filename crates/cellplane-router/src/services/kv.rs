@@ -33,7 +33,14 @@ struct RangeView {
     serializable: bool,
 }
 
-/// The key range of a PutRequest (key only) or a DeleteRangeRequest.
+/// The key of a PutRequest (its field 2 is the value, which routing skips).
+#[derive(Clone, PartialEq, prost::Message)]
+struct PutView {
+    #[prost(bytes = "bytes", tag = "1")]
+    key: Bytes,
+}
+
+/// The key range of a DeleteRangeRequest.
 #[derive(Clone, PartialEq, prost::Message)]
 struct KeyView {
     #[prost(bytes = "bytes", tag = "1")]
@@ -53,15 +60,16 @@ enum Method {
 }
 
 impl Method {
+    const ALL: [Method; 5] = [
+        Method::Range,
+        Method::Put,
+        Method::DeleteRange,
+        Method::Txn,
+        Method::Compact,
+    ];
+
     fn of(path: &str) -> Option<Method> {
-        Some(match path {
-            "/etcdserverpb.KV/Range" => Method::Range,
-            "/etcdserverpb.KV/Put" => Method::Put,
-            "/etcdserverpb.KV/DeleteRange" => Method::DeleteRange,
-            "/etcdserverpb.KV/Txn" => Method::Txn,
-            "/etcdserverpb.KV/Compact" => Method::Compact,
-            _ => return None,
-        })
+        Method::ALL.into_iter().find(|m| m.path() == path)
     }
 
     fn path(self) -> &'static str {
@@ -175,8 +183,7 @@ async fn forward(
             (a, kind)
         }
         Method::Put => {
-            let v = KeyView::decode(raw.clone()).map_err(|e| undecodable(method, e))?;
-            // A put's field 2 is its value, not a range end.
+            let v = PutView::decode(raw.clone()).map_err(|e| undecodable(method, e))?;
             (
                 core.admit(&caller, Action::Keys(&[(&v.key, &[])]))?,
                 CallKind::WRITE,
@@ -265,7 +272,7 @@ mod tests {
             lease: 9,
             ..Default::default()
         };
-        let v = KeyView::decode(Bytes::from(p.encode_to_vec())).unwrap();
+        let v = PutView::decode(Bytes::from(p.encode_to_vec())).unwrap();
         assert_eq!(&v.key[..], b"/a/k");
         // A key sent twice: the last one counts, for the router as for a member.
         let mut twice = PutRequest {
@@ -280,11 +287,11 @@ mod tests {
             }
             .encode_to_vec(),
         );
-        let v = KeyView::decode(Bytes::from(twice.clone())).unwrap();
+        let v = PutView::decode(Bytes::from(twice.clone())).unwrap();
         let member = PutRequest::decode(&twice[..]).unwrap();
         assert_eq!(&v.key[..], &member.key[..]);
         // A field of the wrong wire type is refused, not guessed at.
-        assert!(KeyView::decode(Bytes::from_static(&[0x08, 0x01])).is_err());
+        assert!(PutView::decode(Bytes::from_static(&[0x08, 0x01])).is_err());
         assert_eq!(
             Method::of("/etcdserverpb.KV/Txn").map(Method::path),
             Some("/etcdserverpb.KV/Txn")
