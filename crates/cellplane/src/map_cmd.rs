@@ -1,5 +1,5 @@
 //! `cellplane map show | apply <file> | assign <tenant> <cell> | drain <cell> |
-//! push`: change the cell map in the directory. Every change is validated (as a
+//! push | seed`: change the cell map in the directory. Every change is validated (as a
 //! successor of the stored map) before it is written, and written with a
 //! compare-and-swap on the stored map's revision. Routers pick it up within their
 //! poll interval.
@@ -8,13 +8,19 @@
 //! has learned a map refuses the tenants it sends elsewhere, so a router on an
 //! older map cannot write into the wrong cell. `map push` pushes the directory's
 //! map again (after a cell was unreachable, or to seed a new environment's cells).
+//!
+//! `map seed` is what `cellplane up` does on start, for a deployed environment (a
+//! Kubernetes Job, a Compose one-shot service): the static map of `--cells` goes
+//! into the directory only if it holds no map, then the directory's map is pushed
+//! to every cell. A rerun changes nothing the operators changed since, so it is
+//! safe to run on every deploy.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use cellplane_map::CellMap;
-use cellplane_router::directory::{Directory, DirectoryError};
+use cellplane_router::directory::{Directory, DirectoryError, MapWriteError};
 use tonic::transport::ClientTlsConfig;
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +53,16 @@ pub enum MapOp {
     /// Push the directory's map to every cell it names again (each cell then
     /// serves only the tenants the map sends it).
     Push,
+    /// Write the static map of --cells into the directory if it holds none, then
+    /// push the directory's map to every cell (what `cellplane up` does on
+    /// start). A map already there is kept, so a rerun is safe.
+    Seed {
+        /// Retry for this long while the directory or a cell does not answer yet
+        /// (a Job or a one-shot container starts beside the cells it seeds);
+        /// 0: try once.
+        #[arg(long, default_value = "0s", value_parser = crate::client::parse_duration)]
+        wait: Duration,
+    },
 }
 
 pub fn directory_endpoints(cells: &std::path::Path) -> anyhow::Result<Vec<String>> {
@@ -64,6 +80,10 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
     let tls = args.tls.client_config()?;
     let dir = Directory::new(&endpoints, Duration::from_secs(3), tls.as_ref())
         .map_err(anyhow::Error::msg)?;
+    if let MapOp::Seed { wait } = args.op {
+        let env = crate::up::load_env(&args.cells)?;
+        return seed(&dir, &env.static_map, tls.as_ref(), wait).await;
+    }
     let stored = match dir.read().await {
         Ok(m) => Some(m),
         Err(DirectoryError::Empty) => None,
@@ -126,8 +146,88 @@ pub async fn run(args: MapArgs) -> anyhow::Result<()> {
                 .context("the directory holds no map yet: `map apply` one first")?
                 .0
         }
+        MapOp::Seed { .. } => unreachable!("handled before the directory is read"),
     };
     push_to_cells(&pushed, tls.as_ref()).await
+}
+
+/// Why one seeding attempt failed: worth another try (something does not answer
+/// yet) or not (the directory refuses us or holds a map that is refused).
+enum SeedError {
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// `map seed`: [`seed_directory`] then [`push_to_cells`], retried until `wait`
+/// has passed while something does not answer.
+async fn seed(
+    dir: &Directory,
+    static_map: &CellMap,
+    tls: Option<&ClientTlsConfig>,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let attempt = async {
+            let map = seed_directory(dir, static_map).await?;
+            push_to_cells(&map, tls).await.map_err(SeedError::Retry)
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(SeedError::Fatal(e)) => return Err(e),
+            Err(SeedError::Retry(e)) if tokio::time::Instant::now() < deadline => {
+                // A Job's log then says what it is waiting for.
+                eprintln!("map seed: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(SeedError::Retry(e)) => return Err(e),
+        }
+    }
+}
+
+/// Writes `static_map` into the directory when it holds no map yet; returns the
+/// map the directory holds afterwards. A map already there is kept whatever its
+/// version: operators may have changed it since the environment was seeded.
+async fn seed_directory(dir: &Directory, static_map: &CellMap) -> Result<CellMap, SeedError> {
+    match dir.read().await {
+        Ok((map, _)) => {
+            crate::outln!("the directory holds map version {}: kept", map.version);
+            return Ok(map);
+        }
+        Err(DirectoryError::Empty) => {}
+        Err(e @ DirectoryError::Invalid { .. }) => return Err(SeedError::Fatal(e.into())),
+        Err(e) => return Err(SeedError::Retry(anyhow!("cannot read the directory: {e}"))),
+    }
+    static_map
+        .validate()
+        .map_err(|e| SeedError::Fatal(anyhow!("the static map: {e}")))?;
+    match dir.write(static_map, 0).await {
+        Ok(()) => {
+            crate::outln!(
+                "seeded the directory with the static map (version {})",
+                static_map.version
+            );
+            Ok(static_map.clone())
+        }
+        // Another seeder (a second `up`, a Job run twice at once) wrote first:
+        // read what it wrote on the next attempt.
+        Err(e @ (MapWriteError::Changed | MapWriteError::Unreachable(_))) => {
+            Err(SeedError::Retry(e.into()))
+        }
+        Err(e @ MapWriteError::Refused(_)) => Err(SeedError::Fatal(anyhow!(
+            "{e} (writing the map needs an operator's certificate: --cacert, --cert, --key)"
+        ))),
+    }
+}
+
+/// What `cellplane up` does before it starts the routers: seeds the directory
+/// with `static_map` unless it holds a map (once: `up` has just seen the
+/// directory ready) and returns the directory's map.
+pub async fn seed_once(dir: &Directory, static_map: &CellMap) -> anyhow::Result<CellMap> {
+    match seed_directory(dir, static_map).await {
+        Ok(map) => Ok(map),
+        Err(SeedError::Retry(e) | SeedError::Fatal(e)) => Err(e),
+    }
 }
 
 /// Pushes `map` to every cell it names, so each serves only the tenants the map

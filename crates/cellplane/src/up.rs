@@ -380,8 +380,8 @@ impl Security {
     }
 }
 
-/// Writes the static map into the directory when it holds none yet; returns
-/// the directory's map.
+/// Writes the static map into the directory when it holds none yet (as `cellplane
+/// map seed` does); returns the directory's map.
 async fn seed_directory(
     env: &EnvDef,
     tls: Option<tonic::transport::ClientTlsConfig>,
@@ -395,18 +395,7 @@ async fn seed_directory(
     let dir =
         cellplane_router::directory::Directory::new(&eps, Duration::from_secs(3), tls.as_ref())
             .map_err(anyhow::Error::msg)?;
-    match dir.read().await {
-        Ok((map, _)) => Ok(map),
-        Err(cellplane_router::directory::DirectoryError::Empty) => {
-            dir.write(&env.static_map, 0).await?;
-            println!(
-                "seeded the directory with the static map (version {})",
-                env.static_map.version
-            );
-            Ok(env.static_map.clone())
-        }
-        Err(e) => Err(anyhow::anyhow!("cannot read the directory: {e}")),
-    }
+    crate::map_cmd::seed_once(&dir, &env.static_map).await
 }
 
 async fn supervise(
