@@ -3,19 +3,39 @@
 # libraries it needs, on `FROM scratch` (no registry is reachable, so there is no
 # base image to pull).
 #
-#   deploy/build-image.sh                 # builds the binary first if it is missing
+#   deploy/build-image.sh                 # the binary `cargo build --release` made
 #   CELLPLANE_BIN=path/to/cellplane deploy/build-image.sh
-#   CELLPLANE_IMAGE=cellplane:dev deploy/build-image.sh
+#   CELLPLANE_IMAGE=registry.example.com/cellplane:1.0 deploy/build-image.sh
+#
+# The binary is the normal build output: <target dir>/release/cellplane, the
+# target dir as cargo reports it (CARGO_TARGET_DIR, build.target-dir, else
+# <repo>/target). If it is missing the script runs that same `cargo build
+# --release`, so nothing is compiled twice. It does not rebuild a binary that is
+# there: run `cargo build --release` first after changing the code.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-target=${CARGO_TARGET_DIR:-/var/tmp/cellplane-target}
-bin=${CELLPLANE_BIN:-$target/release/cellplane}
 tag=${CELLPLANE_IMAGE:-cellplane:local}
 
+if [[ -n ${CELLPLANE_BIN:-} ]]; then
+    bin=$CELLPLANE_BIN
+else
+    # One line of JSON; the field holds an absolute path.
+    target=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    if [[ -z $target ]]; then
+        echo "build-image: cannot find the target directory (cargo metadata)" >&2
+        exit 1
+    fi
+    bin=$target/release/cellplane
+    if [[ ! -x $bin ]]; then
+        echo "build-image: $bin is missing; building it: cargo build --release" >&2
+        (cd "$repo" && cargo build --release)
+    fi
+fi
 if [[ ! -x $bin ]]; then
-    echo "build-image: $bin is missing; building it (release profile)" >&2
-    (cd "$repo" && CARGO_TARGET_DIR=$target cargo build --release -p cellplane --bin cellplane)
+    echo "build-image: $bin is not an executable" >&2
+    exit 1
 fi
 
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/cellplane-image.XXXXXX")
