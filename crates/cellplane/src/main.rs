@@ -81,7 +81,8 @@ enum Cmd {
     Cell(cellplane::cell_cmd::CellArgs),
     /// Move a hash bucket, with its tenants' data, to another cell.
     Bucket(cellplane::bucket_cmd::BucketArgs),
-    /// Render the Compose environment or the Kubernetes manifests from cells/.
+    /// Render the Compose environment, the Kubernetes manifests or a Prometheus
+    /// config from cells/.
     Deploy(cellplane::deploy::DeployArgs),
     /// Put, get, delete and watch keys.
     Kv(cellplane::kv_cmd::KvArgs),

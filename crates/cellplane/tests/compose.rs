@@ -1,11 +1,17 @@
 //! The Compose environment.
 //!
-//! Without Docker: the committed `deploy/compose/` is a fresh render of `cells/`,
-//! and its addresses agree (each member on its cell's network with the IP its cell
-//! file advertises, routers on every network).
+//! Without Docker: the committed `deploy/compose/` (and
+//! `deploy/prometheus/prometheus.yml`) is a fresh render of `cells/`, and its
+//! addresses agree (each member on its cell's network with the IP its cell file
+//! advertises, routers, the seed and Prometheus on every network, Prometheus
+//! scraping every member and router where they listen); `promtool check config`
+//! accepts both Prometheus configs where promtool is installed.
 //!
-//! With a Docker daemon: builds the image, brings the environment up under a
-//! project of its own, runs puts and gets for tenants a, b and c (cells alpha,
+//! With a Docker daemon: builds the image (and the Prometheus image when
+//! `deploy/prometheus/build-image.sh` exists), brings the environment up under a
+//! project of its own, checks that the seed container seeded the directory and
+//! exited 0 and that Prometheus loaded the alert rules and scrapes every target,
+//! then runs puts and gets for tenants a, b and c (cells alpha,
 //! beta, gamma) through both routers over TLS, each with its tenant certificate
 //! (`cellplane certs generate` makes them first), and in turn partitions alpha,
 //! pauses beta and kills gamma with `deploy/compose/fault.sh`. Each time the other
@@ -55,6 +61,116 @@ fn committed_compose_files_are_a_fresh_render() {
 }
 
 #[test]
+fn committed_prometheus_config_is_a_fresh_render() {
+    let files = deploy::render(Target::Prometheus, &repo().join("cells")).unwrap();
+    let dir = repo().join("deploy/prometheus");
+    assert_eq!(files.len(), 1);
+    for (rel, text) in &files {
+        let committed = std::fs::read_to_string(dir.join(rel)).unwrap_or_default();
+        assert!(
+            committed == *text,
+            "deploy/prometheus/{} differs from a fresh render of cells/: run \
+             `cargo run --release -- deploy render prometheus`",
+            rel.display()
+        );
+    }
+    // Scrapes every process of cells/ where `cellplane up` runs it.
+    let env = cellplane::up::load_env(&repo().join("cells")).unwrap();
+    let members: Vec<(String, u64, String)> = env
+        .cells
+        .iter()
+        .flat_map(|(_, d)| {
+            d.members
+                .iter()
+                .map(|m| (d.name.clone(), m.id, m.http.to_string()))
+        })
+        .collect();
+    let routers: Vec<(u64, String)> = env
+        .routers
+        .routers
+        .iter()
+        .map(|r| (r.id, r.http.to_string()))
+        .collect();
+    check_scrape_config(
+        &dir.join("prometheus.yml"),
+        "alerts.yml",
+        &members,
+        &routers,
+    );
+}
+
+/// The scrape config at `path` loads the rules at `rules` and scrapes exactly
+/// `members` (cell, id, host:port) and `routers` (id, host:port), labelled so;
+/// `promtool check config` accepts it where promtool is installed.
+fn check_scrape_config(
+    path: &Path,
+    rules: &str,
+    members: &[(String, u64, String)],
+    routers: &[(u64, String)],
+) {
+    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(
+        doc["rule_files"][0].as_str(),
+        Some(rules),
+        "{}",
+        path.display()
+    );
+    let job = |name: &str| -> Vec<(String, Value)> {
+        let jobs = doc["scrape_configs"].as_array().unwrap();
+        let job = jobs
+            .iter()
+            .find(|j| j["job_name"] == name)
+            .unwrap_or_else(|| panic!("{}: no job {name}", path.display()));
+        job["static_configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| {
+                c["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| (t.as_str().unwrap().to_string(), c["labels"].clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let got: Vec<(String, u64, String)> = job("cellplane-members")
+        .into_iter()
+        .map(|(t, l)| {
+            let id = l["member"].as_str().unwrap().parse().unwrap();
+            (l["cell"].as_str().unwrap().to_string(), id, t)
+        })
+        .collect();
+    assert_eq!(got, members, "{}: member targets", path.display());
+    let got: Vec<(u64, String)> = job("cellplane-routers")
+        .into_iter()
+        .map(|(t, l)| (l["router"].as_str().unwrap().parse().unwrap(), t))
+        .collect();
+    assert_eq!(got, routers, "{}: router targets", path.display());
+    // promtool fails a config whose rules file is missing: check the whole of it
+    // where the rules are on this host (the local config, once alerts.yml is
+    // written), the syntax alone otherwise (the Compose config names the path
+    // inside its container).
+    let rules_here = path.parent().unwrap().join(rules);
+    let mut promtool = Command::new("promtool");
+    promtool.args(["check", "config"]);
+    if !rules_here.is_file() {
+        promtool.arg("--syntax-only");
+    }
+    match promtool.arg(path).output() {
+        Ok(o) => assert!(
+            o.status.success(),
+            "promtool check config {}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("SKIPPED promtool check config {}: {e}", path.display()),
+    }
+}
+
+#[test]
 fn compose_addresses_agree() {
     let dir = compose_dir();
     let text = std::fs::read_to_string(dir.join(compose::COMPOSE_FILE)).unwrap();
@@ -81,9 +197,16 @@ fn compose_addresses_agree() {
         }
         for v in svc["volumes"].as_array().unwrap() {
             let source = v.as_str().unwrap().split(':').next().unwrap();
+            // A bind mount's source must exist: Docker would create a missing
+            // one as an empty directory.
+            let bind = source.starts_with("./") || source.starts_with("../");
             assert!(
-                source == "./cells" || volumes.contains_key(source),
-                "{name}: volume {source} is not declared"
+                if bind {
+                    dir.join(source).exists()
+                } else {
+                    volumes.contains_key(source)
+                },
+                "{name}: volume {source} is not declared or does not exist"
             );
         }
     }
@@ -123,6 +246,63 @@ fn compose_addresses_agree() {
         }
     }
     assert_eq!(members, 10, "3 cells × 3 members and the directory");
+
+    // The seed runs `map seed` on the mounted cells, as the operator.
+    let seed = &services[compose::SEED_SERVICE];
+    assert_eq!(seed["networks"].as_object().unwrap().len(), env.cells.len());
+    let cmd: Vec<&str> = seed["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(cmd[..4], ["map", "seed", "--cells", deploy::CELLS_MOUNT]);
+    let op = cellplane::certs_cmd::operator_files(&env).unwrap();
+    for (flag, file) in [
+        ("--cacert", &op.ca),
+        ("--cert", &op.cert),
+        ("--key", &op.key),
+    ] {
+        let i = cmd.iter().position(|a| *a == flag).unwrap();
+        let mounted = cmd[i + 1]
+            .strip_prefix(&format!("{}/", deploy::CELLS_MOUNT))
+            .unwrap();
+        assert_eq!(dir.join("cells").join(mounted), *file, "seed {flag}");
+    }
+    assert_eq!(seed["restart"].as_str(), Some("no"), "the seed runs once");
+
+    // Prometheus is on every network and scrapes every member and router.
+    let prom = &services[compose::PROMETHEUS_SERVICE];
+    assert_eq!(prom["networks"].as_object().unwrap().len(), env.cells.len());
+    let members: Vec<(String, u64, String)> = env
+        .cells
+        .iter()
+        .flat_map(|(_, d)| {
+            d.members
+                .iter()
+                .map(|m| (d.name.clone(), m.id, format!("{}:2381", m.http.host())))
+        })
+        .collect();
+    let routers: Vec<(u64, String)> = env
+        .routers
+        .routers
+        .iter()
+        .map(|r| (r.id, format!("{}:2377", compose::router_service(r.id))))
+        .collect();
+    let mounts: Vec<&str> = prom["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(mounts.contains(&"./prometheus.yml:/etc/prometheus/prometheus.yml:ro"));
+    assert!(mounts.contains(&"../prometheus:/etc/prometheus/rules:ro"));
+    check_scrape_config(
+        &dir.join("prometheus.yml"),
+        "/etc/prometheus/rules/alerts.yml",
+        &members,
+        &routers,
+    );
     for r in &env.routers.routers {
         let svc = &services[&compose::router_service(r.id)];
         let nets = svc["networks"].as_object().unwrap();
@@ -178,7 +358,25 @@ impl Project {
             c.env(format!("CELLPLANE_ROUTER_{id}_CLIENT_PORT"), "");
             c.env(format!("CELLPLANE_ROUTER_{id}_ADMIN_PORT"), "");
         }
+        c.env("CELLPLANE_PROMETHEUS_PORT", "");
         c
+    }
+
+    /// The state of `service`'s container: `running`, or `exited <code>`...
+    fn state(&self, service: &str) -> String {
+        let id = ok(self.cmd().args(["ps", "-q", service]));
+        let id = id.trim();
+        if id.is_empty() {
+            return "absent".into();
+        }
+        ok(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.ExitCode}}",
+            id,
+        ]))
+        .trim()
+        .to_string()
     }
 
     /// The loopback address Docker published `port` of `service` on (the
@@ -431,6 +629,20 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     let started = Instant::now();
     ok(Command::new(repo().join("deploy/build-image.sh"))
         .env("CELLPLANE_BIN", env!("CARGO_BIN_EXE_cellplane")));
+    // Prometheus's image comes from deploy/prometheus/build-image.sh; without
+    // that script (or with a build that fails) the environment comes up without
+    // Prometheus, and this says so.
+    let prometheus_script = repo().join("deploy/prometheus/build-image.sh");
+    let with_prometheus = if prometheus_script.exists() {
+        ok(&mut Command::new(&prometheus_script));
+        true
+    } else {
+        eprintln!(
+            "NOT CHECKED: Prometheus in Compose ({} is missing: no image to run)",
+            prometheus_script.display()
+        );
+        false
+    };
     remove_leftovers(&tool);
     // The environment runs TLS and auth: its certificates, keys, token key and
     // credentials file, made as the operator would (existing ones are kept).
@@ -443,7 +655,19 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
         name: format!("{PROJECT_PREFIX}{}", std::process::id()),
         routers: env.routers.routers.iter().map(|r| r.id).collect(),
     };
-    ok(project.cmd().args(["up", "-d"]));
+    if with_prometheus {
+        ok(project.cmd().args(["up", "-d"]));
+    } else {
+        let text = std::fs::read_to_string(compose_dir().join(compose::COMPOSE_FILE)).unwrap();
+        let doc: Value = serde_saphyr::from_str(&text).unwrap();
+        let services: Vec<&String> = doc["services"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|s| *s != compose::PROMETHEUS_SERVICE)
+            .collect();
+        ok(project.cmd().args(["up", "-d"]).args(services));
+    }
 
     // Every member and router answers /readyz on its published http port.
     let mut services: Vec<(String, u16)> = Vec::new();
@@ -462,6 +686,10 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     )
     .await;
     eprintln!("environment ready after {:?}", started.elapsed());
+    check_seeded(&project, &env).await;
+    if with_prometheus {
+        check_prometheus(&project, &env).await;
+    }
     let routers: Vec<SocketAddr> = env
         .routers
         .routers
@@ -577,6 +805,123 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
         );
     }
     eprintln!("Compose fault test done in {:?}", started.elapsed());
+}
+
+/// The seed container ran `map seed` to the end: exited 0, and the directory
+/// holds the static map (read through the published client port of the
+/// directory's first member, as the operator).
+async fn check_seeded(p: &Project, env: &cellplane::up::EnvDef) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = p.state(compose::SEED_SERVICE);
+        if state.starts_with("exited") {
+            let logs = run(p.cmd().args(["logs", "--no-color", compose::SEED_SERVICE]));
+            assert_eq!(
+                state,
+                "exited 0",
+                "the seed failed: {}",
+                String::from_utf8_lossy(&logs.stdout)
+            );
+            eprintln!("seed: {}", String::from_utf8_lossy(&logs.stdout).trim());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the seed is still {state} after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, dir) = env
+        .cells
+        .iter()
+        .find(|(_, d)| d.name == env.routers.directory)
+        .unwrap();
+    let addr = p.port(&compose::member_service(&dir.name, 1), 2379);
+    let op = cellplane::certs_cmd::operator_files(env).unwrap();
+    let tls = op.load().unwrap().client();
+    let directory = cellplane_router::directory::Directory::new(
+        &[addr.to_string()],
+        Duration::from_secs(5),
+        Some(&tls),
+    )
+    .unwrap();
+    let (map, _) = directory
+        .read()
+        .await
+        .expect("the directory holds the seeded map");
+    assert_eq!(map.version, env.static_map.version);
+    assert_eq!(map.tenants, env.static_map.tenants);
+}
+
+/// GET `path` from Prometheus at `addr`; the JSON body.
+async fn prometheus_get(addr: SocketAddr, path: &str) -> Option<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let (_, body) = text.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Prometheus answers on its published port, loaded the rules of
+/// deploy/prometheus/alerts.yml (when that file exists) and scrapes every member
+/// and router: each target is up within a minute.
+async fn check_prometheus(p: &Project, env: &cellplane::up::EnvDef) {
+    let addr = p.port(compose::PROMETHEUS_SERVICE, compose::PROMETHEUS_PORT);
+    let expected = env
+        .cells
+        .iter()
+        .map(|(_, d)| d.members.len())
+        .sum::<usize>()
+        + env.routers.routers.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        if let Some(targets) = prometheus_get(addr, "/api/v1/targets").await {
+            let active = targets["data"]["activeTargets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let up = active.iter().filter(|t| t["health"] == "up").count();
+            if active.len() == expected && up == expected {
+                break;
+            }
+            last = format!("{up} of {} targets up (want {expected})", active.len());
+        }
+        assert!(Instant::now() < deadline, "Prometheus at {addr}: {last}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let rules = prometheus_get(addr, "/api/v1/rules")
+        .await
+        .expect("Prometheus answers /api/v1/rules");
+    assert_eq!(rules["status"], "success", "{rules}");
+    let groups = rules["data"]["groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let alerts: usize = groups
+        .iter()
+        .map(|g| g["rules"].as_array().map_or(0, |r| r.len()))
+        .sum();
+    if repo().join("deploy/prometheus/alerts.yml").exists() {
+        assert!(
+            alerts > 0,
+            "Prometheus loaded no rule from alerts.yml: {rules}"
+        );
+    }
+    eprintln!(
+        "prometheus: {expected} targets up, {} rule group(s), {alerts} rule(s)",
+        groups.len()
+    );
 }
 
 /// Zero errors for tenants whose cell was untouched; errors for the faulted one;

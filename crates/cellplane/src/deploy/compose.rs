@@ -1,5 +1,10 @@
 //! The Compose environment (`deploy/compose/`): one container per member and per
-//! router, from the `cellplane:local` image.
+//! router, from the `cellplane:local` image (`--image` names another); a one-shot
+//! `seed` container that writes the static map into the directory unless it holds
+//! one and pushes the directory's map to every cell (`cellplane map seed`, what
+//! `cellplane up` does on start); and a `prometheus` container
+//! ([`PROMETHEUS_IMAGE`]) scraping every member and router with the alert rules of
+//! `deploy/prometheus/`, its config rendered as `deploy/compose/prometheus.yml`.
 //!
 //! Each cell has its own network, so cutting a cell off is cutting its network
 //! links and nothing else; the routers join every network, as they reach every
@@ -10,21 +15,45 @@
 //! Nothing is published on the host but on 127.0.0.1: each router's client and
 //! admin ports on the ports `cells/routers.toml` gives them (overridable with
 //! `CELLPLANE_ROUTER_<id>_CLIENT_PORT` / `_ADMIN_PORT`; set empty, Docker picks
-//! one), every other port on a port Docker picks (`docker-compose port`).
+//! one), Prometheus on [`PROMETHEUS_PORT`] (`CELLPLANE_PROMETHEUS_PORT`), every
+//! other port on a port Docker picks (`docker-compose port`).
+//!
+//! The seed and Prometheus containers join every cell network, as routers do,
+//! at `.253` and `.254` (routers take `.201`-`.250`).
 //!
 //! Containers carry labels (`cellplane.role`, `cellplane.cell`, `cellplane.id`,
 //! `cellplane.ip`; a router `cellplane.ip.<cell>` per network) so
 //! `deploy/compose/fault.sh` finds a container and its addresses without parsing
 //! this file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cellplane_router::config::RouterDef;
 use serde_json::{Value, json};
 
-use super::{CELLS_MOUNT, IMAGE, MEMBER_PORTS, Placement, ROUTER_PORTS, Rendered};
+use super::prometheus::{self, RouterTarget};
+use super::{CELLS_MOUNT, MEMBER_PORTS, Placement, ROUTER_PORTS, RenderOptions, Rendered};
 use crate::up::EnvDef;
+
+/// The Prometheus image: Debian's Prometheus binary on `FROM scratch`, built by
+/// `deploy/prometheus/build-image.sh`.
+pub const PROMETHEUS_IMAGE: &str = "cellplane-prometheus:local";
+
+/// Where Prometheus is published on 127.0.0.1 unless `CELLPLANE_PROMETHEUS_PORT`
+/// says otherwise: Prometheus's own port, which no port of `cells/` takes.
+pub const PROMETHEUS_PORT: u16 = 9090;
+
+/// The one-shot service that seeds the directory.
+pub const SEED_SERVICE: &str = "seed";
+/// The Prometheus service.
+pub const PROMETHEUS_SERVICE: &str = "prometheus";
+
+/// Where the Prometheus container finds `deploy/prometheus/` (the alert rules,
+/// as in the repository: no image rebuild when they change). The folder is
+/// mounted rather than the rules file: Docker would create a missing bind-mount
+/// source as a directory.
+const RULES_MOUNT: &str = "/etc/prometheus/rules";
 
 /// The first two octets of every cell network (`/24` each). Outside Docker's
 /// default address pools (172.17-31.x, 192.168.x), so networks Docker creates on
@@ -53,6 +82,11 @@ fn router_ip(k: usize, id: u64) -> String {
     format!("{SUBNET_PREFIX}.{k}.{}", 200 + id)
 }
 
+/// The address of a helper container (seed, Prometheus) on cell network `k`.
+fn helper_ip(k: usize, host: u8) -> String {
+    format!("{SUBNET_PREFIX}.{k}.{host}")
+}
+
 /// The service (and host) name of a member.
 pub fn member_service(cell: &str, id: u64) -> String {
     format!("{cell}-{id}")
@@ -62,7 +96,8 @@ pub fn router_service(id: u64) -> String {
     format!("router-{id}")
 }
 
-pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
+pub fn render(env: &EnvDef, opts: &RenderOptions) -> anyhow::Result<Rendered> {
+    let image = opts.image.as_str();
     if env.cells.len() > 250 {
         anyhow::bail!(
             "{} cells: the Compose network plan has room for 250",
@@ -121,7 +156,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
             services.insert(
                 name.clone(),
                 json!({
-                    "image": IMAGE,
+                    "image": image,
                     "hostname": name,
                     "environment": { "NO_COLOR": "1" },
                     "command": [
@@ -164,7 +199,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         services.insert(
             name.clone(),
             json!({
-                "image": IMAGE,
+                "image": image,
                 "hostname": name,
                 // `docker logs` is read as text, not on a terminal.
                 "environment": { "NO_COLOR": "1" },
@@ -194,6 +229,79 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
             }),
         );
     }
+    // The helpers join every cell network: the seed reaches the directory and
+    // every cell, Prometheus every member and router.
+    let helper_networks = |host: u8| -> anyhow::Result<Value> {
+        let mut nets = serde_json::Map::new();
+        for (_, def) in &env.cells {
+            let k = cell_index(env, &def.name).context("cell index")?;
+            nets.insert(
+                def.name.clone(),
+                json!({ "ipv4_address": helper_ip(k, host) }),
+            );
+        }
+        Ok(Value::Object(nets))
+    };
+    services.insert(
+        SEED_SERVICE.to_string(),
+        json!({
+            "image": image,
+            "hostname": SEED_SERVICE,
+            "environment": { "NO_COLOR": "1" },
+            "command": seed_command(env)?,
+            "labels": { "cellplane.role": "seed" },
+            "networks": helper_networks(253)?,
+            "volumes": [mounted],
+            // One-shot: it exits once the map is in the directory and every
+            // cell has learned it; `docker-compose up` runs it again, harmlessly.
+            "restart": "no",
+        }),
+    );
+    volumes.insert(PROMETHEUS_SERVICE.to_string(), json!({}));
+    services.insert(
+        PROMETHEUS_SERVICE.to_string(),
+        json!({
+            "image": PROMETHEUS_IMAGE,
+            "hostname": PROMETHEUS_SERVICE,
+            // No command: the image's entrypoint names the config, the storage
+            // and the listen address (a flag given twice is refused), and
+            // these mounts put our files where it looks.
+            "labels": { "cellplane.role": "prometheus" },
+            "networks": helper_networks(254)?,
+            "ports": [format!(
+                "127.0.0.1:${{CELLPLANE_PROMETHEUS_PORT-{PROMETHEUS_PORT}}}:{PROMETHEUS_PORT}"
+            )],
+            "volumes": [
+                format!("./{}:/etc/prometheus/prometheus.yml:ro", prometheus::CONFIG_FILE),
+                format!("../prometheus:{RULES_MOUNT}:ro"),
+                "prometheus:/prometheus",
+            ],
+            "stop_grace_period": "10s",
+        }),
+    );
+    let members = prometheus::member_targets(env, &|def, m| {
+        let k = cell_index(env, &def.name).unwrap_or(0);
+        format!("{}:{}", member_ip(k, m.id), MEMBER_PORTS.http)
+    });
+    let routers: Vec<RouterTarget> = placement
+        .routers
+        .iter()
+        .map(|r| RouterTarget {
+            id: r.id,
+            http: format!("{}:{}", router_service(r.id), ROUTER_PORTS.http),
+        })
+        .collect();
+    files.insert(
+        PathBuf::from(prometheus::CONFIG_FILE),
+        prometheus::scrape_config(
+            &format!(
+                "{HEADER}# The Compose environment's Prometheus (service `{PROMETHEUS_SERVICE}`).\n"
+            ),
+            &format!("{RULES_MOUNT}/{}", prometheus::RULES_FILE),
+            &members,
+            &routers,
+        )?,
+    );
     let doc = json!({
         // 2.4: static addresses (ipam, ipv4_address) with docker-compose 1.x and
         // `docker compose` alike.
@@ -210,4 +318,31 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         ),
     );
     Ok(files)
+}
+
+/// `cellplane map seed` as the seed container runs it: the mounted `cells/`, and
+/// with TLS the operator certificate `cellplane certs generate` writes beside the
+/// CA (writing the map and pushing it to cells are operators' calls).
+fn seed_command(env: &EnvDef) -> anyhow::Result<Vec<String>> {
+    let mut args: Vec<String> = ["map", "seed", "--cells", CELLS_MOUNT]
+        .map(String::from)
+        .into();
+    if super::directory_has_tls(env) {
+        let files = crate::certs_cmd::operator_files(env)?;
+        let secret = |p: &Path| -> String {
+            let rel = super::secret_path("secrets", p);
+            format!("{CELLS_MOUNT}/{}", rel.display())
+        };
+        args.extend([
+            "--cacert".to_string(),
+            secret(&files.ca),
+            "--cert".to_string(),
+            secret(&files.cert),
+            "--key".to_string(),
+            secret(&files.key),
+        ]);
+    }
+    // The cells start beside it: wait for them rather than fail at once.
+    args.extend(["--wait".to_string(), "5m".to_string()]);
+    Ok(args)
 }

@@ -11,14 +11,23 @@
 //!   not ready yet (`publishNotReadyAddresses`) and the pods start in parallel: a
 //!   member is ready only once its cell has a leader, which needs its peers first.
 //!   The budget keeps a quorum: at most a minority of a cell is evicted at once.
+//!   A required pod anti-affinity keeps a cell's members on different nodes
+//!   (`--anti-affinity preferred` relaxes it for small clusters), and
+//!   `--zone-spread` spreads them evenly over zones.
 //! - `router.yaml`: the Deployment, Service and PodDisruptionBudget
 //!   `cellplane-router`. Routers are interchangeable: every replica runs router 1
-//!   of the rendered `routers.toml`, listening on every interface.
+//!   of the rendered `routers.toml`, listening on every interface. The Service
+//!   exposes the client, admin and http ports.
+//! - `seed.yaml`: the Job `cellplane-seed`, `cellplane map seed`: the static map
+//!   into the directory unless it holds one, then pushed to every cell (what
+//!   `cellplane up` does on start). With TLS it uses the operator certificate of
+//!   the Secret `cellplane-seed-secrets`.
 //! - `cells/`: the ConfigMap's files as a folder, for `cellplane certs generate
 //!   --cells deploy/k8s/cells` (certificates for the pods' DNS names).
-//! - `kustomization.yaml`: every manifest, and a Secret per cell and one for the
-//!   routers made from `deploy/k8s/secrets/` ([`SECRETS_MOUNT`] in the pods; the
-//!   cell files name `../secrets/<file>` from the cells mount).
+//! - `kustomization.yaml`: every manifest, and a Secret per cell, one for the
+//!   routers and one for the seed Job made from `deploy/k8s/secrets/`
+//!   ([`SECRETS_MOUNT`] in the pods; the cell files name `../secrets/<file>` from
+//!   the cells mount).
 //!
 //! Names are relative (`cellplane-alpha-0.cellplane-alpha`), so the manifests work
 //! in whichever namespace they are applied to. Readiness is `/readyz` and liveness
@@ -30,7 +39,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use super::{CELLS_MOUNT, IMAGE, MEMBER_PORTS, Placement, ROUTER_PORTS, Rendered};
+use super::{
+    AntiAffinity, CELLS_MOUNT, MEMBER_PORTS, Placement, ROUTER_PORTS, RenderOptions, Rendered,
+};
 use crate::up::EnvDef;
 use cellplane_router::config::RouterDef;
 
@@ -54,6 +65,18 @@ pub fn member_host(cell: &str, id: u64) -> String {
 
 pub const ROUTER_OBJECT: &str = "cellplane-router";
 
+/// The Job that seeds the directory, and its Secret's prefix.
+pub const SEED_OBJECT: &str = "cellplane-seed";
+
+/// How long `cellplane map seed` in the Job waits for the directory and the cells
+/// to answer (they start beside it).
+const SEED_WAIT: &str = "10m";
+
+/// The node label a cell's members must not share.
+pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
+/// The node label `--zone-spread` spreads members over.
+pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+
 fn member_labels(cell: &str) -> Value {
     json!({
         "app.kubernetes.io/name": "cellplane",
@@ -67,6 +90,63 @@ fn router_labels() -> Value {
         "app.kubernetes.io/name": "cellplane",
         "app.kubernetes.io/component": "router",
     })
+}
+
+fn seed_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": "cellplane",
+        "app.kubernetes.io/component": "seed",
+    })
+}
+
+/// The conventional annotations a Prometheus with Kubernetes pod discovery
+/// scrapes by: `/metrics` on the http port.
+fn scrape_annotations(port: u16) -> Value {
+    json!({
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": port.to_string(),
+        "prometheus.io/path": "/metrics",
+    })
+}
+
+/// Keeps the pods `labels` selects on different nodes: strictly (the scheduler
+/// leaves a pod Pending rather than put two on one node) or when it can.
+fn spread_over_nodes(labels: &Value, how: AntiAffinity) -> Value {
+    let term = json!({
+        "labelSelector": { "matchLabels": labels },
+        "topologyKey": HOSTNAME_KEY,
+    });
+    match how {
+        AntiAffinity::Required => json!({
+            "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [term] },
+        }),
+        AntiAffinity::Preferred => json!({
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    { "weight": 100, "podAffinityTerm": term },
+                ],
+            },
+        }),
+    }
+}
+
+/// Spreads the pods `labels` selects evenly over zones: at most one more in any
+/// zone than in another. `strict`: a pod waits (Pending) rather than break that.
+fn spread_over_zones(labels: &Value, strict: bool) -> Value {
+    json!([{
+        "maxSkew": 1,
+        "topologyKey": ZONE_KEY,
+        "whenUnsatisfiable": if strict { "DoNotSchedule" } else { "ScheduleAnyway" },
+        "labelSelector": { "matchLabels": labels },
+    }])
+}
+
+/// The PodDisruptionBudget of a cell of `members`: a quorum stays available, so
+/// a voluntary eviction (a node drain) never takes a cell's majority: 2 of 3, 3
+/// of 5 (at most 1 and 2 evicted at once). A 1-member cell therefore blocks
+/// evictions until it is grown.
+pub fn quorum(members: usize) -> usize {
+    members / 2 + 1
 }
 
 fn cells_volume() -> Value {
@@ -93,7 +173,8 @@ fn probes() -> (Value, Value) {
     )
 }
 
-pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
+pub fn render(env: &EnvDef, opts: &RenderOptions) -> anyhow::Result<Rendered> {
+    let image = opts.image.as_str();
     for (_, def) in &env.cells {
         super::check_member_ids(def)?;
     }
@@ -104,7 +185,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         secrets: "../secrets",
     };
     let cells = super::deployed_cells(env, &placement)?;
-    let secrets = secret_sets(env, &placement.routers);
+    let secrets = secret_sets(env, &placement.routers)?;
     let data: BTreeMap<String, String> = cells
         .iter()
         .map(|(p, t)| (p.display().to_string(), t.clone()))
@@ -152,12 +233,16 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                 "podManagementPolicy": "Parallel",
                 "selector": { "matchLabels": labels },
                 "template": {
-                    "metadata": { "labels": labels },
-                    "spec": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": scrape_annotations(MEMBER_PORTS.http),
+                    },
+                    "spec": with_zone_spread(json!({
                         "terminationGracePeriodSeconds": 30,
+                        "affinity": spread_over_nodes(&labels, opts.anti_affinity),
                         "containers": [{
                             "name": "member",
-                            "image": IMAGE,
+                            "image": image,
                             "imagePullPolicy": "IfNotPresent",
                             "args": [
                                 "node",
@@ -178,7 +263,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                             ),
                         }],
                         "volumes": with_secrets_volume(vec![cells_volume()], &name, &secrets),
-                    },
+                    }), opts.zone_spread.then(|| spread_over_zones(&labels, true))),
                 },
                 "volumeClaimTemplates": [{
                     "metadata": { "name": "data" },
@@ -189,13 +274,13 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                 }],
             },
         });
-        // A quorum stays up through voluntary evictions (node drains); a 1-member
-        // cell (the local directory) therefore blocks them until it is grown.
+        // minAvailable rather than maxUnavailable: the budget counts ready pods,
+        // so a member already down uses up the cell's margin and a drain waits.
         let budget = json!({
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
             "metadata": { "name": name, "labels": labels },
-            "spec": { "minAvailable": n / 2 + 1, "selector": { "matchLabels": labels } },
+            "spec": { "minAvailable": quorum(n), "selector": { "matchLabels": labels } },
         });
         files.insert(
             PathBuf::from(format!("cell-{}.yaml", def.name)),
@@ -211,9 +296,12 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         "metadata": { "name": ROUTER_OBJECT, "labels": labels },
         "spec": {
             "selector": labels,
+            // The admin port for `cellplane status`; http for /metrics and the
+            // status page (`kubectl port-forward svc/cellplane-router ...`).
             "ports": [
                 { "name": "client", "port": ROUTER_PORTS.client, "targetPort": "client" },
                 { "name": "admin", "port": ROUTER_PORTS.peer, "targetPort": "admin" },
+                { "name": "http", "port": ROUTER_PORTS.http, "targetPort": "http" },
             ],
         },
     });
@@ -225,12 +313,18 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
             "replicas": replicas,
             "selector": { "matchLabels": labels },
             "template": {
-                "metadata": { "labels": labels },
-                "spec": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": scrape_annotations(ROUTER_PORTS.http),
+                },
+                "spec": with_zone_spread(json!({
                     "terminationGracePeriodSeconds": 15,
+                    // Routers are interchangeable: apart where the scheduler can,
+                    // never Pending for it.
+                    "affinity": spread_over_nodes(&labels, AntiAffinity::Preferred),
                     "containers": [{
                         "name": "router",
-                        "image": IMAGE,
+                        "image": image,
                         "imagePullPolicy": "IfNotPresent",
                         "args": [
                             "router",
@@ -255,7 +349,7 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
                         ROUTER_OBJECT,
                         &secrets,
                     ),
-                },
+                }), opts.zone_spread.then(|| spread_over_zones(&labels, false))),
             },
         },
     });
@@ -269,6 +363,10 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         PathBuf::from("router.yaml"),
         documents(&[service, deployment, budget])?,
     );
+    files.insert(
+        PathBuf::from("seed.yaml"),
+        documents(&[seed_job(image, &secrets)?])?,
+    );
     let resources: Vec<String> = files
         .keys()
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
@@ -279,6 +377,71 @@ pub fn render(env: &EnvDef) -> anyhow::Result<Rendered> {
         kustomization(&resources, &secrets)?,
     );
     Ok(files)
+}
+
+/// `spec` with `spread` as its topologySpreadConstraints when there is one.
+fn with_zone_spread(mut spec: Value, spread: Option<Value>) -> Value {
+    if let (Some(spread), Some(obj)) = (spread, spec.as_object_mut()) {
+        obj.insert("topologySpreadConstraints".into(), spread);
+    }
+    spec
+}
+
+/// The Job running `cellplane map seed` once the cells answer. Reapplying the
+/// manifests leaves a finished Job alone; it is deleted an hour after it
+/// finished, so a later `kubectl apply` (a new image, say: a Job's pod template
+/// cannot change) creates and runs it again, which is harmless.
+fn seed_job(image: &str, secrets: &BTreeMap<String, Vec<String>>) -> anyhow::Result<Value> {
+    let labels = seed_labels();
+    let mut args: Vec<String> = ["map", "seed", "--cells", CELLS_MOUNT]
+        .map(String::from)
+        .into();
+    if let Some(files) = secrets.get(SEED_OBJECT) {
+        // The Secret holds the CA and the operator's certificate and key, in
+        // that order (secret_sets).
+        let mounted = |i: usize| -> anyhow::Result<String> {
+            let file = files
+                .get(i)
+                .and_then(|f| Path::new(f).file_name())
+                .context("the seed Secret lacks a file")?;
+            Ok(format!("{SECRETS_MOUNT}/{}", file.to_string_lossy()))
+        };
+        args.extend([
+            "--cacert".to_string(),
+            mounted(0)?,
+            "--cert".to_string(),
+            mounted(1)?,
+            "--key".to_string(),
+            mounted(2)?,
+        ]);
+    }
+    args.extend(["--wait".to_string(), SEED_WAIT.to_string()]);
+    Ok(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": { "name": SEED_OBJECT, "labels": labels },
+        "spec": {
+            "backoffLimit": 6,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": { "labels": labels },
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "containers": [{
+                        "name": "seed",
+                        "image": image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "args": args,
+                        "volumeMounts": with_secrets_mount(
+                            vec![cells_mount()],
+                            secrets.contains_key(SEED_OBJECT),
+                        ),
+                    }],
+                    "volumes": with_secrets_volume(vec![cells_volume()], SEED_OBJECT, secrets),
+                },
+            },
+        },
+    }))
 }
 
 /// The kustomization `kubectl apply -k deploy/k8s/` applies: every manifest, and
@@ -300,8 +463,13 @@ pub fn secret_name(object: &str) -> String {
 /// members' certificates and keys only (a pod template is shared by the cell's
 /// members, so each member can read its cell-mates' keys; no other cell's); the
 /// routers' holds the CA, the router certificate, the credentials and the token
-/// key. Objects without TLS or auth have none.
-fn secret_sets(env: &EnvDef, routers: &[RouterDef]) -> BTreeMap<String, Vec<String>> {
+/// key; the seed Job's the CA and the operator certificate and key `cellplane
+/// certs generate` writes (`operator-admin`): writing the map and pushing it to
+/// cells are operators' calls. Objects without TLS or auth have none.
+fn secret_sets(
+    env: &EnvDef,
+    routers: &[RouterDef],
+) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let file = |p: &Path| super::secret_path("secrets", p).display().to_string();
     let mut sets = BTreeMap::new();
     for (_, def) in &env.cells {
@@ -327,7 +495,14 @@ fn secret_sets(env: &EnvDef, routers: &[RouterDef]) -> BTreeMap<String, Vec<Stri
     if !files.is_empty() {
         sets.insert(ROUTER_OBJECT.to_string(), files);
     }
-    sets
+    if super::directory_has_tls(env) {
+        let op = crate::certs_cmd::operator_files(env)?;
+        sets.insert(
+            SEED_OBJECT.to_string(),
+            vec![file(&op.ca), file(&op.cert), file(&op.key)],
+        );
+    }
+    Ok(sets)
 }
 
 fn with_secrets_mount(mut mounts: Vec<Value>, has: bool) -> Vec<Value> {

@@ -1,7 +1,8 @@
-//! `cellplane deploy render compose|k8s`: the Compose environment and the
-//! Kubernetes manifests, rendered from `cells/` so that `cells/` stays the one
-//! source of the topology (`up`, Compose and Kubernetes run the same cells, the
-//! same settings and the same static map).
+//! `cellplane deploy render compose|k8s|prometheus`: the Compose environment, the
+//! Kubernetes manifests and the Prometheus scrape config of `cellplane up`,
+//! rendered from `cells/` so that `cells/` stays the one source of the topology
+//! (`up`, Compose and Kubernetes run the same cells, the same settings and the
+//! same static map, and Prometheus scrapes exactly those processes).
 //!
 //! Only the addresses change. Locally every process shares 127.0.0.1 and each
 //! member has its own ports; deployed, each member has its own host (a static IP
@@ -15,6 +16,7 @@
 
 pub mod compose;
 pub mod k8s;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,9 +53,44 @@ pub struct Ports {
 /// Where the rendered `cells/` folder is mounted in every container.
 pub const CELLS_MOUNT: &str = "/etc/cellplane/cells";
 
-/// The image the Compose file and the manifests run; `deploy/build-image.sh`
-/// builds it.
+/// The image the Compose file and the manifests run by default;
+/// `deploy/build-image.sh` builds it (`--image` names another).
 pub const IMAGE: &str = "cellplane:local";
+
+/// What a render may vary besides `cells/`. The committed renders are made with
+/// the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// The image every cellplane container runs.
+    pub image: String,
+    /// Kubernetes: spread each cell's members over zones.
+    pub zone_spread: bool,
+    /// Kubernetes: how strictly a cell's members are kept on different nodes.
+    pub anti_affinity: AntiAffinity,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            image: IMAGE.to_string(),
+            zone_spread: false,
+            anti_affinity: AntiAffinity::Required,
+        }
+    }
+}
+
+/// Whether two members of a cell may share a node.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AntiAffinity {
+    /// Never: a member stays Pending rather than join a cell-mate's node (a node
+    /// lost then costs a cell one member at most). Needs as many nodes as the
+    /// largest cell has members.
+    Required,
+    /// Avoided when the scheduler can: for clusters with fewer nodes than a cell
+    /// has members (a one-node kind or k3s), where `required` would leave members
+    /// Pending and the cell without a quorum.
+    Preferred,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
@@ -63,24 +100,46 @@ pub struct DeployArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DeployOp {
-    /// Write the Compose file or the Kubernetes manifests for the cells in --cells.
+    /// Write the Compose environment, the Kubernetes manifests or the Prometheus
+    /// config of `cellplane up` for the cells in --cells.
     Render {
         target: Target,
         /// The folder of cell definitions.
         #[arg(long, default_value = "cells")]
         cells: PathBuf,
-        /// Where to write; default deploy/compose or deploy/k8s. Files of the kinds
-        /// rendered there (.yml, .yaml, .toml) that the render does not produce
-        /// are removed, so a deleted cell leaves nothing behind.
+        /// Where to write; default deploy/compose, deploy/k8s or deploy/prometheus.
+        /// For compose and k8s, files of the kinds rendered there (.yml, .yaml,
+        /// .toml) that the render does not produce are removed, so a deleted cell
+        /// leaves nothing behind; prometheus writes its one file and removes nothing.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The image the containers run: a registry reference your cluster can
+        /// pull (`registry.example.com/cellplane:1.0`), or an image loaded into
+        /// its nodes (deploy/README.md).
+        #[arg(long, default_value = IMAGE)]
+        image: String,
+        /// k8s: spread each cell's members evenly over the zones
+        /// (topologySpreadConstraints on topology.kubernetes.io/zone). Off by
+        /// default: nodes without that label (kind, k3s, most bare-metal clusters)
+        /// could then take no member at all.
+        #[arg(long)]
+        zone_spread: bool,
+        /// k8s: keep a cell's members on different nodes strictly (`required`) or
+        /// when possible (`preferred`, for clusters with fewer nodes than a cell
+        /// has members).
+        #[arg(long, value_enum, default_value_t = AntiAffinity::Required)]
+        anti_affinity: AntiAffinity,
     },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// deploy/compose/: the Compose environment (and its Prometheus config).
     Compose,
+    /// deploy/k8s/: the Kubernetes manifests.
     K8s,
+    /// deploy/prometheus/prometheus.yml: Prometheus scraping `cellplane up`.
+    Prometheus,
 }
 
 /// Rendered files, by path relative to the output folder.
@@ -88,13 +147,42 @@ pub type Rendered = BTreeMap<PathBuf, String>;
 
 pub fn run(args: DeployArgs) -> anyhow::Result<()> {
     match args.op {
-        DeployOp::Render { target, cells, out } => {
+        DeployOp::Render {
+            target,
+            cells,
+            out,
+            image,
+            zone_spread,
+            anti_affinity,
+        } => {
+            let opts = RenderOptions {
+                image,
+                zone_spread,
+                anti_affinity,
+            };
+            let defaults = RenderOptions::default();
+            if target != Target::K8s
+                && (opts.zone_spread != defaults.zone_spread
+                    || opts.anti_affinity != defaults.anti_affinity)
+            {
+                bail!("--zone-spread and --anti-affinity are for `deploy render k8s` only");
+            }
+            if target == Target::Prometheus && opts.image != defaults.image {
+                bail!("--image: `deploy render prometheus` renders no container");
+            }
             let out = out.unwrap_or_else(|| match target {
                 Target::Compose => PathBuf::from("deploy/compose"),
                 Target::K8s => PathBuf::from("deploy/k8s"),
+                Target::Prometheus => PathBuf::from("deploy/prometheus"),
             });
-            let files = render(target, &cells)?;
-            write(&out, &files)?;
+            let files = render_with(target, &cells, &opts)?;
+            // deploy/prometheus/ holds hand-written files of the same kinds
+            // (alert rules, their tests): nothing there is stale.
+            if target == Target::Prometheus {
+                write_files(&out, &files)?;
+            } else {
+                write(&out, &files)?;
+            }
             crate::outln!(
                 "wrote {} file(s) to {} from {}",
                 files.len(),
@@ -106,13 +194,38 @@ pub fn run(args: DeployArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Renders `target` from the `cells/` folder at `cells`.
+/// Renders `target` from the `cells/` folder at `cells` with the default options
+/// (as committed).
 pub fn render(target: Target, cells: &Path) -> anyhow::Result<Rendered> {
+    render_with(target, cells, &RenderOptions::default())
+}
+
+/// Renders `target` from the `cells/` folder at `cells`.
+pub fn render_with(target: Target, cells: &Path, opts: &RenderOptions) -> anyhow::Result<Rendered> {
+    check_image(&opts.image)?;
     let env = load_env(cells)?;
     match target {
-        Target::Compose => compose::render(&env),
-        Target::K8s => k8s::render(&env),
+        Target::Compose => compose::render(&env, opts),
+        Target::K8s => k8s::render(&env, opts),
+        Target::Prometheus => prometheus::render_local(&env),
     }
+}
+
+/// An image reference goes into YAML and a container runtime's pull: refuse
+/// what no runtime accepts (empty, spaces, control characters, a leading `-`)
+/// here, with the flag's name, rather than from `kubectl apply` later.
+fn check_image(image: &str) -> anyhow::Result<()> {
+    let bad = image.is_empty()
+        || image.starts_with('-')
+        || image.chars().any(|c| c.is_whitespace() || c.is_control());
+    if bad {
+        bail!(
+            "--image `{}`: not an image reference (e.g. cellplane:local, \
+             registry.example.com/team/cellplane:1.0)",
+            image.escape_debug()
+        );
+    }
+    Ok(())
 }
 
 /// Writes `files` under `out` and removes the stale ones (see [`stale_files`]).
@@ -121,6 +234,11 @@ pub fn write(out: &Path, files: &Rendered) -> anyhow::Result<()> {
         std::fs::remove_file(&path)
             .with_context(|| format!("cannot remove stale {}", path.display()))?;
     }
+    write_files(out, files)
+}
+
+/// Writes `files` under `out`, removing nothing.
+pub fn write_files(out: &Path, files: &Rendered) -> anyhow::Result<()> {
     for (rel, text) in files {
         let path = out.join(rel);
         if let Some(dir) = path.parent() {
@@ -198,6 +316,14 @@ pub struct Placement<'a> {
     /// credentials and token key, relative to the deployed `cells/` folder:
     /// every such file keeps its name and moves there.
     pub secrets: &'a str,
+}
+
+/// Whether the directory cell serves TLS: then seeding it (writing the map, and
+/// pushing it to cells) needs an operator's certificate.
+pub(crate) fn directory_has_tls(env: &EnvDef) -> bool {
+    env.cells
+        .iter()
+        .any(|(_, d)| d.name == env.routers.directory && d.tls.is_some())
 }
 
 /// `file` moved into the folder `dir` (relative to the deployed `cells/`).
