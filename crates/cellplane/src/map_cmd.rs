@@ -27,10 +27,11 @@ use tonic::transport::ClientTlsConfig;
 pub struct MapArgs {
     /// Directory endpoints (host:port, comma-separated). Default: the members of the
     /// directory cell named in <cells>/routers.toml.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', global = true)]
     pub directory: Vec<String>,
-    /// The folder of cell definitions.
-    #[arg(long, default_value = "cells")]
+    /// The folder of cell definitions (before or after the subcommand:
+    /// `map seed --cells deploy/compose/cells`).
+    #[arg(long, default_value = "cells", global = true)]
     pub cells: PathBuf,
     /// With TLS on, writing the map needs an operator's certificate.
     #[command(flatten)]

@@ -257,6 +257,17 @@ fn compose_addresses_agree() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert_eq!(cmd[..4], ["map", "seed", "--cells", deploy::CELLS_MOUNT]);
+    // The command parses (clap answers `--help` only after accepting the rest).
+    let o = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(&cmd)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the seed's command is refused: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let op = cellplane::certs_cmd::operator_files(&env).unwrap();
     for (flag, file) in [
         ("--cacert", &op.ca),

@@ -388,6 +388,7 @@ fn manifests_reference_only_what_exists() {
         args.contains(&"--wait"),
         "the Job waits for the cells: {args:?}"
     );
+    assert_cli_accepts(&args);
     let volumes = at(pod, "volumes").as_array().unwrap();
     for m in at(c, "volumeMounts").as_array().unwrap() {
         let vol = volumes
@@ -404,6 +405,21 @@ fn manifests_reference_only_what_exists() {
             assert_eq!(s(c, "image"), deploy::IMAGE, "{}", s(w, "metadata/name"));
         }
     }
+}
+
+/// clap answers `--help` only when every subcommand, flag and value before it is
+/// one it accepts: the command a container runs, checked without running it.
+fn assert_cli_accepts(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cellplane {args:?} is refused: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn v_str<'a>(v: &'a Value, path: &str) -> Option<&'a str> {
