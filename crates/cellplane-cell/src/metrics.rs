@@ -1,7 +1,12 @@
 //! A member's Prometheus metrics. The registry lives in the member's own process:
 //! reading them never depends on any other process being up.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use cellplane_storage::SyncStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -41,6 +46,8 @@ pub struct Metrics {
     pub history_compacted_revision: Gauge,
     pub history_versions_removed: Counter,
     pub state_size_bytes: Gauge,
+    /// The configured space quota (`maintenance.quota_backend_bytes`).
+    pub space_quota_bytes: Gauge,
     /// 1 while an alarm of the kind is raised in the cell.
     pub alarm_nospace: Gauge,
     pub alarm_corrupt: Gauge,
@@ -71,6 +78,7 @@ impl Metrics {
             history_compacted_revision: Gauge::default(),
             history_versions_removed: Counter::default(),
             state_size_bytes: Gauge::default(),
+            space_quota_bytes: Gauge::default(),
             alarm_nospace: Gauge::default(),
             alarm_corrupt: Gauge::default(),
             requests: Family::default(),
@@ -107,6 +115,11 @@ impl Metrics {
             "state_size_bytes",
             "Size of the key-value state (what the space quota limits)",
             m.state_size_bytes.clone(),
+        );
+        registry.register(
+            "space_quota_bytes",
+            "The space quota: past this state size the leader raises NOSPACE",
+            m.space_quota_bytes.clone(),
         );
         registry.register(
             "alarm_nospace",
@@ -192,6 +205,13 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Exports the Raft log's fsync latency, read from `stats` at each scrape.
+    pub fn with_fsync(mut self, stats: Arc<SyncStats>) -> Metrics {
+        self.registry
+            .register_collector(Box::new(FsyncCollector(stats)));
+        self
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -202,8 +222,47 @@ impl Metrics {
     }
 }
 
+/// The fsync histogram, kept by the storage's sync thread as plain counters.
+struct FsyncCollector(Arc<SyncStats>);
+
+impl std::fmt::Debug for FsyncCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FsyncCollector")
+    }
+}
+
+impl Collector for FsyncCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let l = self.0.latency();
+        let mut m = e.encode_descriptor(
+            "raft_log_fsync_duration_seconds",
+            "Latency of the Raft log's WAL fsyncs (each makes every append queued behind it \
+             durable)",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(l.sum_secs, l.count, &l.buckets, None)
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The exposition of a member that served one request (families without a
+/// series are not exported at all): every family's `# HELP` and `# TYPE`
+/// lines, what `docs/metrics.md` is checked against.
+pub fn describe() -> String {
+    let m = Metrics::new().with_fsync(Arc::new(SyncStats::default()));
+    let method = "Range";
+    m.request_seconds
+        .get_or_create(&MethodLabels { method })
+        .observe(0.001);
+    let code = "OK".to_string();
+    m.requests
+        .get_or_create(&ResultLabels { method, code })
+        .inc();
+    m.render()
 }

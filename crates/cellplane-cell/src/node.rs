@@ -369,7 +369,7 @@ pub async fn run(
         barrier: barrier.clone(),
         proposer,
         limits,
-        metrics: Metrics::new(),
+        metrics: Metrics::new().with_fsync(sync_stats.clone()),
         sync_stats,
         watch_hub: watch_hub.clone(),
         shutdown: shutdown.clone(),
@@ -382,6 +382,11 @@ pub async fn run(
         config: config.clone(),
     });
 
+    let quota = shared.config.cell.maintenance.quota_backend_bytes;
+    shared
+        .metrics
+        .space_quota_bytes
+        .set(i64::try_from(quota).unwrap_or(i64::MAX));
     tasks.spawn(watch_hub.run(events, shutdown.child_token()));
     tasks.spawn(crate::metrics_loop::run(
         shared.clone(),

@@ -50,7 +50,7 @@ pub use export::{
     SnapshotError, SnapshotSummary, export as export_snapshot, import as import_snapshot,
 };
 pub use lease::{LeaseRecord, MAX_LEASE_TTL};
-pub use log_store::{LogStore, SyncStats};
+pub use log_store::{LogStore, SyncLatency, SyncStats};
 pub use mvcc::{DEFAULT_MAX_RESPONSE_BYTES, KeyRange, KvHash, KvReader, Limits};
 pub use ownership::{Destination, Ownership};
 pub use snapshot_file::SnapshotFile;

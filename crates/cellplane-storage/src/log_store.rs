@@ -115,6 +115,55 @@ pub struct SyncStats {
     pub syncs: AtomicU64,
     /// Appends those fsyncs made durable.
     pub appends: AtomicU64,
+    /// Time spent in fsync, in nanoseconds.
+    sync_nanos: AtomicU64,
+    /// fsyncs by latency: bucket `i` counts those at most [`SyncStats::BUCKET_BOUNDS`]`[i]`
+    /// and above the one before; the last has no upper bound.
+    sync_buckets: [AtomicU64; SyncStats::BUCKETS],
+}
+
+/// fsync latency as a histogram: total seconds, count, and (upper bound in
+/// seconds, count in that bucket alone) per bucket, the last bound infinite.
+pub struct SyncLatency {
+    pub sum_secs: f64,
+    pub count: u64,
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl SyncStats {
+    /// Buckets of the fsync histogram, the unbounded one included.
+    const BUCKETS: usize = 17;
+
+    /// The upper bound of bucket `i`: 100 µs doubling (to ~3.3 s), then infinity.
+    fn bound(i: usize) -> f64 {
+        if i + 1 >= Self::BUCKETS {
+            f64::INFINITY
+        } else {
+            0.0001 * f64::from(1u32 << i)
+        }
+    }
+
+    fn observe(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let i = (0..Self::BUCKETS)
+            .find(|&i| secs <= Self::bound(i))
+            .unwrap_or(Self::BUCKETS - 1);
+        self.sync_buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The fsync latency histogram so far.
+    pub fn latency(&self) -> SyncLatency {
+        let buckets: Vec<(f64, u64)> = (0..Self::BUCKETS)
+            .map(|i| (Self::bound(i), self.sync_buckets[i].load(Ordering::Relaxed)))
+            .collect();
+        SyncLatency {
+            sum_secs: self.sync_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+        }
+    }
 }
 
 fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>, stats: Arc<SyncStats>) {
@@ -124,7 +173,9 @@ fn sync_loop(db: Arc<DB>, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>, stats:
         while let Ok(more) = rx.try_recv() {
             pending.push(more);
         }
+        let started = std::time::Instant::now();
         let result = db.flush_wal(true);
+        stats.observe(started.elapsed());
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats
             .appends
