@@ -110,7 +110,40 @@ async fn runs_against_a_cell_and_reports() {
     let out = tempfile::tempdir().unwrap();
     let (json, html) =
         loadgen::write_report(&r, &out.path().join("r.json"), &out.path().join("r.html")).unwrap();
-    let html = std::fs::read_to_string(html).unwrap();
-    assert!(html.contains("<svg") && html.contains("test: latency of each second"));
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(text.contains("<svg") && text.contains("test: latency of each second"));
     assert!(std::fs::metadata(json).unwrap().len() > 100);
+    renders_offline_in_a_browser(&html, text.matches("<svg").count());
+}
+
+/// The report renders in headless Chromium with no network (scripts/headless.sh):
+/// every plot is in the rendered page. The screenshot stays in
+/// `<target>/tmp/artifacts/` for a person to look at.
+fn renders_offline_in_a_browser(html: &std::path::Path, plots: usize) {
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("loadgen-report.png");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/headless.sh");
+    let url = format!("file://{}", html.display());
+    let out = std::process::Command::new(script)
+        .arg(&url)
+        .arg(&shot)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let required = std::env::var("CELLPLANE_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+    if out.status.code() == Some(3) && !required {
+        eprintln!("SKIPPED the browser check of the report: {stderr}");
+        return;
+    }
+    assert!(out.status.success(), "headless Chromium on {url}: {stderr}");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(plots >= 1);
+    assert_eq!(
+        dom.matches("<svg").count(),
+        plots,
+        "every plot renders:\n{dom}"
+    );
+    assert!(dom.contains("test: latency of each second"), "{dom}");
+    eprintln!("screenshot of the report: {}", shot.display());
 }

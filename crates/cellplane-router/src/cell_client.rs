@@ -52,6 +52,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::member_health::{self, Cap, Health};
+use crate::metrics::CallMetrics;
 use crate::scope::TENANT_METADATA;
 
 /// A key of no tenant: the probe's data-path read (serializable, one key).
@@ -260,6 +261,8 @@ pub struct MemberState {
     leader_id: AtomicU64,
     /// What calls and probes say of it.
     pub health: Health,
+    /// Latency of every attempt on it.
+    attempts: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl MemberState {
@@ -292,6 +295,8 @@ pub struct CellStats {
     pub shed: AtomicU64,
     /// Serializable reads sent a second time ([`PoolSettings::hedge_after_ms`]).
     pub hedged: AtomicU64,
+    /// Retries and hedges not sent because the retry budget was spent.
+    pub budget_exhausted: AtomicU64,
     window: Mutex<(
         Instant,
         hdrhistogram::Histogram<u64>,
@@ -311,6 +316,7 @@ impl CellStats {
             errors: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             hedged: AtomicU64::new(0),
+            budget_exhausted: AtomicU64::new(0),
             window: Mutex::new((Instant::now(), h(), h())),
         }
     }
@@ -348,6 +354,9 @@ pub struct CellInner {
     pub name: String,
     pub members: Vec<MemberState>,
     pub stats: CellStats,
+    /// The cell's name as the metrics' `cell` label.
+    label: Arc<String>,
+    calls: CallMetrics,
     next: AtomicU64,
 }
 
@@ -525,7 +534,9 @@ impl Service<Attempt> for Picker {
             };
             let r = tokio::select! {
                 r = call => {
-                    picker.cell.observed(i, started.elapsed(), &r);
+                    let took = started.elapsed();
+                    member.attempts.observe(took.as_secs_f64());
+                    picker.cell.observed(i, took, &r);
                     r
                 }
                 // A read is retried on another member (UNAVAILABLE from here is
@@ -549,6 +560,7 @@ impl Service<Attempt> for Picker {
 #[derive(Clone)]
 struct RetryPolicy {
     budget: Arc<TpsBudget>,
+    cell: Arc<CellInner>,
     attempts_left: usize,
 }
 
@@ -569,7 +581,12 @@ impl tower::retry::Policy<Attempt, Bytes, BoxError> for RetryPolicy {
                 let me = e.downcast_ref::<MemberError>()?;
                 let safe =
                     (req.kind.idempotent && unreachable(&me.status)) || never_sent(&me.status);
-                if !safe || self.attempts_left == 0 || !self.budget.withdraw() {
+                if !safe || self.attempts_left == 0 {
+                    return None;
+                }
+                if !self.budget.withdraw() {
+                    let exhausted = &self.cell.stats.budget_exhausted;
+                    exhausted.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
                 self.attempts_left -= 1;
@@ -687,8 +704,10 @@ impl CellClient {
         settings: &PoolSettings,
         limits: MessageLimits,
         tls: Option<&ClientTlsConfig>,
+        calls: &CallMetrics,
         shutdown: CancellationToken,
     ) -> Result<CellClient, String> {
+        let label = Arc::new(name.to_string());
         let mut members = Vec::new();
         for ep in endpoints {
             let channel = cellplane_security::endpoint(ep, tls)
@@ -706,12 +725,15 @@ impl CellClient {
                 member_id: AtomicU64::new(0),
                 leader_id: AtomicU64::new(0),
                 health: Health::default(),
+                attempts: calls.member(&label, ep),
             });
         }
         let inner = Arc::new(CellInner {
             name: name.to_string(),
             members,
             stats: CellStats::new(),
+            label,
+            calls: calls.clone(),
             next: AtomicU64::new(0),
         });
         let budget = Arc::new(TpsBudget::new(
@@ -721,6 +743,7 @@ impl CellClient {
         ));
         let policy = RetryPolicy {
             budget: budget.clone(),
+            cell: inner.clone(),
             attempts_left: endpoints.len().saturating_sub(1),
         };
         let stack = ServiceBuilder::new()
@@ -795,8 +818,16 @@ impl CellClient {
             self.stack.clone().oneshot(attempt).await
         }
         .map_err(|e| cell_status(&self.inner.name, e, &self.settings, &self.inner.stats));
-        let ok = !matches!(&result, Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Internal);
-        self.inner.stats.record(started.elapsed(), ok);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let ok = !matches!(code, tonic::Code::Unavailable | tonic::Code::Internal);
+        let took = started.elapsed();
+        self.inner.stats.record(took, ok);
+        let inner = &self.inner;
+        inner
+            .calls
+            .call(&inner.label, path, code, took.as_secs_f64());
         result
     }
 
@@ -812,6 +843,8 @@ impl CellClient {
             _ = tokio::time::sleep(delay) => {}
         }
         if !self.budget.withdraw() {
+            let exhausted = &self.inner.stats.budget_exhausted;
+            exhausted.fetch_add(1, Ordering::Relaxed);
             return first.await;
         }
         self.inner.stats.hedged.fetch_add(1, Ordering::Relaxed);
@@ -1000,6 +1033,7 @@ pub struct Cells {
     settings: PoolSettings,
     limits: MessageLimits,
     tls: Option<ClientTlsConfig>,
+    calls: CallMetrics,
     shutdown: CancellationToken,
 }
 
@@ -1008,6 +1042,7 @@ impl Cells {
         settings: PoolSettings,
         limits: MessageLimits,
         tls: Option<ClientTlsConfig>,
+        calls: CallMetrics,
         shutdown: CancellationToken,
     ) -> Arc<Cells> {
         Arc::new(Cells {
@@ -1015,6 +1050,7 @@ impl Cells {
             settings,
             limits,
             tls,
+            calls,
             shutdown,
         })
     }
@@ -1044,6 +1080,7 @@ impl Cells {
                 &self.settings,
                 self.limits,
                 self.tls.as_ref(),
+                &self.calls,
                 stop.clone(),
             ) {
                 Ok(client) => {

@@ -354,6 +354,7 @@ mod tests {
             PoolSettings::default(),
             crate::config::RouterSettings::default().message_limits(),
             None,
+            crate::metrics::CallMetrics::default(),
             tokio_util::sync::CancellationToken::new(),
         );
         cells.reconcile(&map);

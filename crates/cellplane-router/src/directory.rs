@@ -28,6 +28,22 @@ pub struct Directory {
     timeout: Duration,
 }
 
+/// Where movers keep one record per moving tenant (`cellplane-mover`'s
+/// `RECORD_PREFIX`; the router reads them only for its status page).
+pub const MOVES_PREFIX: &str = "/cellplane/moves/";
+
+/// Moves the status page lists at most.
+pub const MAX_MOVES_LISTED: i64 = 100;
+
+/// What the status page shows of a move record (the fields it needs of it).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct MoveView {
+    pub tenant: String,
+    pub from: String,
+    pub to: String,
+    pub state: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error("directory unreachable: {0}")]
@@ -101,6 +117,42 @@ impl Directory {
                             revision: kv.mod_revision,
                         })?;
                     return Ok((map, kv.mod_revision));
+                }
+                Ok(Err(s)) => last = s.message().to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(DirectoryError::Unreachable(last))
+    }
+
+    /// The moves in progress (the movers' records), at most [`MAX_MOVES_LISTED`],
+    /// and whether there were more. For the status page: never on a request path.
+    pub async fn moves(&self) -> Result<(Vec<MoveView>, bool), DirectoryError> {
+        let mut last = String::new();
+        for ch in &self.channels {
+            let mut c = KvClient::new(ch.clone());
+            let req = RangeRequest {
+                key: MOVES_PREFIX.into(),
+                range_end: cellplane_proto::prefix_end(MOVES_PREFIX.as_bytes()),
+                limit: MAX_MOVES_LISTED,
+                ..Default::default()
+            };
+            match tokio::time::timeout(self.timeout, c.range(req)).await {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    let moves = r
+                        .kvs
+                        .iter()
+                        .map(|kv| {
+                            serde_json::from_slice(&kv.value).unwrap_or_else(|e| MoveView {
+                                tenant: String::from_utf8_lossy(&kv.key).into_owned(),
+                                from: "?".into(),
+                                to: "?".into(),
+                                state: format!("unreadable record: {e}"),
+                            })
+                        })
+                        .collect();
+                    return Ok((moves, r.more));
                 }
                 Ok(Err(s)) => last = s.message().to_string(),
                 Err(_) => last = "timed out".into(),

@@ -11,6 +11,8 @@
 //! in the map in force ([`map_source`], fed by [`directory`]); [`cell_client`] is
 //! the one way to call a cell, with its bulkhead, timeout, retry budget, member
 //! health and shutdown. [`services`] only translate each API to those steps.
+//! The HTTP port serves `/metrics` ([`metrics`], prometheus-client, as members)
+//! and the status page ([`status_page`]).
 //!
 //! Depends on `cellplane-proto` (the APIs it serves and forwards),
 //! `cellplane-map` (the cell map) and `cellplane-security` (TLS, identities,
@@ -26,14 +28,17 @@ mod core;
 pub mod directory;
 pub mod map_source;
 mod member_health;
+mod metrics;
 mod routes;
 mod run;
 mod scope;
 mod services;
+mod status_page;
 
 pub use auth::AuthSettings;
 pub use cell_client::PoolSettings;
 pub use config::{RouterConfig, RoutersDef};
 pub use core::CELL_METADATA;
+pub use metrics::describe as describe_metrics;
 pub use run::{RouterListeners, run};
 pub use scope::TENANT_METADATA;

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
 use cellplane_proto::discovery::discovery_server::DiscoveryServer;
 use cellplane_proto::etcdserverpb::auth_server::AuthServer;
 use cellplane_proto::etcdserverpb::lease_server::LeaseServer;
 use cellplane_proto::etcdserverpb::watch_server::WatchServer;
 use cellplane_proto::router::router_admin_server::RouterAdminServer;
 use cellplane_security::ClientAuth;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -21,11 +24,13 @@ use crate::config::RouterConfig;
 use crate::core::Core;
 use crate::directory::{self, Directory};
 use crate::map_source::{self, ActiveMap, MapHolder, MapSource};
+use crate::metrics::{CallMetrics, RouterMetrics, StateCollector};
 use crate::services::auth::RouterAuth;
 use crate::services::discovery::RouterDiscovery;
 use crate::services::kv::RouterKv;
 use crate::services::lease::RouterLease;
 use crate::services::watch::RouterWatch;
+use crate::status_page::{self, Moves};
 
 pub struct RouterListeners {
     pub client: TcpListener,
@@ -61,7 +66,14 @@ pub async fn run(
     let initial = boot(&dir, &config).await?;
     let holder = MapHolder::new(initial.clone(), config.state_dir.clone());
     let limits = s.message_limits();
-    let cells = Cells::new(s.pool.clone(), limits, client_tls, shutdown.child_token());
+    let calls = CallMetrics::default();
+    let cells = Cells::new(
+        s.pool.clone(),
+        limits,
+        client_tls,
+        calls.clone(),
+        shutdown.child_token(),
+    );
     cells.reconcile(&initial.map);
     let auth = Arc::new(Authenticator::new(config.auth.clone())?);
     if !auth.enabled() {
@@ -78,7 +90,7 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(follow_map(holder.clone(), cells.clone(), shutdown.clone()));
     tasks.spawn(directory::follow(
-        dir,
+        dir.clone(),
         holder.clone(),
         Duration::from_millis(s.directory_poll_ms),
         shutdown.child_token(),
@@ -139,7 +151,21 @@ pub async fn run(
             tracing::error!(error = %e, "router admin server failed");
         }
     });
-    tasks.spawn(serve_http(listeners.http, admin, shutdown.clone()));
+    let metrics = Arc::new(RouterMetrics::new(
+        &calls,
+        StateCollector {
+            maps: holder.clone(),
+            cells: cells.clone(),
+            auth: auth.clone(),
+        },
+    ));
+    let http = Http {
+        id: config.id,
+        admin,
+        metrics,
+        directory: dir,
+    };
+    tasks.spawn(serve_http(listeners.http, http, shutdown.clone()));
     tasks.close();
     tracing::info!(
         router = config.id,
@@ -199,35 +225,48 @@ fn server(config: &RouterConfig, auth: ClientAuth) -> Result<Server, RouterError
     }
 }
 
-/// `/metrics`, `/healthz`, `/readyz` (a map is loaded, which is always true once
-/// serving: the router never serves without one). A bare HTTP/1.0 responder: these
-/// three fixed paths need nothing more.
-async fn serve_http(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (code, body) = match path {
-                "/metrics" => ("200 OK", admin.metrics()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" => ("200 OK", "ready\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
+/// What the router's HTTP port serves from.
+#[derive(Clone)]
+struct Http {
+    id: u64,
+    admin: Arc<Admin>,
+    metrics: Arc<RouterMetrics>,
+    directory: Directory,
+}
+
+/// The HTTP port: `/` (the status page), `/metrics`, `/healthz`, `/readyz` (a
+/// map is loaded, which is always true once serving: the router never serves
+/// without one).
+async fn serve_http(listener: TcpListener, http: Http, shutdown: CancellationToken) {
+    let app = axum::Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .with_state(http);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "router HTTP server failed");
     }
+}
+
+async fn metrics(State(h): State<Http>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        h.metrics.render(),
+    )
+}
+
+async fn status_page(State(h): State<Http>) -> impl IntoResponse {
+    let moves = match h.directory.moves().await {
+        Ok((list, more)) => Moves::Listed(list, more),
+        Err(e) => Moves::Unknown(e.to_string()),
+    };
+    let page = status_page::render(h.id, &h.admin.status(), &moves);
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
 }

@@ -703,3 +703,58 @@ fn the_checker_reads_shell_and_markdown_as_intended() {
         "cellplane-up-a-cell-3-members"
     );
 }
+
+/// Every family of an exposition as the name a query uses (a counter's with
+/// `_total`) and its type.
+fn exposed_families(text: &str) -> BTreeSet<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            Some((name, kind.to_string()))
+        })
+        .collect()
+}
+
+/// The rows of docs/metrics.md's tables: (metric, type).
+fn documented_families() -> BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("| `cellplane_"))
+        .map(|rest| {
+            let cols: Vec<&str> = rest.split('|').map(str::trim).collect();
+            let name = format!("cellplane_{}", cols[0].trim_end_matches('`'));
+            (name, cols[1].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_reference_lists_every_metric_and_no_other() {
+    let mut exposed = exposed_families(&cellplane_cell::metrics::describe());
+    let router = exposed_families(&cellplane_router::describe_metrics());
+    assert!(
+        router
+            .iter()
+            .all(|(n, _)| n.starts_with("cellplane_router_")),
+        "router families share the cellplane_router_ prefix: {router:?}"
+    );
+    assert!(
+        exposed.len() > 20 && router.len() > 15,
+        "{exposed:?} {router:?}"
+    );
+    exposed.extend(router);
+    let documented = documented_families();
+    let missing: Vec<_> = exposed.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&exposed).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/metrics.md is out of date:\n  exported but not documented (or with another type): \
+         {missing:?}\n  documented but not exported: {stale:?}"
+    );
+}

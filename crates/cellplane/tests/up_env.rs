@@ -1,11 +1,12 @@
 //! `cellplane up` end to end: starts every member of the cells in a folder, the
 //! directory and a router, reports ready, serves requests through the router, and
-//! on SIGTERM stops every child, leaving no orphan.
+//! on SIGTERM stops every child, leaving no orphan. On the way, what an operator
+//! looks at works: the router's metrics and its status page in a real browser.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,60 @@ fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"),
         Err(_) => false,
+    }
+}
+
+/// The router's `/metrics` counts the calls just made, by cell, method and code,
+///; its status page renders in a real
+/// browser and shows the cell, its leader and its members serving.
+fn the_operator_sees_it(client: SocketAddr, http: SocketAddr) {
+    let (code, metrics) = common::http_get(http, "/metrics").expect("router /metrics answers");
+    assert_eq!(code, 200, "{metrics}");
+    let put = "cellplane_router_request_duration_seconds_count{cell=\"e2e\",method=\"Put\",code=\"OK\"} 1";
+    assert!(metrics.lines().any(|l| l == put), "{put} in:\n{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "cellplane_router_map_version{source=\"directory\"} 1"),
+        "{metrics}"
+    );
+
+    let url = format!("http://{http}/");
+    let Some(dom) = common::headless(&url, "router-status-page") else {
+        return;
+    };
+    for expected in [
+        "cellplane router 1",
+        "id=\"map-version\">1<",
+        ">directory<",
+        "id=\"cell-e2e\"",
+        "3 of 3 members serve",
+        "(leader)",
+        "serving",
+        "Moves in progress",
+    ] {
+        assert!(
+            dom.contains(expected),
+            "{expected:?} not on the status page:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(&format!("{client}")) || dom.contains("127.0.0.1:"),
+        "{dom}"
+    );
+}
+
+/// `cellplane up`, stopped with SIGTERM (which stops its children) if the test
+/// ends early, so a failed assertion leaves no environment running.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -65,7 +120,7 @@ async fn up_starts_serves_and_stops_without_orphans() {
     .unwrap();
     let data = dir.path().join("data");
 
-    let mut up = Command::new(common::bin())
+    let mut up = Up(Command::new(common::bin())
         .arg("up")
         .arg("--cells")
         .arg(&cells)
@@ -74,8 +129,8 @@ async fn up_starts_serves_and_stops_without_orphans() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
-    let stdout = up.stdout.take().unwrap();
+        .unwrap());
+    let stdout = up.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -133,13 +188,15 @@ async fn up_starts_serves_and_stops_without_orphans() {
         .into_inner();
     assert_eq!(r.kvs[0].value, b"v");
 
+    the_operator_sees_it(a[12], a[14]);
+
     // SIGTERM: every child stops, then `up` exits 0.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::unistd::Pid::from_raw(up.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = up.wait().unwrap();
+    let status = up.0.wait().unwrap();
     assert!(status.success(), "up exited with {status}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|p| pid_alive(*p)) {

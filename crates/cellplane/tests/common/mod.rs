@@ -941,3 +941,33 @@ pub async fn recorded_op(
         }
     }
 }
+
+/// Whether a test must fail, not skip, when a tool it needs is missing:
+/// `.ci/run` sets `CELLPLANE_REQUIRE_TOOLS=1` after `scripts/setup.sh` installed them.
+pub fn tools_required() -> bool {
+    std::env::var("CELLPLANE_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Loads `url` in headless Chromium (`scripts/headless.sh`: no network beyond
+/// 127.0.0.1) and answers the DOM it rendered; the screenshot is kept as
+/// `<target>/tmp/artifacts/<name>.png` for a person to look at. `None` (with
+/// SKIPPED printed) when no Chromium is installed and tools are not required.
+pub fn headless(url: &str, name: &str) -> Option<String> {
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join(format!("{name}.png"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/headless.sh");
+    let out = std::process::Command::new(script)
+        .arg(url)
+        .arg(&shot)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(3) && !tools_required() {
+        eprintln!("SKIPPED the browser check of {url}: {stderr}");
+        return None;
+    }
+    assert!(out.status.success(), "headless Chromium on {url}: {stderr}");
+    eprintln!("screenshot of {url}: {}", shot.display());
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
