@@ -8,14 +8,33 @@
 #   loadgen/bench-failover.sh /tmp/fo [kills]      # default 30 (etcdctl: a third)
 #   ETCDCTL_ONLY=1 loadgen/bench-failover.sh /tmp/fo   # the etcdctl part alone
 #
+# It starts nothing: it needs the `cellplane up` of DIR running, started without
+# --restart (it restarts what it kills through `up` itself), and it kills alpha's
+# leader again and again. Before the first kill it checks that DIR is that:
+# `up`'s supervisor alive and without --restart, every process up.json lists
+# alive, a cellplane process, holding its ports (when `ss` can tell) and
+# answering /readyz; otherwise it refuses, saying what to stop and start.
 # Needs a release build (cargo build --release) and etcdctl.
 set -euo pipefail
-dir=${1:?usage: bench-failover.sh <up data dir> [kills]}
+# shellcheck source=loadgen/up-lib.sh
+. "$(dirname "$0")/up-lib.sh"
+if [ $# -lt 1 ]; then
+  {
+    echo "usage: $(basename "$0") DIR [KILLS]"
+    echo "It runs against a \`cellplane up\` you start first, without --restart, e.g.:"
+    echo "  cellplane up --fresh --data-dir /tmp/lg-up &"
+    echo "  $0 /tmp/lg-up 30"
+  } >&2
+  exit 2
+fi
+dir=$1
 kills=${2:-30}
 cell=alpha
 bin=${CARGO_TARGET_DIR:-target}/release
 up_json="$dir/up.json"
-[ -f "$up_json" ] || { echo "no $up_json: start \`cellplane up --data-dir $dir\` first" >&2; exit 1; }
+check_up_env "$dir"
+if [ -n "${ETCDCTL_ONLY:-}" ]; then shape="etcdctl only, $(( (kills + 2) / 3 )) kills"; else shape="$kills kills per loadgen shape, $(( (kills + 2) / 3 )) with etcdctl"; fi
+bench_header "the \`cellplane up\` of $dir, kill -9 of $cell's leader: $shape"
 
 if [ -z "${ETCDCTL_ONLY:-}" ]; then
   echo "== loadgen, 16 writers on one connection"

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Does a put get slower as the store grows? One 3-member cell (plaintext, on
-# free ports of 127.0.0.1, its own data in a temp dir) with auto-compaction in
-# revision mode, driven by scenarios/growing-keyspace.toml (every put a new key)
-# for DURATION; then the disk before and after compaction + defrag.
+# Does a put get slower as the store grows? One 3-member cell `grow` (plaintext,
+# on 127.0.0.1 ports of its own that nothing in cells/ uses: members' client,
+# peer and HTTP ports 17379-17381, 17389-17391, 17399-17401; its own data in a
+# temp dir) with auto-compaction in revision mode, driven by
+# scenarios/growing-keyspace.toml (every put a new key) for DURATION; then the
+# disk before and after compaction + defrag. It can run beside `cellplane up`
+# (not for figures worth quoting: they share the CPU).
 #
 #   loadgen/bench-growth.sh [DURATION_SECS] [CLIENTS]
 #   TARGET=etcd loadgen/bench-growth.sh ...   # the same against etcd 3.4 (3 members,
@@ -10,13 +13,17 @@
 #
 # Needs a release build (cargo build --release --workspace) and etcdctl. Prints
 # the p99 and throughput of each tenth of the run, the keys stored, and the
-# member's data on disk; the JSON report stays in $OUT (default /tmp).
+# member's data on disk; the JSON report stays in $OUT (default /tmp). Refuses
+# to start, naming what to stop, while one of its ports is taken (with
+# TARGET=etcd, etcd's: 42379/42380, 42389/42390, 42399/42400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dur=${1:-600}
 clients=${2:-64}
 bin=${CARGO_TARGET_DIR:-target}/release
 out=${OUT:-/tmp}/bench-growth-$(date -u +%Y%m%dT%H%M%SZ).json
+# shellcheck source=loadgen/up-lib.sh
+. loadgen/up-lib.sh
 work=$(mktemp -d /tmp/cellplane-growth.XXXXXX)
 pids=()
 cleanup() {
@@ -26,16 +33,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "${TARGET:-cellplane}" = etcd ]; then
-  eps=$(ETCD_EXTRA_FLAGS="--auto-compaction-mode=revision --auto-compaction-retention=100000" \
-    loadgen/etcd-cluster.sh start "$work/etcd")
-  pids=()
-  trap 'loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-  kind=etcd
-  data="$work/etcd/e0"
-else
-# Three members on ports nobody else uses (not alpha's: `cellplane up` may run).
-base=$((20000 + RANDOM % 20000))
+# The cell's file: members N = 1, 2, 3 on 17379 + 10 (N - 1) (client), + 1 (peer),
+# + 2 (HTTP), below the kernel's ephemeral range (32768 and up) and clear of every
+# port in cells/ and of etcd's.
+base=17369
 {
   echo 'name = "grow"'
   echo '[maintenance]'
@@ -49,26 +50,25 @@ base=$((20000 + RANDOM % 20000))
       "$id" "$p" $((p + 1)) $((p + 2))
   done
 } > "$work/grow.toml"
-for id in 1 2 3; do
-  "$bin/cellplane" node --plaintext --cell "$work/grow.toml" --id $id --data-dir "$work/grow-$id" \
-    >"$work/grow-$id.log" 2>&1 &
-  pids+=($!)
-done
-for id in 1 2 3; do
-  port=$((base + 10 * id + 2))
-  for _ in $(seq 1 150); do
-    curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  curl -sf "127.0.0.1:$port/readyz" >/dev/null || { echo "member $id never ready" >&2; cat "$work/grow-$id.log" >&2; exit 1; }
-done
-eps=$(for id in 1 2 3; do printf '127.0.0.1:%d,' $((base + 10 * id)); done)
-eps=${eps%,}
-kind=cell
-data="$work/grow-1"
+
+if [ "${TARGET:-cellplane}" = etcd ]; then
+  refuse_taken_ports etcd
+  bench_header "etcd, ${dur}s of puts of new keys, $clients clients"
+  trap 'loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+  eps=$(ETCD_EXTRA_FLAGS="--auto-compaction-mode=revision --auto-compaction-retention=100000" \
+    loadgen/etcd-cluster.sh start "$work/etcd")
+  kind=etcd
+  data="$work/etcd/e0"
+else
+  refuse_taken_ports "$work/grow.toml"
+  bench_header "cell grow, ${dur}s of puts of new keys, $clients clients"
+  start_cell "$bin" "$work/grow.toml" "$work"   # up-lib.sh: data and logs in $work/grow-N
+  eps=$(for id in 1 2 3; do printf '127.0.0.1:%d,' $((base + 10 * id)); done)
+  eps=${eps%,}
+  kind=cell
+  data="$work/grow-1"
 fi
 
-echo "# $(date -u +%FT%TZ) $(nproc) cores, ${dur}s of puts of new keys, $clients clients"
 cellarg=()
 [ "$kind" = cell ] && cellarg=(--cell grow)
 "$bin/loadgen" run loadgen/scenarios/growing-keyspace.toml --target "$kind" "${cellarg[@]}" \

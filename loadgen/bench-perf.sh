@@ -10,7 +10,8 @@
 #
 # Starts `cellplane up --fresh` (cells alpha, beta, gamma, the directory and a
 # router, in a temporary folder) and etcd (loadgen/etcd-cluster.sh), and stops
-# both at the end; refuses to start while their ports are taken. Keys are
+# both at the end; refuses to start, naming what to stop, while any port they
+# would bind is taken (every member of cells/, every router, etcd's). Keys are
 # /a/bench/… (tenant `a`, pinned to alpha), 10,000 of them, 256-byte values.
 #
 # Each run's line ends with the CPU (user + system, ms) each process group spent
@@ -28,10 +29,12 @@ rounds=${2:-3}
 bin=${CARGO_TARGET_DIR:-target}/release
 # shellcheck source=loadgen/up-lib.sh
 . loadgen/up-lib.sh
-refuse_taken_ports 2379 12379 12389 12399 42379 42389 42399
+refuse_taken_ports up etcd
 for b in cellplane loadgen; do
   [ -x "$bin/$b" ] || { echo "bench-perf: no $bin/$b: run cargo build --release --workspace first" >&2; exit 1; }
 done
+bench_header "${dur}s per run, $rounds round(s)"
+[ -n "${CELLPLANE_WORKER_THREADS:-}" ] && echo "# cellplane processes run $CELLPLANE_WORKER_THREADS runtime thread(s) each"
 work=$(mktemp -d /tmp/cellplane-perf.XXXXXX)
 up_pid=""
 cleanup() {
@@ -70,8 +73,6 @@ PY
 rtt=$("$bin/loadgen" closed --endpoints "${alpha%%,*}" --op serializable-get --clients 1 --connections 1 \
   --duration 3 --warmup 1 --prefix /a/bench/ | grep -o 'p50 [0-9.]*' | cut -d' ' -f2)
 
-echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), ${dur}s per run, $rounds round(s)"
-[ -n "${CELLPLANE_WORKER_THREADS:-}" ] && echo "# cellplane processes run $CELLPLANE_WORKER_THREADS runtime thread(s) each"
 echo "# floor: fdatasync of a 4 KiB append p50 ${floor% *} ms, p99 ${floor#* } ms; one client's serializable get from a member (a round trip) p50 $rtt ms"
 workloads=("put-1|--op put --clients 1 --connections 1"
            "put-16|--op put --clients 16 --connections 4"

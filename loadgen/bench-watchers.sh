@@ -16,17 +16,19 @@
 # each case's median throughput and p99 and the ratios to (a). Each line also
 # gives the CPU the system's three processes spent per 1,000 puts over the
 # measured window (`loadgen closed --cpu`), which the disk does not blur.
+#
+# Refuses to start, naming what to stop, while a port of alpha's members
+# (cells/alpha.toml: client, peer, HTTP) or of etcd's is taken: stop
+# `cellplane up` first. Needs a release build (cargo build --release --workspace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dur=${1:-10}
 rounds=${2:-1}
 bin=${CARGO_TARGET_DIR:-target}/release
-for port in 12379 12389 12399 12381 12391 12401 42379 42389 42399; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "$(basename "$0"): port $port is taken: stop \`cellplane up\` (alpha's ports) and any etcd on 42379..42399 first" >&2
-    exit 1
-  fi
-done
+# shellcheck source=loadgen/up-lib.sh
+. loadgen/up-lib.sh
+refuse_taken_ports cells/alpha.toml etcd
+bench_header "64 put clients on 8 connections, ${dur}s per run, $rounds round(s)"
 work=$(mktemp -d /tmp/cellplane-wbench.XXXXXX)
 pids=()
 stop_cell() {
@@ -41,15 +43,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-start_cell() {
-  for id in 1 2 3; do
-    "$bin/cellplane" node --plaintext --cell cells/alpha.toml --id $id --data-dir "$work/alpha-$id" >"$work/alpha-$id.log" 2>&1 &
-    pids+=($!)
-  done
-  for port in 12381 12391 12401; do
-    for _ in $(seq 1 150); do curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-  done
-}
 # One measured run against ENDPOINTS by the processes PIDS...: prints the line.
 measure() {
   local endpoints=$1 args=$2; shift 2
@@ -61,18 +54,18 @@ measure() {
 cases=("none|" "idle|--watchers 10000 --watch-mode idle" "stalled|--watchers 1000 --watch-mode stalled"
        "stalled-adaptive|--watchers 1000 --watch-mode stalled --watch-flow adaptive" "active|--watchers 1000 --watch-mode active")
 cell=127.0.0.1:12379,127.0.0.1:12389,127.0.0.1:12399
-echo "# $(date -u +%FT%TZ) $(nproc) cores, 64 put clients on 8 connections, ${dur}s per run, $rounds round(s)"
 results="$work/results"
 for round in $(seq 1 "$rounds"); do
 order=(0 1 2 3 4)
 [ $((round % 2)) -eq 0 ] && order=(4 3 2 1 0)
 for i in "${order[@]}"; do
   case=${cases[$i]}; name=${case%%|*}; args=${case#*|}
-  start_cell
+  start_cell "$bin" cells/alpha.toml "$work"   # up-lib.sh: checks alpha's ports again, fails unless every member is ready
   line=$(measure "$cell" "$args" "${pids[@]}")
   printf '%-10s %-16s %s\n' cellplane "$name" "$line" | tee -a "$results"
   stop_cell
   etcd=$(loadgen/etcd-cluster.sh start "$work/etcd")
+  # shellcheck disable=SC2046 # one PID per word
   line=$(measure "$etcd" "$args" $(cat "$work"/etcd/e*.pid))
   printf '%-10s %-16s %s\n' etcd "$name" "$line" | tee -a "$results"
   loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null

@@ -12,6 +12,8 @@
 #   cargo build --release -p cellplane -p loadgen
 # Prints each run, the merged figures and the ratios; with OUT_DIR, writes each
 # comparison as JSON there. The figures in docs/benchmarks.md come from this script.
+# Refuses to start, naming what to stop, while any port `cellplane up` or the etcd
+# would bind is taken (loadgen/up-lib.sh: every member of cells/, every router).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dur=${1:-10s}
@@ -20,7 +22,8 @@ out=${3:-}
 bin=${CARGO_TARGET_DIR:-target}/release
 # shellcheck source=loadgen/up-lib.sh
 . loadgen/up-lib.sh
-refuse_taken_ports 2379 12379 12389 12399 42379 42389 42399
+refuse_taken_ports up etcd
+bench_header "$dur per run, $rounds rounds"
 work=$(mktemp -d /tmp/cellplane-compare.XXXXXX)
 up_pid=""
 cleanup() {
@@ -38,7 +41,6 @@ etcd=$(loadgen/etcd-cluster.sh start "$work/etcd")
 alpha=127.0.0.1:12379,127.0.0.1:12389,127.0.0.1:12399   # cells/alpha.toml
 router=127.0.0.1:2379                                    # cells/routers.toml
 
-echo "# $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $dur per run, $rounds rounds"
 compare() { # name scenario args...
   local name=$1 scenario=$2; shift 2
   local json=()
