@@ -24,27 +24,11 @@ fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, HIGHEST_US)
 }
 
-/// The name of a gRPC code, as reported (`Unavailable`, `DeadlineExceeded`, …).
+/// The name of a gRPC code, as reported (`Ok`, `Unavailable`, `DeadlineExceeded`, …).
 pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
     match code {
-        Ok => "Ok",
-        Cancelled => "Cancelled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
+        tonic::Code::Ok => "Ok",
+        other => cellplane_proto::code_label(other),
     }
 }
 

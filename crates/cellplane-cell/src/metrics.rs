@@ -21,7 +21,7 @@ pub struct MethodLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub method: &'static str,
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// The metrics of one member.
@@ -260,7 +260,7 @@ pub fn describe() -> String {
     m.request_seconds
         .get_or_create(&MethodLabels { method })
         .observe(0.001);
-    let code = "OK".to_string();
+    let code = "OK";
     m.requests
         .get_or_create(&ResultLabels { method, code })
         .inc();

@@ -75,9 +75,10 @@ where
         .get_or_create(&crate::metrics::MethodLabels { method })
         .observe(started.elapsed().as_secs_f64());
     let code = match &result {
-        Ok(_) => "OK".to_string(),
-        Err(st) => format!("{:?}", st.code()),
+        Ok(_) => tonic::Code::Ok,
+        Err(st) => st.code(),
     };
+    let code = cellplane_proto::code_label(code);
     s.metrics
         .requests
         .get_or_create(&crate::metrics::ResultLabels { method, code })

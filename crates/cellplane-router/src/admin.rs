@@ -55,7 +55,8 @@ impl Admin {
                     .unwrap_or((now, requests, errors));
                 let secs = now.duration_since(at).as_secs_f64();
                 let (rps, eps) = if secs > 0.0 {
-                    ((requests - r0) as f64 / secs, (errors - e0) as f64 / secs)
+                    let r = requests.saturating_sub(r0);
+                    (r as f64 / secs, errors.saturating_sub(e0) as f64 / secs)
                 } else {
                     (0.0, 0.0)
                 };

@@ -52,7 +52,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::member_health::{self, Cap, Health};
-use crate::metrics::CallMetrics;
+use crate::metrics::{AttemptTimer, CallMetrics, CallTimer};
 use crate::scope::TENANT_METADATA;
 
 /// A key of no tenant: the probe's data-path read (serializable, one key).
@@ -295,7 +295,8 @@ pub struct CellStats {
     pub shed: AtomicU64,
     /// Serializable reads sent a second time ([`PoolSettings::hedge_after_ms`]).
     pub hedged: AtomicU64,
-    /// Retries and hedges not sent because the retry budget was spent.
+    /// Retries not sent because the retry budget was spent (the call failed
+    /// where another member might have answered).
     pub budget_exhausted: AtomicU64,
     window: Mutex<(
         Instant,
@@ -308,7 +309,7 @@ pub struct CellStats {
 const WINDOW: Duration = Duration::from_secs(10);
 
 impl CellStats {
-    fn new() -> CellStats {
+    pub fn new() -> CellStats {
         let h =
             || hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds");
         CellStats {
@@ -353,7 +354,9 @@ impl CellStats {
 pub struct CellInner {
     pub name: String,
     pub members: Vec<MemberState>,
-    pub stats: CellStats,
+    /// Kept across rebuilds of the cell's pool (by [`Cells`]), so counters never
+    /// go back.
+    pub stats: Arc<CellStats>,
     /// The cell's name as the metrics' `cell` label.
     label: Arc<String>,
     calls: CallMetrics,
@@ -517,6 +520,7 @@ impl Service<Attempt> for Picker {
             let _pending = member.health.start();
             let mut ejected = member.health.ejections();
             let started = Instant::now();
+            let _timed = AttemptTimer(member.attempts.clone(), started);
             let call = async {
                 grpc.ready()
                     .await
@@ -534,9 +538,7 @@ impl Service<Attempt> for Picker {
             };
             let r = tokio::select! {
                 r = call => {
-                    let took = started.elapsed();
-                    member.attempts.observe(took.as_secs_f64());
-                    picker.cell.observed(i, took, &r);
+                    picker.cell.observed(i, started.elapsed(), &r);
                     r
                 }
                 // A read is retried on another member (UNAVAILABLE from here is
@@ -635,6 +637,13 @@ fn cell_status(cell: &str, e: BoxError, settings: &PoolSettings, stats: &CellSta
     }
 }
 
+/// Where a cell's client records what its calls do: histograms shared by every
+/// cell, and the cell's own counters (kept across rebuilds of its pool).
+pub struct Recording {
+    pub calls: CallMetrics,
+    pub stats: Arc<CellStats>,
+}
+
 /// One cell's pool and stack. Cheap to clone.
 #[derive(Clone)]
 pub struct CellClient {
@@ -704,9 +713,10 @@ impl CellClient {
         settings: &PoolSettings,
         limits: MessageLimits,
         tls: Option<&ClientTlsConfig>,
-        calls: &CallMetrics,
+        recording: Recording,
         shutdown: CancellationToken,
     ) -> Result<CellClient, String> {
+        let Recording { calls, stats } = recording;
         let label = Arc::new(name.to_string());
         let mut members = Vec::new();
         for ep in endpoints {
@@ -731,9 +741,9 @@ impl CellClient {
         let inner = Arc::new(CellInner {
             name: name.to_string(),
             members,
-            stats: CellStats::new(),
+            stats,
             label,
-            calls: calls.clone(),
+            calls,
             next: AtomicU64::new(0),
         });
         let budget = Arc::new(TpsBudget::new(
@@ -803,11 +813,13 @@ impl CellClient {
         kind: CallKind,
         tenant: Option<&str>,
     ) -> Result<Bytes, Status> {
-        let started = Instant::now();
+        let tenant = tenant_value(tenant)?;
+        let inner = &self.inner;
+        let timer = CallTimer::start(&inner.calls, &inner.label, path);
         let attempt = Attempt {
             path: PathAndQuery::from_static(path),
             body,
-            tenant: tenant_value(tenant)?,
+            tenant,
             kind,
             failed_on: None,
             sent_to: Arc::new(AtomicUsize::new(usize::MAX)),
@@ -817,17 +829,12 @@ impl CellClient {
         } else {
             self.stack.clone().oneshot(attempt).await
         }
-        .map_err(|e| cell_status(&self.inner.name, e, &self.settings, &self.inner.stats));
+        .map_err(|e| cell_status(&inner.name, e, &self.settings, &inner.stats));
         let code = result
             .as_ref()
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         let ok = !matches!(code, tonic::Code::Unavailable | tonic::Code::Internal);
-        let took = started.elapsed();
-        self.inner.stats.record(took, ok);
-        let inner = &self.inner;
-        inner
-            .calls
-            .call(&inner.label, path, code, took.as_secs_f64());
+        inner.stats.record(timer.finish(code), ok);
         result
     }
 
@@ -842,9 +849,9 @@ impl CellClient {
             r = &mut first => return r,
             _ = tokio::time::sleep(delay) => {}
         }
+        // A hedge the budget refuses costs nothing (the first call goes on), so
+        // it is not counted as the budget being exhausted.
         if !self.budget.withdraw() {
-            let exhausted = &self.inner.stats.budget_exhausted;
-            exhausted.fetch_add(1, Ordering::Relaxed);
             return first.await;
         }
         self.inner.stats.hedged.fetch_add(1, Ordering::Relaxed);
@@ -1034,6 +1041,9 @@ pub struct Cells {
     limits: MessageLimits,
     tls: Option<ClientTlsConfig>,
     calls: CallMetrics,
+    /// Each cell's counters, by name: a cell's pool is rebuilt when its members
+    /// change, its counters carry on. Bounded by the cells maps have named.
+    stats: Mutex<HashMap<String, Arc<CellStats>>>,
     shutdown: CancellationToken,
 }
 
@@ -1051,6 +1061,7 @@ impl Cells {
             limits,
             tls,
             calls,
+            stats: Mutex::default(),
             shutdown,
         })
     }
@@ -1080,7 +1091,10 @@ impl Cells {
                 &self.settings,
                 self.limits,
                 self.tls.as_ref(),
-                &self.calls,
+                Recording {
+                    calls: self.calls.clone(),
+                    stats: self.stats_of(&cell.name),
+                },
                 stop.clone(),
             ) {
                 Ok(client) => {
@@ -1102,6 +1116,14 @@ impl Cells {
     pub fn get(&self, cell: &str) -> Option<CellClient> {
         let by_cell = self.by_cell.read().unwrap_or_else(|p| p.into_inner());
         by_cell.get(cell).map(|(_, c, _)| c.clone())
+    }
+
+    fn stats_of(&self, cell: &str) -> Arc<CellStats> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats
+            .entry(cell.to_string())
+            .or_insert_with(|| Arc::new(CellStats::new()))
+            .clone()
     }
 
     pub fn all(&self) -> Vec<CellClient> {

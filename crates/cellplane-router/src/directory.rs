@@ -135,6 +135,8 @@ impl Directory {
                 key: MOVES_PREFIX.into(),
                 range_end: cellplane_proto::prefix_end(MOVES_PREFIX.as_bytes()),
                 limit: MAX_MOVES_LISTED,
+                // For a page: any member's view will do, and no ReadIndex round.
+                serializable: true,
                 ..Default::default()
             };
             match tokio::time::timeout(self.timeout, c.range(req)).await {

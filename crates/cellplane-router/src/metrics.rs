@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -68,7 +69,7 @@ impl CallMetrics {
         let labels = CallLabels {
             cell: cell.clone(),
             method: method_of(path),
-            code: code_label(code),
+            code: cellplane_proto::code_label(code),
         };
         self.calls.get_or_create(&labels).observe(secs);
     }
@@ -82,33 +83,63 @@ impl CallMetrics {
     }
 }
 
+/// Times one call to a cell: recorded with its code by [`CallTimer::finish`],
+/// or, when the call's future is dropped first (the client went away, its
+/// deadline passed), as `Cancelled`, so the slowest calls are never the ones
+/// missing from the histogram.
+pub struct CallTimer<'a> {
+    calls: &'a CallMetrics,
+    cell: &'a Arc<String>,
+    path: &'static str,
+    started: Instant,
+    done: bool,
+}
+
+impl<'a> CallTimer<'a> {
+    pub fn start(calls: &'a CallMetrics, cell: &'a Arc<String>, path: &'static str) -> Self {
+        CallTimer {
+            calls,
+            cell,
+            path,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Records the call as ended with `code`; answers how long it took.
+    pub fn finish(mut self, code: tonic::Code) -> Duration {
+        self.done = true;
+        let took = self.started.elapsed();
+        self.calls
+            .call(self.cell, self.path, code, took.as_secs_f64());
+        took
+    }
+}
+
+impl Drop for CallTimer<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let secs = self.started.elapsed().as_secs_f64();
+            self.calls
+                .call(self.cell, self.path, tonic::Code::Cancelled, secs);
+        }
+    }
+}
+
+/// Observes, when dropped, the time since it was made: an attempt on a member
+/// is timed however it ends (answered, failed, or abandoned for a hedge, a
+/// timeout or an ejection).
+pub struct AttemptTimer(pub Histogram, pub Instant);
+
+impl Drop for AttemptTimer {
+    fn drop(&mut self) {
+        self.0.observe(self.1.elapsed().as_secs_f64());
+    }
+}
+
 /// The method name of a gRPC path: `/etcdserverpb.KV/Range` → `Range`.
 fn method_of(path: &'static str) -> &'static str {
     path.rsplit('/').next().unwrap_or(path)
-}
-
-/// The code as members label theirs (`OK`, else the code's name).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Cancelled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
-    }
 }
 
 /// The router's registry.
@@ -274,7 +305,8 @@ impl StateCollector {
             ),
             (
                 "budget_exhausted",
-                "Retries and hedges not sent because the cell's retry budget was spent",
+                "Retries not sent because the cell's retry budget was spent (the call failed \
+                 where another member might have answered)",
                 |s| s.budget_exhausted.load(Ordering::Relaxed),
             ),
         ];
@@ -297,21 +329,22 @@ impl StateCollector {
 
     fn encode_members(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let pools = self.cells.all();
-        let members = || {
-            pools.iter().flat_map(|p| {
-                p.inner.members.iter().map(move |m| {
+        // One reading of every member, so all families agree with each other.
+        let rows: Vec<MemberRow> = pools
+            .iter()
+            .flat_map(|p| {
+                p.inner.members.iter().map(|m| {
                     let labels = [
                         ("cell", p.inner.name.as_str()),
                         ("endpoint", m.endpoint.as_str()),
                     ];
-                    (labels, m, m.health.view())
+                    (labels, m.healthy(), m.health.view())
                 })
             })
-        };
-        type Read<T> = fn(bool, &HealthView) -> T;
+            .collect();
         // Flags and counts as integers (`1`, not `1.0`): alert rules and tests
         // compare them exactly.
-        let counts: [(&str, &str, Read<i64>); 3] = [
+        let counts: [GaugeSpec<i64>; 3] = [
             (
                 "member_healthy",
                 "1 while the member's probes answer",
@@ -326,16 +359,8 @@ impl StateCollector {
                 i64::try_from(h.pending).unwrap_or(i64::MAX)
             }),
         ];
-        for (name, help, read) in counts {
-            family(
-                e,
-                name,
-                help,
-                MetricType::Gauge,
-                members().map(|(l, m, h)| (l, ConstGauge::new(read(m.healthy(), &h)))),
-            )?;
-        }
-        let latencies: [(&str, &str, Read<f64>); 2] = [
+        member_gauges(e, &counts, &rows)?;
+        let latencies: [GaugeSpec<f64>; 2] = [
             (
                 "member_latency_seconds",
                 "Peak-EWMA latency of calls to the member",
@@ -347,23 +372,43 @@ impl StateCollector {
                 |_, h| h.probe_ms / 1000.0,
             ),
         ];
-        for (name, help, read) in latencies {
-            family(
-                e,
-                name,
-                help,
-                MetricType::Gauge,
-                members().map(|(l, m, h)| (l, ConstGauge::new(read(m.healthy(), &h)))),
-            )?;
-        }
+        member_gauges(e, &latencies, &rows)?;
         family(
             e,
             "member_ejections",
             "Times the member was ejected",
             MetricType::Counter,
-            members().map(|(l, _, h)| (l, ConstCounter::new(h.ejections_total))),
+            rows.iter()
+                .map(|(l, _, h)| (*l, ConstCounter::new(h.ejections_total))),
         )
     }
+}
+
+/// One member's labels, whether its probes answer, and its health.
+type MemberRow<'a> = ([(&'static str, &'a str); 2], bool, HealthView);
+
+/// A gauge of every member: name, help, and how to read it from a row.
+type GaugeSpec<T> = (&'static str, &'static str, fn(bool, &HealthView) -> T);
+
+fn member_gauges<T>(
+    e: &mut DescriptorEncoder,
+    specs: &[GaugeSpec<T>],
+    rows: &[MemberRow],
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<T>: EncodeMetric,
+{
+    for (name, help, read) in specs {
+        family(
+            e,
+            name,
+            help,
+            MetricType::Gauge,
+            rows.iter()
+                .map(|(l, ok, h)| (*l, ConstGauge::new(read(*ok, h)))),
+        )?;
+    }
+    Ok(())
 }
 
 /// The exposition of a router with an empty map that made one call (families

@@ -14,6 +14,7 @@ use cellplane_proto::etcdserverpb::watch_server::WatchServer;
 use cellplane_proto::router::router_admin_server::RouterAdminServer;
 use cellplane_security::ClientAuth;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -30,7 +31,7 @@ use crate::services::discovery::RouterDiscovery;
 use crate::services::kv::RouterKv;
 use crate::services::lease::RouterLease;
 use crate::services::watch::RouterWatch;
-use crate::status_page::{self, Moves};
+use crate::status_page::{self, MovesCache};
 
 pub struct RouterListeners {
     pub client: TcpListener,
@@ -70,7 +71,7 @@ pub async fn run(
     let cells = Cells::new(
         s.pool.clone(),
         limits,
-        client_tls,
+        client_tls.clone(),
         calls.clone(),
         shutdown.child_token(),
     );
@@ -89,8 +90,15 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(follow_map(holder.clone(), cells.clone(), shutdown.clone()));
+    // The status page reads the directory with a client of its own.
+    let page_directory = Directory::new(
+        &config.directory_endpoints,
+        Duration::from_millis(s.directory_timeout_ms),
+        client_tls.as_ref(),
+    )
+    .map_err(RouterError::Config)?;
     tasks.spawn(directory::follow(
-        dir.clone(),
+        dir,
         holder.clone(),
         Duration::from_millis(s.directory_poll_ms),
         shutdown.child_token(),
@@ -163,7 +171,7 @@ pub async fn run(
         id: config.id,
         admin,
         metrics,
-        directory: dir,
+        moves: Arc::new(MovesCache::new(page_directory)),
     };
     tasks.spawn(serve_http(listeners.http, http, shutdown.clone()));
     tasks.close();
@@ -231,8 +239,16 @@ struct Http {
     id: u64,
     admin: Arc<Admin>,
     metrics: Arc<RouterMetrics>,
-    directory: Directory,
+    moves: Arc<MovesCache>,
 }
+
+/// Connections the HTTP port serves at once; more wait in the kernel's backlog.
+const HTTP_CONNECTIONS: usize = 64;
+
+/// A request's headers must arrive within this, or its connection is closed, and
+/// a connection serves one request: a client that connects and sends nothing, or
+/// idles, holds one of [`HTTP_CONNECTIONS`] for no longer than this.
+const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The HTTP port: `/` (the status page), `/metrics`, `/healthz`, `/readyz` (a
 /// map is loaded, which is always true once serving: the router never serves
@@ -244,11 +260,52 @@ async fn serve_http(listener: TcpListener, http: Http, shutdown: CancellationTok
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
         .with_state(http);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "router HTTP server failed");
+    let slots = Arc::new(Semaphore::new(HTTP_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let sock = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    // Out of file descriptors, say: let some close before trying again.
+                    tracing::warn!(error = %e, "HTTP port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(serve_connection(sock, app.clone(), slot, shutdown.clone()));
+    }
+}
+
+async fn serve_connection(
+    sock: tokio::net::TcpStream,
+    app: axum::Router,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HTTP_HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(sock),
+            hyper_util::service::TowerToHyperService::new(app),
+        );
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_HEADER_TIMEOUT, conn).await;
+        }
     }
 }
 
@@ -263,10 +320,18 @@ async fn metrics(State(h): State<Http>) -> impl IntoResponse {
 }
 
 async fn status_page(State(h): State<Http>) -> impl IntoResponse {
-    let moves = match h.directory.moves().await {
-        Ok((list, more)) => Moves::Listed(list, more),
-        Err(e) => Moves::Unknown(e.to_string()),
-    };
+    let moves = h.moves.get().await;
     let page = status_page::render(h.id, &h.admin.status(), &moves);
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page needs nothing but itself: a browser refuses anything else.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        page,
+    )
 }

@@ -5,13 +5,52 @@
 //! itself every few seconds with a `<meta>` tag.
 
 use std::fmt::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cellplane_proto::router::{CellStatus, MemberStatus, RouterStatusResponse};
 
-use crate::directory::MoveView;
+use crate::directory::{Directory, MoveView};
 
 /// Seconds between the page's own reloads.
 const REFRESH_SECS: u32 = 5;
+
+/// How long one read of the moves serves the page.
+const MOVES_TTL: Duration = Duration::from_secs(3);
+
+/// The moves in progress as the page shows them, read from the directory at most
+/// once per [`MOVES_TTL`] however often the page loads: pages that load while a
+/// read is in flight wait for it rather than send their own, so the page cannot
+/// turn into load on the directory.
+pub struct MovesCache {
+    /// A client of its own: the page's reads never queue with the map's.
+    directory: Directory,
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Moves>)>>,
+}
+
+impl MovesCache {
+    pub fn new(directory: Directory) -> MovesCache {
+        MovesCache {
+            directory,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get(&self) -> Arc<Moves> {
+        let mut last = self.last.lock().await;
+        if let Some((at, moves)) = &*last
+            && at.elapsed() < MOVES_TTL
+        {
+            return moves.clone();
+        }
+        let moves = Arc::new(match self.directory.moves().await {
+            Ok((list, more)) => Moves::Listed(list, more),
+            Err(e) => Moves::Unknown(e.to_string()),
+        });
+        *last = Some((Instant::now(), moves.clone()));
+        moves
+    }
+}
 
 /// What the page knows of moves in progress.
 pub enum Moves {

@@ -319,3 +319,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::SyncStats;
+
+    #[test]
+    fn fsync_latency_lands_in_the_bucket_whose_bound_covers_it() {
+        let s = SyncStats::default();
+        s.observe(Duration::from_micros(100)); // exactly the first bound
+        s.observe(Duration::from_micros(101)); // just past it: the second
+        s.observe(Duration::from_secs(3)); // under the last finite bound (~3.28 s)
+        s.observe(Duration::from_secs(10)); // past every bound: +Inf
+        let l = s.latency();
+        assert_eq!(l.count, 4);
+        assert!((l.sum_secs - (0.0001 + 0.000101 + 3.0 + 10.0)).abs() < 1e-9);
+        assert_eq!(l.buckets.len(), SyncStats::BUCKETS);
+        let counts: Vec<u64> = l.buckets.iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts[0], 1);
+        assert_eq!(counts[1], 1);
+        assert_eq!(counts[SyncStats::BUCKETS - 2], 1);
+        assert_eq!(counts[SyncStats::BUCKETS - 1], 1);
+        assert!((l.buckets[SyncStats::BUCKETS - 2].0 - 3.2768).abs() < 1e-9);
+        assert!(l.buckets[SyncStats::BUCKETS - 1].0.is_infinite());
+    }
+}

@@ -190,35 +190,42 @@ async fn seed(
 /// map the directory holds afterwards. A map already there is kept whatever its
 /// version: operators may have changed it since the environment was seeded.
 async fn seed_directory(dir: &Directory, static_map: &CellMap) -> Result<CellMap, SeedError> {
-    match dir.read().await {
-        Ok((map, _)) => {
-            crate::outln!("the directory holds map version {}: kept", map.version);
-            return Ok(map);
-        }
-        Err(DirectoryError::Empty) => {}
-        Err(e @ DirectoryError::Invalid { .. }) => return Err(SeedError::Fatal(e.into())),
-        Err(e) => return Err(SeedError::Retry(anyhow!("cannot read the directory: {e}"))),
-    }
     static_map
         .validate()
         .map_err(|e| SeedError::Fatal(anyhow!("the static map: {e}")))?;
-    match dir.write(static_map, 0).await {
-        Ok(()) => {
-            crate::outln!(
-                "seeded the directory with the static map (version {})",
-                static_map.version
-            );
-            Ok(static_map.clone())
+    // A second round only after losing the race to another seeder (a second
+    // `up`, a Job run twice at once): its read finds the winner's map.
+    for _ in 0..2 {
+        match dir.read().await {
+            Ok((map, _)) => {
+                crate::outln!("the directory holds map version {}: kept", map.version);
+                return Ok(map);
+            }
+            Err(DirectoryError::Empty) => {}
+            Err(e @ DirectoryError::Invalid { .. }) => return Err(SeedError::Fatal(e.into())),
+            Err(e) => return Err(SeedError::Retry(anyhow!("cannot read the directory: {e}"))),
         }
-        // Another seeder (a second `up`, a Job run twice at once) wrote first:
-        // read what it wrote on the next attempt.
-        Err(e @ (MapWriteError::Changed | MapWriteError::Unreachable(_))) => {
-            Err(SeedError::Retry(e.into()))
+        match dir.write(static_map, 0).await {
+            Ok(()) => {
+                crate::outln!(
+                    "seeded the directory with the static map (version {})",
+                    static_map.version
+                );
+                return Ok(static_map.clone());
+            }
+            Err(MapWriteError::Changed) => continue,
+            Err(e @ MapWriteError::Unreachable(_)) => return Err(SeedError::Retry(e.into())),
+            Err(e @ MapWriteError::Refused(_)) => {
+                return Err(SeedError::Fatal(anyhow!(
+                    "{e} (writing the map needs an operator's certificate: --cacert, --cert, \
+                     --key)"
+                )));
+            }
         }
-        Err(e @ MapWriteError::Refused(_)) => Err(SeedError::Fatal(anyhow!(
-            "{e} (writing the map needs an operator's certificate: --cacert, --cert, --key)"
-        ))),
     }
+    Err(SeedError::Retry(anyhow!(
+        "the directory's map changed twice while seeding"
+    )))
 }
 
 /// What `cellplane up` does before it starts the routers: seeds the directory

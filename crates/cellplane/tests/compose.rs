@@ -7,8 +7,8 @@
 //! scraping every member and router where they listen); `promtool check config`
 //! accepts both Prometheus configs where promtool is installed.
 //!
-//! With a Docker daemon: builds the image (and the Prometheus image when
-//! `deploy/prometheus/build-image.sh` exists), brings the environment up under a
+//! With a Docker daemon: builds the image and the Prometheus image
+//! (`deploy/prometheus/build-image.sh`), brings the environment up under a
 //! project of its own, checks that the seed container seeded the directory and
 //! exited 0 and that Prometheus loaded the alert rules and scrapes every target,
 //! then runs puts and gets for tenants a, b and c (cells alpha,
@@ -694,20 +694,10 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     let started = Instant::now();
     ok(Command::new(repo().join("deploy/build-image.sh"))
         .env("CELLPLANE_BIN", env!("CARGO_BIN_EXE_cellplane")));
-    // Prometheus's image comes from deploy/prometheus/build-image.sh; without
-    // that script (or with a build that fails) the environment comes up without
-    // Prometheus, and this says so.
-    let prometheus_script = repo().join("deploy/prometheus/build-image.sh");
-    let with_prometheus = if prometheus_script.exists() {
-        ok(&mut Command::new(&prometheus_script));
-        true
-    } else {
-        eprintln!(
-            "NOT CHECKED: Prometheus in Compose ({} is missing: no image to run)",
-            prometheus_script.display()
-        );
-        false
-    };
+    // Prometheus's image, built from Debian's binary like cellplane's.
+    ok(&mut Command::new(
+        repo().join("deploy/prometheus/build-image.sh"),
+    ));
     remove_leftovers(&tool);
     // The environment runs TLS and auth: its certificates, keys, token key and
     // credentials file, made as the operator would (existing ones are kept).
@@ -720,19 +710,7 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
         name: format!("{PROJECT_PREFIX}{}", std::process::id()),
         routers: env.routers.routers.iter().map(|r| r.id).collect(),
     };
-    if with_prometheus {
-        ok(project.cmd().args(["up", "-d"]));
-    } else {
-        let text = std::fs::read_to_string(compose_dir().join(compose::COMPOSE_FILE)).unwrap();
-        let doc: Value = serde_saphyr::from_str(&text).unwrap();
-        let services: Vec<&String> = doc["services"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .filter(|s| *s != compose::PROMETHEUS_SERVICE)
-            .collect();
-        ok(project.cmd().args(["up", "-d"]).args(services));
-    }
+    ok(project.cmd().args(["up", "-d"]));
 
     // Every member and router answers /readyz on its published http port.
     let mut services: Vec<(String, u16)> = Vec::new();
@@ -752,9 +730,7 @@ async fn a_faulted_cell_leaves_the_other_cells_untouched() {
     .await;
     eprintln!("environment ready after {:?}", started.elapsed());
     check_seeded(&project, &env).await;
-    if with_prometheus {
-        check_prometheus(&project, &env).await;
-    }
+    check_prometheus(&project, &env).await;
     let routers: Vec<SocketAddr> = env
         .routers
         .routers
@@ -977,12 +953,12 @@ async fn check_prometheus(p: &Project, env: &cellplane::up::EnvDef) {
         .iter()
         .map(|g| g["rules"].as_array().map_or(0, |r| r.len()))
         .sum();
-    if repo().join("deploy/prometheus/alerts.yml").exists() {
-        assert!(
-            alerts > 0,
-            "Prometheus loaded no rule from alerts.yml: {rules}"
-        );
-    }
+    let text = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let written = text.matches("- alert:").count();
+    assert_eq!(
+        alerts, written,
+        "Prometheus loaded {alerts} of the {written} rules in alerts.yml: {rules}"
+    );
     eprintln!(
         "prometheus: {expected} targets up, {} rule group(s), {alerts} rule(s)",
         groups.len()

@@ -84,6 +84,27 @@ fn of_kind<'a>(objs: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The Secret workload `w` (called `who` in failures) mounts, checked to be
+/// mounted at the secrets path of its first container, and that container.
+fn mounted_secret<'a>(w: &'a Value, who: &str) -> (&'a str, &'a Value) {
+    let pod = at(w, "spec/template/spec");
+    let volume = at(pod, "volumes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"].is_object())
+        .unwrap_or_else(|| panic!("{who}: no Secret mounted though TLS is on"));
+    let container = at(pod, "containers/0");
+    let mount = at(container, "volumeMounts")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap_or_else(|| panic!("{who}: the Secret volume is not mounted"));
+    assert_eq!(s(mount, "mountPath"), deploy::k8s::SECRETS_MOUNT, "{who}");
+    (s(volume, "secret/secretName"), container)
+}
+
 fn arg_after<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
     let i = args.iter().position(|a| a == flag)?;
     args.get(i + 1)?.as_str()
@@ -620,8 +641,7 @@ fn rendered_objects_load_into_the_kubernetes_models() {
     let py = match k8s_models() {
         Ok(py) => py,
         Err(why) => {
-            let required = std::env::var_os("CELLPLANE_REQUIRE_TOOLS")
-                .is_some_and(|v| !v.is_empty() && v != "0");
+            let required = std::env::var("CELLPLANE_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
             assert!(!required, "CELLPLANE_REQUIRE_TOOLS is set but {why}");
             println!("SKIPPED the structural validation of the k8s manifests: {why}");
             eprintln!("SKIPPED the structural validation of the k8s manifests: {why}");
@@ -859,25 +879,10 @@ fn secrets_are_generated_and_mounted() {
     assert_eq!(workloads.len(), env.cells.len() + 1);
     for w in workloads {
         let name = s(w, "metadata/name");
-        let pod = at(w, "spec/template/spec");
-        let volume = at(pod, "volumes")
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["secret"].is_object())
-            .unwrap_or_else(|| panic!("{name}: no Secret mounted though TLS is on"));
-        let secret = s(volume, "secret/secretName");
+        let (secret, _) = mounted_secret(w, name);
         let files = generated
             .get(secret)
             .unwrap_or_else(|| panic!("{name}: Secret {secret} is not generated"));
-        let container = at(pod, "containers/0");
-        let mount = at(container, "volumeMounts")
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == volume["name"])
-            .unwrap_or_else(|| panic!("{name}: the Secret volume is not mounted"));
-        assert_eq!(s(mount, "mountPath"), deploy::k8s::SECRETS_MOUNT, "{name}");
         // What the process opens, as the pod sees it: its file's paths taken
         // from the cells mount, which must land in this Secret.
         let needs: Vec<PathBuf> = match s(w, "kind") {
@@ -943,25 +948,10 @@ fn secrets_are_generated_and_mounted() {
     // Secret holds the CA and the operator certificate `certs generate` made,
     // mounted where its arguments name them.
     let job = of_kind(&objs, "Job")[0];
-    let pod = at(job, "spec/template/spec");
-    let volume = at(pod, "volumes")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["secret"].is_object())
-        .expect("the seed Job mounts a Secret");
-    let secret = s(volume, "secret/secretName");
+    let (secret, container) = mounted_secret(job, "seed Job");
     let files = generated
         .get(secret)
         .unwrap_or_else(|| panic!("seed Job: Secret {secret} is not generated"));
-    let container = at(pod, "containers/0");
-    let mount = at(container, "volumeMounts")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == volume["name"])
-        .expect("the seed Job's Secret is mounted");
-    assert_eq!(s(mount, "mountPath"), deploy::k8s::SECRETS_MOUNT);
     let args = at(container, "args").as_array().unwrap();
     let mut local = Vec::new();
     for flag in ["--cacert", "--cert", "--key"] {

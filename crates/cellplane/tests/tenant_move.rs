@@ -810,3 +810,28 @@ async fn leases_move_with_their_tenant_keeping_ids_keys_and_remaining_time() {
             .is_empty()
     );
 }
+
+/// The router's status page reads the movers' records with a view of its own
+/// (it does not depend on the mover): same prefix, and a record parses.
+#[test]
+fn the_status_page_reads_move_records_as_movers_write_them() {
+    use cellplane_router::directory::{MOVES_PREFIX, MoveView};
+    assert_eq!(MOVES_PREFIX, cellplane_mover::RECORD_PREFIX);
+    let record = cellplane_mover::MoveRecord {
+        tenant: "acme".into(),
+        from: "alpha".into(),
+        to: "beta".into(),
+        version: 7,
+        state: cellplane_mover::MoveState::Fenced,
+        r0: 10,
+        rf: 12,
+        keys: 3,
+        retire_after_ms: 0,
+    };
+    let view: MoveView = serde_json::from_slice(&serde_json::to_vec(&record).unwrap()).unwrap();
+    assert_eq!(
+        (view.tenant.as_str(), view.from.as_str(), view.to.as_str()),
+        ("acme", "alpha", "beta")
+    );
+    assert_eq!(view.state, "fenced");
+}
