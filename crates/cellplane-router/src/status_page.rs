@@ -148,23 +148,23 @@ fn summary(out: &mut String, s: &RouterStatusResponse) {
 
 fn cell_section(out: &mut String, c: &CellStatus) {
     let name = esc(&c.name);
-    let healthy = c.members.iter().filter(|m| m.healthy && !m.ejected).count();
-    let quorum = c.members.len() / 2 + 1;
-    let health = if healthy >= quorum && c.leader_id != 0 {
+    let total = c.members.len();
+    // Quorum is about votes: an ejected member still votes if it is reachable.
+    // Serving is about this router: it sends calls only to the unejected.
+    let reachable = c.members.iter().filter(|m| m.healthy).count();
+    let serving = c.members.iter().filter(|m| m.healthy && !m.ejected).count();
+    let quorum = total / 2 + 1;
+    let health = if reachable < quorum {
         format!(
-            "<span class=\"ok\">{healthy} of {} members serve</span>",
-            c.members.len()
+            "<span class=\"bad\">{reachable} of {total} members reachable: below quorum \
+             ({quorum})</span>; {serving} serve"
         )
     } else if c.leader_id == 0 {
-        format!(
-            "<span class=\"bad\">no leader known</span>; {healthy} of {} members serve",
-            c.members.len()
-        )
+        format!("<span class=\"bad\">no leader known</span>; {serving} of {total} members serve")
+    } else if serving < total {
+        format!("<span class=\"warn\">{serving} of {total} members serve</span>")
     } else {
-        format!(
-            "<span class=\"bad\">{healthy} of {} members serve: below quorum ({quorum})</span>",
-            c.members.len()
-        )
+        format!("<span class=\"ok\">{serving} of {total} members serve</span>")
     };
     let state = if c.state == "active" {
         esc(&c.state)
@@ -307,7 +307,7 @@ mod tests {
         assert!(html.contains("ejected: &lt;script&gt;"));
         assert!(html.contains("a&lt;b&gt;") && html.contains("x&quot;y"));
         assert!(html.contains("<td>t&amp;1</td>"));
-        assert!(html.contains("no leader known"));
+        assert!(html.contains("0 of 1 members reachable: below quorum"));
         assert!(html.contains("not the directory's"));
     }
 }

@@ -40,9 +40,12 @@ fn the_operator_sees_it(http: SocketAddr, members: [SocketAddr; 3]) {
     {
         use std::io::Read;
         let mut idle = std::net::TcpStream::connect(http).unwrap();
-        idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut buf = [0u8; 64];
-        let n = idle.read(&mut buf).expect("the router closes an idle connection");
+        let n = idle
+            .read(&mut buf)
+            .expect("the router closes an idle connection");
         assert_eq!(n, 0, "the router answered a request never sent");
     }
 
