@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use cellplane_map::CellMap;
-use cellplane_proto::etcdserverpb::RangeRequest;
 use cellplane_proto::etcdserverpb::kv_client::KvClient;
+use cellplane_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig};
 
@@ -97,27 +97,13 @@ impl Directory {
         })
     }
 
-    /// Reads the map (linearizable), trying each member in turn. Returns the map and
-    /// the revision it was last modified at.
-    pub async fn read(&self) -> Result<(CellMap, i64), DirectoryError> {
+    /// Sends `req` to each member in turn until one answers.
+    async fn range_any(&self, req: RangeRequest) -> Result<RangeResponse, DirectoryError> {
         let mut last = String::new();
         for ch in &self.channels {
             let mut c = KvClient::new(ch.clone());
-            let req = RangeRequest {
-                key: MAP_KEY.into(),
-                ..Default::default()
-            };
-            match tokio::time::timeout(self.timeout, c.range(req)).await {
-                Ok(Ok(r)) => {
-                    let r = r.into_inner();
-                    let kv = r.kvs.first().ok_or(DirectoryError::Empty)?;
-                    let map =
-                        CellMap::from_json(&kv.value).map_err(|error| DirectoryError::Invalid {
-                            error,
-                            revision: kv.mod_revision,
-                        })?;
-                    return Ok((map, kv.mod_revision));
-                }
+            match tokio::time::timeout(self.timeout, c.range(req.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => last = s.message().to_string(),
                 Err(_) => last = "timed out".into(),
             }
@@ -125,42 +111,49 @@ impl Directory {
         Err(DirectoryError::Unreachable(last))
     }
 
+    /// Reads the map (linearizable), trying each member in turn. Returns the map and
+    /// the revision it was last modified at.
+    pub async fn read(&self) -> Result<(CellMap, i64), DirectoryError> {
+        let r = self
+            .range_any(RangeRequest {
+                key: MAP_KEY.into(),
+                ..Default::default()
+            })
+            .await?;
+        let kv = r.kvs.first().ok_or(DirectoryError::Empty)?;
+        let map = CellMap::from_json(&kv.value).map_err(|error| DirectoryError::Invalid {
+            error,
+            revision: kv.mod_revision,
+        })?;
+        Ok((map, kv.mod_revision))
+    }
+
     /// The moves in progress (the movers' records), at most [`MAX_MOVES_LISTED`],
     /// and whether there were more. For the status page: never on a request path.
     pub async fn moves(&self) -> Result<(Vec<MoveView>, bool), DirectoryError> {
-        let mut last = String::new();
-        for ch in &self.channels {
-            let mut c = KvClient::new(ch.clone());
-            let req = RangeRequest {
+        let r = self
+            .range_any(RangeRequest {
                 key: MOVES_PREFIX.into(),
                 range_end: cellplane_proto::prefix_end(MOVES_PREFIX.as_bytes()),
                 limit: MAX_MOVES_LISTED,
                 // For a page: any member's view will do, and no ReadIndex round.
                 serializable: true,
                 ..Default::default()
-            };
-            match tokio::time::timeout(self.timeout, c.range(req)).await {
-                Ok(Ok(r)) => {
-                    let r = r.into_inner();
-                    let moves = r
-                        .kvs
-                        .iter()
-                        .map(|kv| {
-                            serde_json::from_slice(&kv.value).unwrap_or_else(|e| MoveView {
-                                tenant: String::from_utf8_lossy(&kv.key).into_owned(),
-                                from: "?".into(),
-                                to: "?".into(),
-                                state: format!("unreadable record: {e}"),
-                            })
-                        })
-                        .collect();
-                    return Ok((moves, r.more));
-                }
-                Ok(Err(s)) => last = s.message().to_string(),
-                Err(_) => last = "timed out".into(),
-            }
-        }
-        Err(DirectoryError::Unreachable(last))
+            })
+            .await?;
+        let moves = r
+            .kvs
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(&kv.value).unwrap_or_else(|e| MoveView {
+                    tenant: String::from_utf8_lossy(&kv.key).into_owned(),
+                    from: "?".into(),
+                    to: "?".into(),
+                    state: format!("unreadable record: {e}"),
+                })
+            })
+            .collect();
+        Ok((moves, r.more))
     }
 
     /// Writes `map` (already validated by the caller) if the stored one is still at

@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::auth::Authenticator;
-use crate::cell_client::{CellStats, Cells};
+use crate::cell_client::{CellClient, CellStats, Cells};
 use crate::map_source::MapHolder;
 use crate::member_health::HealthView;
 
@@ -242,8 +242,10 @@ impl Collector for StateCollector {
             ConstCounter::new(self.maps.refusals().0),
         )?;
         self.encode_auth(&mut e)?;
-        self.encode_cells(&mut e)?;
-        self.encode_members(&mut e)
+        // One reading of the pools for every family, so they agree.
+        let pools = self.cells.all();
+        encode_cells(&mut e, &pools)?;
+        encode_members(&mut e, &pools)
     }
 }
 
@@ -280,108 +282,106 @@ impl StateCollector {
             ConstCounter::new(a.reload_errors.load(Ordering::Relaxed)),
         )
     }
+}
 
-    fn encode_cells(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pools = self.cells.all();
-        type Read = fn(&CellStats) -> u64;
-        let counters: [(&str, &str, Read); 5] = [
-            ("requests", "Calls forwarded, by cell", |s| {
-                s.requests.load(Ordering::Relaxed)
-            }),
-            (
-                "errors",
-                "Calls that failed for the cell's availability (UNAVAILABLE or INTERNAL)",
-                |s| s.errors.load(Ordering::Relaxed),
-            ),
-            (
-                "shed",
-                "Calls and streams refused by the cell's bulkhead (in-flight or stream limit)",
-                |s| s.shed.load(Ordering::Relaxed),
-            ),
-            (
-                "hedged",
-                "Serializable reads sent a second time because the first was slow",
-                |s| s.hedged.load(Ordering::Relaxed),
-            ),
-            (
-                "budget_exhausted",
-                "Retries not sent because the cell's retry budget was spent (the call failed \
+fn encode_cells(e: &mut DescriptorEncoder, pools: &[CellClient]) -> Result<(), std::fmt::Error> {
+    type Read = fn(&CellStats) -> u64;
+    let counters: [(&str, &str, Read); 5] = [
+        ("requests", "Calls forwarded, by cell", |s| {
+            s.requests.load(Ordering::Relaxed)
+        }),
+        (
+            "errors",
+            "Calls that failed for the cell's availability (UNAVAILABLE or INTERNAL)",
+            |s| s.errors.load(Ordering::Relaxed),
+        ),
+        (
+            "shed",
+            "Calls and streams refused by the cell's bulkhead (in-flight or stream limit)",
+            |s| s.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "hedged",
+            "Serializable reads sent a second time because the first was slow",
+            |s| s.hedged.load(Ordering::Relaxed),
+        ),
+        (
+            "budget_exhausted",
+            "Retries not sent because the cell's retry budget was spent (the call failed \
                  where another member might have answered)",
-                |s| s.budget_exhausted.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, read) in counters {
-            family(
-                e,
-                name,
-                help,
-                MetricType::Counter,
-                pools.iter().map(|p| {
-                    (
-                        [("cell", p.inner.name.as_str())],
-                        ConstCounter::new(read(&p.inner.stats)),
-                    )
-                }),
-            )?;
-        }
-        Ok(())
-    }
-
-    fn encode_members(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pools = self.cells.all();
-        // One reading of every member, so all families agree with each other.
-        let rows: Vec<MemberRow> = pools
-            .iter()
-            .flat_map(|p| {
-                p.inner.members.iter().map(|m| {
-                    let labels = [
-                        ("cell", p.inner.name.as_str()),
-                        ("endpoint", m.endpoint.as_str()),
-                    ];
-                    (labels, m.healthy(), m.health.view())
-                })
-            })
-            .collect();
-        // Flags and counts as integers (`1`, not `1.0`): alert rules and tests
-        // compare them exactly.
-        let counts: [GaugeSpec<i64>; 3] = [
-            (
-                "member_healthy",
-                "1 while the member's probes answer",
-                |ok, _| i64::from(ok),
-            ),
-            (
-                "member_ejected",
-                "1 while the member is ejected (the status page and `cellplane status` say why)",
-                |_, h| i64::from(h.ejected),
-            ),
-            ("member_pending", "Calls in flight to the member", |_, h| {
-                i64::try_from(h.pending).unwrap_or(i64::MAX)
-            }),
-        ];
-        member_gauges(e, &counts, &rows)?;
-        let latencies: [GaugeSpec<f64>; 2] = [
-            (
-                "member_latency_seconds",
-                "Peak-EWMA latency of calls to the member",
-                |_, h| h.ewma_ms / 1000.0,
-            ),
-            (
-                "member_probe_seconds",
-                "Peak-EWMA latency of the member's probes",
-                |_, h| h.probe_ms / 1000.0,
-            ),
-        ];
-        member_gauges(e, &latencies, &rows)?;
+            |s| s.budget_exhausted.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, read) in counters {
         family(
             e,
-            "member_ejections",
-            "Times the member was ejected",
+            name,
+            help,
             MetricType::Counter,
-            rows.iter()
-                .map(|(l, _, h)| (*l, ConstCounter::new(h.ejections_total))),
-        )
+            pools.iter().map(|p| {
+                (
+                    [("cell", p.inner.name.as_str())],
+                    ConstCounter::new(read(&p.inner.stats)),
+                )
+            }),
+        )?;
     }
+    Ok(())
+}
+
+fn encode_members(e: &mut DescriptorEncoder, pools: &[CellClient]) -> Result<(), std::fmt::Error> {
+    // One reading of every member, so all families agree with each other.
+    let rows: Vec<MemberRow> = pools
+        .iter()
+        .flat_map(|p| {
+            p.inner.members.iter().map(|m| {
+                let labels = [
+                    ("cell", p.inner.name.as_str()),
+                    ("endpoint", m.endpoint.as_str()),
+                ];
+                (labels, m.healthy(), m.health.view())
+            })
+        })
+        .collect();
+    // Flags and counts as integers (`1`, not `1.0`): alert rules and tests
+    // compare them exactly.
+    let counts: [GaugeSpec<i64>; 3] = [
+        (
+            "member_healthy",
+            "1 while the member's probes answer",
+            |ok, _| i64::from(ok),
+        ),
+        (
+            "member_ejected",
+            "1 while the member is ejected (the status page and `cellplane status` say why)",
+            |_, h| i64::from(h.ejected),
+        ),
+        ("member_pending", "Calls in flight to the member", |_, h| {
+            i64::try_from(h.pending).unwrap_or(i64::MAX)
+        }),
+    ];
+    member_gauges(e, &counts, &rows)?;
+    let latencies: [GaugeSpec<f64>; 2] = [
+        (
+            "member_latency_seconds",
+            "Peak-EWMA latency of calls to the member",
+            |_, h| h.ewma_ms / 1000.0,
+        ),
+        (
+            "member_probe_seconds",
+            "Peak-EWMA latency of the member's probes",
+            |_, h| h.probe_ms / 1000.0,
+        ),
+    ];
+    member_gauges(e, &latencies, &rows)?;
+    family(
+        e,
+        "member_ejections",
+        "Times the member was ejected",
+        MetricType::Counter,
+        rows.iter()
+            .map(|(l, _, h)| (*l, ConstCounter::new(h.ejections_total))),
+    )
 }
 
 /// One member's labels, whether its probes answer, and its health.

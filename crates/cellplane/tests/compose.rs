@@ -43,37 +43,35 @@ fn compose_dir() -> PathBuf {
     repo().join("deploy/compose")
 }
 
-#[test]
-fn committed_compose_files_are_a_fresh_render() {
-    let files = deploy::render(Target::Compose, &repo().join("cells")).unwrap();
-    let dir = compose_dir();
+/// Every file `target` renders from cells/ is committed in `dir` as rendered;
+/// answers the files.
+fn assert_fresh_render(target: Target, dir: &Path, name: &str) -> deploy::Rendered {
+    let files = deploy::render(target, &repo().join("cells")).unwrap();
     for (rel, text) in &files {
         let committed = std::fs::read_to_string(dir.join(rel)).unwrap_or_default();
         assert!(
             committed == *text,
-            "deploy/compose/{} differs from a fresh render of cells/: run \
-             `cargo run --release -- deploy render compose`",
-            rel.display()
+            "{} differs from a fresh render of cells/: run \
+             `cargo run --release -- deploy render {name}`",
+            dir.join(rel).display()
         );
     }
+    files
+}
+
+#[test]
+fn committed_compose_files_are_a_fresh_render() {
+    let dir = compose_dir();
+    let files = assert_fresh_render(Target::Compose, &dir, "compose");
     let stale = deploy::stale_files(&dir, &files).unwrap();
     assert!(stale.is_empty(), "stale files in deploy/compose: {stale:?}");
 }
 
 #[test]
 fn committed_prometheus_config_is_a_fresh_render() {
-    let files = deploy::render(Target::Prometheus, &repo().join("cells")).unwrap();
     let dir = repo().join("deploy/prometheus");
+    let files = assert_fresh_render(Target::Prometheus, &dir, "prometheus");
     assert_eq!(files.len(), 1);
-    for (rel, text) in &files {
-        let committed = std::fs::read_to_string(dir.join(rel)).unwrap_or_default();
-        assert!(
-            committed == *text,
-            "deploy/prometheus/{} differs from a fresh render of cells/: run \
-             `cargo run --release -- deploy render prometheus`",
-            rel.display()
-        );
-    }
     // Scrapes every process of cells/ where `cellplane up` runs it.
     let env = cellplane::up::load_env(&repo().join("cells")).unwrap();
     let members: Vec<(String, u64, String)> = env
