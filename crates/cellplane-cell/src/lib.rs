@@ -41,6 +41,7 @@ mod metrics_loop;
 pub mod network;
 pub mod node;
 mod ownership;
+mod peer_stream;
 pub mod proposer;
 pub mod read_index;
 pub mod service;

@@ -23,10 +23,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::Raft;
+use crate::peer_stream::{Answers, ExchangeError, Slot};
 use crate::proposer::{ProposeRequest, serve_forwarded};
 use crate::read_index::{ReadBarrier, ReadIndexReply};
 
@@ -114,6 +116,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self
                 .client(target, &node.peer_addr)
                 .map_err(|e| e.to_string()),
+            appends: Slot::default(),
         }
     }
 }
@@ -122,6 +125,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
+    /// AppendEntries go over one lockstep stream (`peer_stream`); votes and
+    /// snapshots, rare, as unary calls.
+    appends: Slot,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
@@ -151,22 +157,54 @@ impl PeerClient {
             }
         };
         let payload = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
-        let mut request = Request::new(payload);
-        request.set_timeout(option.hard_ttl());
         let mut client = client;
-        let result = match method {
-            "append" => client.append_entries(request).await,
-            "vote" => client.vote(request).await,
-            _ => client.install_snapshot(request).await,
+        let result = if method == "append" && !self.appends.unsupported {
+            let ttl = option.hard_ttl();
+            let opener = client.clone();
+            match self
+                .appends
+                .exchange(
+                    |s| async move { opener.clone().append_entries_stream(s).await },
+                    payload.clone(),
+                    ttl,
+                )
+                .await
+            {
+                Ok(answer) => Ok(answer),
+                // A peer that predates the stream: this once and from now on, unary.
+                Err(ExchangeError::Open(_)) if self.appends.unsupported => {
+                    unary(&mut client, method, payload, ttl).await
+                }
+                Err(ExchangeError::Open(s) | ExchangeError::Sent(s)) => Err(s),
+            }
+        } else {
+            unary(&mut client, method, payload, option.hard_ttl()).await
         };
         let payload = result.map_err(|s| match s.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
             _ => RPCError::Network(NetworkError::new(&s)),
         })?;
         let reply: Result<Resp, RaftError<NodeId, E>> =
-            decode(payload.get_ref()).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+            decode(&payload).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// One unary Raft call with a deadline.
+async fn unary(
+    client: &mut RaftClient<Channel>,
+    method: &'static str,
+    payload: RaftPayload,
+    timeout: Duration,
+) -> Result<RaftPayload, Status> {
+    let mut request = Request::new(payload);
+    request.set_timeout(timeout);
+    let response = match method {
+        "append" => client.append_entries(request).await,
+        "vote" => client.vote(request).await,
+        _ => client.install_snapshot(request).await,
+    };
+    response.map(Response::into_inner)
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -201,16 +239,38 @@ pub struct RaftService {
     barrier: ReadBarrier,
     /// The batch limit forwarded batches are held to (the proposer's).
     max_batch_bytes: usize,
+    /// Ends the peers' long-lived streams when the member stops.
+    shutdown: CancellationToken,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, barrier: ReadBarrier, max_batch_bytes: usize) -> RaftService {
+    pub fn new(
+        raft: Raft,
+        barrier: ReadBarrier,
+        max_batch_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> RaftService {
         RaftService {
             raft,
             barrier,
             max_batch_bytes,
+            shutdown,
         }
     }
+}
+
+async fn append(raft: Raft, req: RaftPayload) -> Result<RaftPayload, Status> {
+    let rpc: AppendEntriesRequest<TypeConfig> = decode(&req)?;
+    encode(&raft.append_entries(rpc).await)
+}
+
+async fn propose(
+    raft: Raft,
+    req: RaftPayload,
+    max_batch_bytes: usize,
+) -> Result<RaftPayload, Status> {
+    let rpc: ProposeRequest = decode(&req)?;
+    encode(&serve_forwarded(&raft, rpc, max_batch_bytes).await)
 }
 
 #[tonic::async_trait]
@@ -219,9 +279,38 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        let reply = self.raft.append_entries(rpc).await;
-        Ok(Response::new(encode(&reply)?))
+        Ok(Response::new(
+            append(self.raft.clone(), req.into_inner()).await?,
+        ))
+    }
+
+    type AppendEntriesStreamStream = Answers;
+
+    async fn append_entries_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Answers>, Status> {
+        let raft = self.raft.clone();
+        Ok(Response::new(crate::peer_stream::serve(
+            req.into_inner(),
+            self.shutdown.clone(),
+            move |p| append(raft.clone(), p),
+        )))
+    }
+
+    type ProposeStreamStream = Answers;
+
+    async fn propose_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Answers>, Status> {
+        let raft = self.raft.clone();
+        let max = self.max_batch_bytes;
+        Ok(Response::new(crate::peer_stream::serve(
+            req.into_inner(),
+            self.shutdown.clone(),
+            move |p| propose(raft.clone(), p, max),
+        )))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -257,8 +346,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc: ProposeRequest = decode(req.get_ref())?;
-        let reply = serve_forwarded(&self.raft, rpc, self.max_batch_bytes).await;
-        Ok(Response::new(encode(&reply)?))
+        Ok(Response::new(
+            propose(self.raft.clone(), req.into_inner(), self.max_batch_bytes).await?,
+        ))
     }
 }

@@ -348,6 +348,7 @@ pub async fn run(
             me: config.id,
             network: network.clone(),
             timeout: config.request_timeout(),
+            stream: Default::default(),
         },
         config.cell.limits.max_request_bytes,
         r.proposal_batches_in_flight,
@@ -461,6 +462,7 @@ pub async fn run(
             raft.clone(),
             barrier,
             config.cell.limits.max_request_bytes,
+            shutdown.child_token(),
         ))
         .max_decoding_message_size(r.max_peer_message_bytes)
         // The outcomes of a forwarded batch (a txn's range results) may be

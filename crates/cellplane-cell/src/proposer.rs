@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Raft;
 use crate::network::Network;
 use crate::network::bytes_payload::{decode, encode};
+use crate::peer_stream::{ExchangeError, Slot};
 
 /// Most commands in one batch.
 pub(crate) const MAX_BATCH_COMMANDS: usize = 4096;
@@ -120,6 +121,17 @@ pub struct ForwardSettings {
     /// Deadline of one forwarded batch (the client request timeout: the batch has to
     /// be committed and applied on the leader within it).
     pub timeout: Duration,
+    /// The stream batches go to the leader on (`peer_stream`); one batch is out
+    /// at a time (`FORWARDS_IN_FLIGHT`), so the lock is not contended.
+    pub(crate) stream: tokio::sync::Mutex<LeaderStream>,
+}
+
+/// A follower's stream to the leader it forwards to.
+#[derive(Default)]
+pub(crate) struct LeaderStream {
+    /// The leader and its peer address; another leader gets a new stream.
+    to: Option<(NodeId, String)>,
+    slot: Slot,
 }
 
 impl Proposer {
@@ -350,18 +362,54 @@ async fn send(
         batch,
     })
     .map_err(|s| Sent::Failed(format!("cannot encode a forwarded batch: {}", s.message())))?;
-    let mut request = tonic::Request::new(payload);
-    request.set_timeout(forward.timeout);
-    let reply = match client.propose(request).await {
-        Ok(r) => r,
-        // An older leader without the RPC: nothing ran there.
-        Err(s) if s.code() == tonic::Code::Unimplemented => {
-            return Err(Sent::NotApplied(Some(leader)));
+    let mut stream = forward.stream.lock().await;
+    if stream.to.as_ref() != Some(&(leader, addr.to_string())) {
+        *stream = LeaderStream {
+            to: Some((leader, addr.to_string())),
+            slot: Slot::default(),
+        };
+    }
+    let answer = if stream.slot.unsupported {
+        None
+    } else {
+        let opener = client.clone();
+        let open = |s| async move { opener.clone().propose_stream(s).await };
+        match stream
+            .slot
+            .exchange(open, payload.clone(), forward.timeout)
+            .await
+        {
+            Ok(answer) => Some(answer),
+            // A leader that predates the stream: unary, this once and from now on.
+            Err(ExchangeError::Open(_)) if stream.slot.unsupported => None,
+            Err(ExchangeError::Open(s)) => {
+                return Err(Sent::Failed(format!(
+                    "cannot reach leader {leader} (nothing was sent): {}",
+                    s.message()
+                )));
+            }
+            Err(ExchangeError::Sent(s)) => {
+                return Err(unknown(format!("{:?}: {}", s.code(), s.message())));
+            }
         }
-        Err(s) => return Err(unknown(format!("{:?}: {}", s.code(), s.message()))),
     };
-    let reply: ProposeReply =
-        decode(reply.get_ref()).map_err(|s| unknown(s.message().to_string()))?;
+    drop(stream);
+    let reply = match answer {
+        Some(answer) => answer,
+        None => {
+            let mut request = tonic::Request::new(payload);
+            request.set_timeout(forward.timeout);
+            match client.propose(request).await {
+                Ok(r) => r.into_inner(),
+                // An older leader without the RPC: nothing ran there.
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    return Err(Sent::NotApplied(Some(leader)));
+                }
+                Err(s) => return Err(unknown(format!("{:?}: {}", s.code(), s.message()))),
+            }
+        }
+    };
+    let reply: ProposeReply = decode(&reply).map_err(|s| unknown(s.message().to_string()))?;
     match reply {
         Ok(p) if p.responses.0.len() == n => Ok(p),
         Ok(p) => Err(unknown(format!(
