@@ -19,8 +19,9 @@
 # `members` (the cell's three members or etcd's three), `router`, `client`
 # (loadgen). The summary gives medians over the rounds and the ratios to etcd.
 # CELLPLANE_WORKER_THREADS=N starts every cellplane process with N runtime
-# threads (tokio's TOKIO_WORKER_THREADS; the default is one per core), e.g. 1
-# to see what thread hand-offs cost when 11 processes share 2 cores.
+# threads (`up --process-threads N`; by default `up` shares the host's cores out
+# among its 13 processes, at least one thread each), e.g. 2 to see what thread
+# hand-offs cost when every process has a thread per core.
 # Needs a release build: cargo build --release --workspace
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,10 +20,14 @@
 #   start_up BIN WORK            starts `cellplane up --fresh` in WORK/up, sets
 #                                up_pid, waits until it is ready (exits with its
 #                                log otherwise); CELLPLANE_WORKER_THREADS=N gives
-#                                every cellplane process N runtime threads
+#                                every cellplane process N runtime threads (`up
+#                                --process-threads`; by default `up` shares the
+#                                host's cores out among its processes)
 #   start_cell BIN CELL_TOML WORK  refuses the cell's taken ports, then starts its
 #                                members (plaintext; data and logs in
-#                                WORK/<cell>-<id>), appends their PIDs to the array
+#                                WORK/<cell>-<id>; CELLPLANE_WORKER_THREADS=N
+#                                gives each N runtime threads, else one per core),
+#                                appends their PIDs to the array
 #                                `pids`, and waits until each answers /readyz (exits
 #                                with the log of one that exits or is not ready)
 #   check_up_env DIR             exits unless DIR is a running `cellplane up`
@@ -193,11 +197,9 @@ refuse_taken_ports() {
 
 start_up() {
   local bin=$1 work=$2
-  if [ -n "${CELLPLANE_WORKER_THREADS:-}" ]; then
-    TOKIO_WORKER_THREADS=$CELLPLANE_WORKER_THREADS "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
-  else
-    "$bin/cellplane" up --data-dir "$work/up" --fresh >"$work/up.log" 2>&1 &
-  fi
+  local threads=()
+  [ -n "${CELLPLANE_WORKER_THREADS:-}" ] && threads=(--process-threads "$CELLPLANE_WORKER_THREADS")
+  "$bin/cellplane" up --data-dir "$work/up" --fresh "${threads[@]}" >"$work/up.log" 2>&1 &
   up_pid=$!
   for _ in $(seq 1 600); do
     grep -q "cellplane is ready" "$work/up.log" && return 0
@@ -219,7 +221,8 @@ d = tomllib.load(open(sys.argv[1], "rb"))
 for m in d["members"]:
     print(d["name"], m["id"], m["http"])' "$cell") || exit 1
   while read -r name id http; do
-    "$bin/cellplane" node --plaintext --cell "$cell" --id "$id" --data-dir "$work/$name-$id" >"$work/$name-$id.log" 2>&1 &
+    "$bin/cellplane" node --plaintext --cell "$cell" --id "$id" --data-dir "$work/$name-$id" \
+      ${CELLPLANE_WORKER_THREADS:+--worker-threads "$CELLPLANE_WORKER_THREADS"} >"$work/$name-$id.log" 2>&1 &
     pids+=($!)
     started+=("$! $name $id $http")
   done <<<"$members"

@@ -15,6 +15,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Threads of this process's async runtime. Default: one per core this
+    /// process may use (its cgroup's CPU quota counts). Fewer when processes
+    /// share cores: `up` gives each of its processes a share (`--process-threads`).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +134,12 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = cli.worker_threads {
+        runtime.worker_threads(usize::from(n));
+    }
+    let rt = runtime.build().context("cannot start the async runtime")?;
     rt.block_on(async move {
         match cli.command {
             Cmd::Node {

@@ -54,6 +54,19 @@ pub struct UpArgs {
     /// or a password login: `cellplane tenant add`). Without it, auth is off.
     #[arg(long)]
     pub auth: bool,
+    /// Runtime threads of each process started (`cellplane --worker-threads`).
+    /// Default: the host's cores shared out among the processes, at least one
+    /// each. Every process of the environment runs on this host; threads beyond
+    /// a process's share only hand work to one another (docs/benchmarks.md
+    /// measures what that costs).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub process_threads: Option<u16>,
+}
+
+/// The runtime threads each of `processes` processes on this host gets: the
+/// cores shared out, at least one each.
+fn thread_share(cores: usize, processes: usize) -> usize {
+    (cores / processes.max(1)).max(1)
 }
 
 /// What `up` started, as written to `<data-dir>/up.json`.
@@ -217,6 +230,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
 
+    let processes = env
+        .cells
+        .iter()
+        .map(|(_, d)| d.members.len())
+        .sum::<usize>()
+        + args.routers;
+    let threads = match args.process_threads {
+        Some(n) => usize::from(n),
+        None => thread_share(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            processes,
+        ),
+    };
+    let threads_args =
+        || -> [OsString; 2] { ["--worker-threads".into(), threads.to_string().into()] };
     let mut running: Vec<Running> = Vec::new();
     for (path, def) in &env.cells {
         for m in &def.members {
@@ -232,6 +260,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 data_dir.into(),
             ];
             a.extend(security.node_args());
+            a.extend(threads_args());
             let child = spawn(&exe, &a, &log)?;
             running.push(Running {
                 entry: ProcessEntry {
@@ -270,6 +299,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.data_dir.join(format!("router-{}", r.id)).into(),
             ];
             a.extend(security.router_args());
+            a.extend(threads_args());
             let child = spawn(&exe, &a, &log)?;
             running.push(Running {
                 entry: ProcessEntry {
@@ -628,6 +658,14 @@ async fn stop_all(running: &mut [Running]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_process_gets_its_share_of_the_cores_and_at_least_one_thread() {
+        assert_eq!(thread_share(2, 13), 1); // this project's machine and cells/
+        assert_eq!(thread_share(64, 13), 4);
+        assert_eq!(thread_share(8, 4), 2);
+        assert_eq!(thread_share(1, 0), 1);
+    }
 
     #[test]
     fn the_shipped_cells_folder_is_consistent() {
