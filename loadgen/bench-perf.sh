@@ -20,7 +20,7 @@
 # (loadgen). The summary gives medians over the rounds and the ratios to etcd.
 # CELLPLANE_WORKER_THREADS=N starts every cellplane process with N runtime
 # threads (`up --process-threads N`; by default `up` shares the host's cores out
-# among its 13 processes, at least one thread each), e.g. 2 to see what thread
+# among its 11 processes, at least one thread each), e.g. 2 to see what thread
 # hand-offs cost when every process has a thread per core.
 # Needs a release build: cargo build --release --workspace
 set -euo pipefail

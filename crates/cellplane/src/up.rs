@@ -661,7 +661,7 @@ mod tests {
 
     #[test]
     fn each_process_gets_its_share_of_the_cores_and_at_least_one_thread() {
-        assert_eq!(thread_share(2, 13), 1); // this project's machine and cells/
+        assert_eq!(thread_share(2, 11), 1); // this project's machine and cells/
         assert_eq!(thread_share(64, 13), 4);
         assert_eq!(thread_share(8, 4), 2);
         assert_eq!(thread_share(1, 0), 1);
