@@ -32,13 +32,6 @@ done
 refuse_taken_ports cells/alpha.toml
 bench_header "base $base, new $new, ${dur}s per run, $rounds round(s)"
 work=$(mktemp -d /tmp/cellplane-ab.XXXXXX)
-pids=()
-stop_cell() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-  rm -rf "$work"/alpha-*
-}
 cleanup() { stop_cell; rm -rf "$work"; }
 trap cleanup EXIT
 workloads=("put-1|--op put --clients 1 --connections 1"

@@ -30,13 +30,6 @@ bin=${CARGO_TARGET_DIR:-target}/release
 refuse_taken_ports cells/alpha.toml etcd
 bench_header "64 put clients on 8 connections, ${dur}s per run, $rounds round(s)"
 work=$(mktemp -d /tmp/cellplane-wbench.XXXXXX)
-pids=()
-stop_cell() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-  rm -rf "$work"/alpha-*
-}
 cleanup() {
   stop_cell
   loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null 2>&1 || true

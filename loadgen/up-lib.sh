@@ -30,6 +30,9 @@
 #                                appends their PIDs to the array
 #                                `pids`, and waits until each answers /readyz (exits
 #                                with the log of one that exits or is not ready)
+#   stop_cell                    stops the members start_cell started (the array
+#                                `pids`), waits for them, empties `pids` and
+#                                removes their data folders
 #   check_up_env DIR             exits unless DIR is a running `cellplane up`
 #                                without --restart, every process it lists alive
 #                                and answering on its ports
@@ -211,6 +214,9 @@ start_up() {
   exit 1
 }
 
+pids=()
+cell_dirs=()
+
 start_cell() {
   local bin=$1 cell=$2 work=$3 py members name id http pid log m started=()
   refuse_taken_ports "$cell"
@@ -224,6 +230,7 @@ for m in d["members"]:
     "$bin/cellplane" node --plaintext --cell "$cell" --id "$id" --data-dir "$work/$name-$id" \
       ${CELLPLANE_WORKER_THREADS:+--worker-threads "$CELLPLANE_WORKER_THREADS"} >"$work/$name-$id.log" 2>&1 &
     pids+=($!)
+    cell_dirs+=("$work/$name-$id")
     started+=("$! $name $id $http")
   done <<<"$members"
   for m in "${started[@]}"; do
@@ -240,6 +247,15 @@ for m in d["members"]:
       exit 1
     fi
   done
+}
+
+stop_cell() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+  pids=()
+  rm -rf "${cell_dirs[@]}"
+  cell_dirs=()
 }
 
 check_up_env() {

@@ -45,13 +45,6 @@ fi
 refuse_taken_ports cells/alpha.toml etcd
 bench_header "independent client ($py, grpcio $("$py" -c 'import grpc; print(grpc.__version__)')): 64 writers on 16 connections, 1,000 stalled watchers on 16, ${warmup}s + ${dur}s per run, $rounds round(s)"
 work=$(mktemp -d /tmp/cellplane-stalled.XXXXXX)
-pids=()
-stop_cell() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-  rm -rf "$work"/alpha-*
-}
 cleanup() {
   stop_cell
   loadgen/etcd-cluster.sh stop "$work/etcd" >/dev/null 2>&1 || true
