@@ -52,6 +52,10 @@ pub(crate) mod bytes_payload {
     }
 }
 
+/// How often a member pings each connection to or from a peer, and how long it
+/// waits for the answer before it closes the connection (and the streams on it).
+pub(crate) const PEER_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// Creates one client per peer; connections are made lazily and reused.
 #[derive(Clone)]
 pub struct Network {
@@ -92,8 +96,8 @@ impl Network {
                     let c = cellplane_security::endpoint(peer_addr, self.tls.as_ref())?
                         .connect_timeout(self.connect_timeout)
                         .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(5))
-                        .keep_alive_timeout(Duration::from_secs(5))
+                        .http2_keep_alive_interval(PEER_KEEPALIVE)
+                        .keep_alive_timeout(PEER_KEEPALIVE)
                         .connect_lazy();
                     map.retain(|(id, _), _| *id != target);
                     map.insert((target, peer_addr.to_string()), c.clone());

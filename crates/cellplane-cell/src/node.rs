@@ -549,6 +549,14 @@ fn server(
     NodeError,
 > {
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if port == Port::Peer {
+        // Peers hold long-lived streams (`peer_stream`). A peer whose host
+        // vanished never closes its connection; pings end it, and the streams
+        // on it, within seconds, as the peers' own channels ping us.
+        builder = builder
+            .http2_keepalive_interval(Some(crate::network::PEER_KEEPALIVE))
+            .http2_keepalive_timeout(Some(crate::network::PEER_KEEPALIVE));
+    }
     let policy = match &config.tls {
         Some(tls) => {
             builder = builder
