@@ -161,28 +161,20 @@ impl PeerClient {
             }
         };
         let payload = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
-        let mut client = client;
-        let result = if method == "append" && !self.appends.unsupported {
-            let ttl = option.hard_ttl();
+        let ttl = option.hard_ttl();
+        let result = if method == "append" {
             let opener = client.clone();
-            match self
-                .appends
-                .exchange(
+            self.appends
+                .call(
                     |s| async move { opener.clone().append_entries_stream(s).await },
-                    payload.clone(),
+                    |p| unary(client, method, p, ttl),
+                    payload,
                     ttl,
                 )
                 .await
-            {
-                Ok(answer) => Ok(answer),
-                // A peer that predates the stream: this once and from now on, unary.
-                Err(ExchangeError::Open(_)) if self.appends.unsupported => {
-                    unary(&mut client, method, payload, ttl).await
-                }
-                Err(ExchangeError::Open(s) | ExchangeError::Sent(s)) => Err(s),
-            }
+                .map_err(ExchangeError::into_status)
         } else {
-            unary(&mut client, method, payload, option.hard_ttl()).await
+            unary(client, method, payload, ttl).await
         };
         let payload = result.map_err(|s| match s.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
@@ -196,7 +188,7 @@ impl PeerClient {
 
 /// One unary Raft call with a deadline.
 async fn unary(
-    client: &mut RaftClient<Channel>,
+    mut client: RaftClient<Channel>,
     method: &'static str,
     payload: RaftPayload,
     timeout: Duration,

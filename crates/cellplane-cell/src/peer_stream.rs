@@ -86,7 +86,16 @@ impl Lockstep {
 pub(crate) struct Slot {
     open: Option<Lockstep>,
     /// The peer answered Unimplemented (it predates the streams): use unary calls.
-    pub(crate) unsupported: bool,
+    unsupported: bool,
+}
+
+impl ExchangeError {
+    /// The status, whether or not the request went out.
+    pub(crate) fn into_status(self) -> Status {
+        match self {
+            ExchangeError::Open(s) | ExchangeError::Sent(s) => s,
+        }
+    }
 }
 
 impl Slot {
@@ -119,6 +128,35 @@ impl Slot {
             .map_err(ExchangeError::Sent)?;
         self.open = Some(stream);
         Ok(answer)
+    }
+}
+
+impl Slot {
+    /// One exchange with the peer: on the slot's stream, or with `unary` for a
+    /// peer that predates the streams (from the first Unimplemented on). A unary
+    /// call's failure counts as `Sent`: its request may have reached the peer.
+    pub(crate) async fn call<F, Fut, U, UFut>(
+        &mut self,
+        open: F,
+        unary: U,
+        request: RaftPayload,
+        timeout: Duration,
+    ) -> Result<RaftPayload, ExchangeError>
+    where
+        F: FnOnce(ReceiverStream<RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<Response<Streaming<RaftPayload>>, Status>>,
+        U: FnOnce(RaftPayload) -> UFut,
+        UFut: Future<Output = Result<RaftPayload, Status>>,
+    {
+        if !self.unsupported {
+            // The payload is reference-counted bytes: the copy kept for the
+            // fallback is a pointer.
+            match self.exchange(open, request.clone(), timeout).await {
+                Err(ExchangeError::Open(_)) if self.unsupported => {}
+                done => return done,
+            }
+        }
+        unary(request).await.map_err(ExchangeError::Sent)
     }
 }
 

@@ -363,50 +363,50 @@ async fn send(
     })
     .map_err(|s| Sent::Failed(format!("cannot encode a forwarded batch: {}", s.message())))?;
     let mut stream = forward.stream.lock().await;
-    if stream.to.as_ref() != Some(&(leader, addr.to_string())) {
+    if !stream
+        .to
+        .as_ref()
+        .is_some_and(|(l, a)| *l == leader && a == addr)
+    {
         *stream = LeaderStream {
             to: Some((leader, addr.to_string())),
             slot: Slot::default(),
         };
     }
-    let answer = if stream.slot.unsupported {
-        None
-    } else {
-        let opener = client.clone();
-        let open = |s| async move { opener.clone().propose_stream(s).await };
-        match stream
-            .slot
-            .exchange(open, payload.clone(), forward.timeout)
+    let timeout = forward.timeout;
+    let opener = client.clone();
+    let unary = |payload| async move {
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(timeout);
+        client
+            .propose(request)
             .await
-        {
-            Ok(answer) => Some(answer),
-            // A leader that predates the stream: unary, this once and from now on.
-            Err(ExchangeError::Open(_)) if stream.slot.unsupported => None,
-            Err(ExchangeError::Open(s)) => {
-                return Err(Sent::Failed(format!(
-                    "cannot reach leader {leader} (nothing was sent): {}",
-                    s.message()
-                )));
-            }
-            Err(ExchangeError::Sent(s)) => {
-                return Err(unknown(format!("{:?}: {}", s.code(), s.message())));
-            }
-        }
+            .map(tonic::Response::into_inner)
     };
+    let reply = stream
+        .slot
+        .call(
+            |s| async move { opener.clone().propose_stream(s).await },
+            unary,
+            payload,
+            timeout,
+        )
+        .await;
     drop(stream);
-    let reply = match answer {
-        Some(answer) => answer,
-        None => {
-            let mut request = tonic::Request::new(payload);
-            request.set_timeout(forward.timeout);
-            match client.propose(request).await {
-                Ok(r) => r.into_inner(),
-                // An older leader without the RPC: nothing ran there.
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    return Err(Sent::NotApplied(Some(leader)));
-                }
-                Err(s) => return Err(unknown(format!("{:?}: {}", s.code(), s.message()))),
-            }
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(ExchangeError::Open(s)) => {
+            return Err(Sent::Failed(format!(
+                "cannot reach leader {leader} (nothing was sent): {}",
+                s.message()
+            )));
+        }
+        // An older leader without the RPC: nothing ran there.
+        Err(ExchangeError::Sent(s)) if s.code() == tonic::Code::Unimplemented => {
+            return Err(Sent::NotApplied(Some(leader)));
+        }
+        Err(ExchangeError::Sent(s)) => {
+            return Err(unknown(format!("{:?}: {}", s.code(), s.message())));
         }
     };
     let reply: ProposeReply = decode(&reply).map_err(|s| unknown(s.message().to_string()))?;
