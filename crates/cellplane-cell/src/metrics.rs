@@ -205,10 +205,11 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Exports the Raft log's fsync latency, read from `stats` at each scrape.
+    /// Exports the Raft log's fsync latency and where its reads were answered,
+    /// read from `stats` at each scrape.
     pub fn with_fsync(mut self, stats: Arc<SyncStats>) -> Metrics {
         self.registry
-            .register_collector(Box::new(FsyncCollector(stats)));
+            .register_collector(Box::new(LogStoreCollector(stats)));
         self
     }
 
@@ -222,16 +223,17 @@ impl Metrics {
     }
 }
 
-/// The fsync histogram, kept by the storage's sync thread as plain counters.
-struct FsyncCollector(Arc<SyncStats>);
+/// The fsync histogram and the log's read counts, kept by the storage as plain
+/// counters.
+struct LogStoreCollector(Arc<SyncStats>);
 
-impl std::fmt::Debug for FsyncCollector {
+impl std::fmt::Debug for LogStoreCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FsyncCollector")
+        f.write_str("LogStoreCollector")
     }
 }
 
-impl Collector for FsyncCollector {
+impl Collector for LogStoreCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let l = self.0.latency();
         let mut m = e.encode_descriptor(
@@ -241,7 +243,23 @@ impl Collector for FsyncCollector {
             None,
             MetricType::Histogram,
         )?;
-        m.encode_histogram::<NoLabelSet>(l.sum_secs, l.count, &l.buckets, None)
+        m.encode_histogram::<NoLabelSet>(l.sum_secs, l.count, &l.buckets, None)?;
+        let mut m = e.encode_descriptor(
+            "raft_log_reads",
+            "Reads of Raft log entries (replication, apply) by where they were answered: the \
+             in-memory tail of the newest entries, or RocksDB",
+            None,
+            MetricType::Counter,
+        )?;
+        for (from, count) in [
+            ("memory", &self.0.reads_cached),
+            ("rocksdb", &self.0.reads_stored),
+        ] {
+            let n = count.load(std::sync::atomic::Ordering::Relaxed);
+            m.encode_family(&[("from", from)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        Ok(())
     }
 }
 

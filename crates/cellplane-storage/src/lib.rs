@@ -35,6 +35,7 @@ mod events;
 mod export;
 mod lease;
 mod log_store;
+mod log_tail;
 mod mvcc;
 mod ownership;
 mod snapshot_file;

@@ -6,11 +6,14 @@
 //! burst of appends therefore costs one fsync, not one each, and no entry is ever
 //! reported durable before the fsync that covers it has returned: openraft's own
 //! RocksDB example skips that step.
+//!
+//! Reads of the newest entries (replication and apply read every entry back
+//! right after it was appended) are answered from memory ([`crate::log_tail`]).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -19,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::codec::{decode_u64_key, u64_key};
 use crate::db::{CF_LOG, CF_META, Store};
+use crate::log_tail::{LogTail, TAIL_CACHE_BYTES};
 use crate::types::{NodeId, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"raft/vote";
@@ -38,6 +42,7 @@ pub struct LogStore {
     store: Store,
     syncer: Arc<SyncThread>,
     stats: Arc<SyncStats>,
+    tail: Arc<Mutex<LogTail>>,
 }
 
 /// The sync thread and its queue. Dropping it closes the queue and joins the
@@ -75,7 +80,15 @@ impl LogStore {
                 thread: Some(thread),
             }),
             stats,
+            tail: Arc::new(Mutex::new(LogTail::new(TAIL_CACHE_BYTES))),
         })
+    }
+
+    /// The in-memory tail. A panic while it was held cannot leave it wrong for
+    /// RocksDB's sake (it only ever holds what RocksDB holds), so poisoning is
+    /// ignored.
+    fn tail(&self) -> MutexGuard<'_, LogTail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The sync thread's counters.
@@ -108,13 +121,17 @@ impl LogStore {
     }
 }
 
-/// Counts of the sync thread's work: appends per fsync is the group-commit factor.
+/// Counts of the log store's work: appends per fsync is the group-commit factor.
 #[derive(Debug, Default)]
 pub struct SyncStats {
     /// WAL fsyncs done.
     pub syncs: AtomicU64,
     /// Appends those fsyncs made durable.
     pub appends: AtomicU64,
+    /// Reads of entries answered from the in-memory tail.
+    pub reads_cached: AtomicU64,
+    /// Reads of entries that went to RocksDB (older than the tail, or empty).
+    pub reads_stored: AtomicU64,
     /// Time spent in fsync, in nanoseconds.
     sync_nanos: AtomicU64,
     /// fsyncs by latency: bucket `i` counts those at most [`SyncStats::BUCKET_BOUNDS`]`[i]`
@@ -200,6 +217,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => Some(x.saturating_add(1)),
+            Bound::Excluded(x) => Some(*x),
+            Bound::Unbounded => None,
+        };
+        if let Some(cached) = end.and_then(|end| self.tail().get(start..end)) {
+            self.stats.reads_cached.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+        self.stats.reads_stored.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::new();
         let iter = self.store.db.iterator_cf(
             self.store.cf(CF_LOG),
@@ -281,14 +308,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let cf = self.store.cf(CF_LOG);
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes = postcard::to_stdvec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.put_cf(cf, u64_key(entry.log_id.index), bytes);
+            batch.put_cf(cf, u64_key(entry.log_id.index), &bytes);
+            appended.push((entry, bytes.len()));
         }
         self.store
             .db
             .write(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        // Only now that RocksDB holds them: the tail never has what RocksDB lacks.
+        {
+            let mut tail = self.tail();
+            for (entry, len) in appended {
+                tail.push(entry, len);
+            }
+        }
         let tx = self.syncer.tx.as_ref().ok_or_else(|| {
             StorageIOError::write_logs(&std::io::Error::other("log sync thread stopped"))
         })?;
@@ -300,7 +336,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
         // Removing entries [index, end): the next append's fsync makes it durable
-        // before anything that depends on it is acknowledged.
+        // before anything that depends on it is acknowledged. Out of the tail
+        // first, so that it never holds what RocksDB no longer has.
+        self.tail().clear_from(log_id.index);
         self.store
             .db
             .delete_range_cf(
@@ -313,6 +351,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
         self.put_meta(KEY_PURGED, &log_id, false)?;
+        self.tail().clear_through(log_id.index);
         self.store
             .db
             .delete_range_cf(self.store.cf(CF_LOG), u64_key(0), u64_key(log_id.index + 1))

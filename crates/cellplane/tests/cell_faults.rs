@@ -243,4 +243,12 @@ async fn follower_behind_a_truncated_log_catches_up_by_snapshot() {
         "installed a snapshot"
     );
     assert_all_present(&cell, &want).await;
+    // The leader replicated and applied the writes from its in-memory log tail;
+    // the purges and the snapshot did not leave it answering wrongly (the reads
+    // above saw every acknowledged write).
+    let (_, body) = common::http_get(cell.member(leader).http, "/metrics").unwrap();
+    assert!(
+        metric(&body, "cellplane_raft_log_reads_total{from=\"memory\"}") > 0,
+        "the leader read its newest entries from memory:\n{body}"
+    );
 }
