@@ -476,6 +476,26 @@ async fn a_stalled_watch_stream_is_ended_and_writes_go_on() {
 async fn etcdctl_watch_prints_events() {
     let cell = TestCell::start(3);
     cell.leader(Duration::from_secs(30)).await;
+    let mut kv = cell.kv(1).await;
+    // Write first and watch from the revision after the one before the writes:
+    // the events reach etcdctl however long it takes to start (a fixed wait for
+    // it to connect before writing missed them on a loaded machine).
+    let before = kv
+        .put(put("/other", "x"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.put(put("/e/x", "1")).await.unwrap();
+    kv.put(put("/e/x", "2")).await.unwrap();
+    kv.delete_range(DeleteRangeRequest {
+        key: "/e/x".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let ep = cell.member(2).client.to_string();
     let mut child = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -485,33 +505,40 @@ async fn etcdctl_watch_prints_events() {
             "--prefix",
             "/e/",
             "--prev-kv",
+            &format!("--rev={}", before + 1),
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("etcdctl is not installed: run scripts/setup.sh");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut kv = cell.kv(1).await;
-    kv.put(put("/e/x", "1")).await.unwrap();
-    kv.put(put("/e/x", "2")).await.unwrap();
-    kv.delete_range(DeleteRangeRequest {
-        key: "/e/x".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let want = [
+        "PUT", "/e/x", "1", "PUT", "/e/x", "1", "/e/x", "2", "DELETE", "/e/x", "2", "/e/x", "",
+    ];
+    // etcdctl watch never exits by itself: read its lines until all are in
+    // (or a deadline passes), then stop it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lines.len() < want.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines,
-        // etcdctl prints prev_kv before kv; a delete's kv has an empty value.
-        [
-            "PUT", "/e/x", "1", "PUT", "/e/x", "1", "/e/x", "2", "DELETE", "/e/x", "2", "/e/x", ""
-        ],
-        "{text}"
-    );
+    let _ = child.wait();
+    // etcdctl prints prev_kv before kv; a delete's kv has an empty value.
+    assert_eq!(lines, want);
 }
 
 /// Resident memory of a process, in bytes.
