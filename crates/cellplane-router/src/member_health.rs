@@ -28,7 +28,12 @@ const DECAY: Duration = Duration::from_secs(2);
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 /// Failures in a row (calls or probes) that eject a member.
 const FAILURES_TO_EJECT: u32 = 3;
-/// Calls pending and none answered for this long: the member is stalled.
+/// Calls pending and none answered for this long, and its latest probe
+/// unanswered too: the member is stalled. The probe tells a member that does not
+/// answer at all (frozen, cut off) from one whose calls wait on something slow
+/// (a disk whose fsyncs take a second while the machine writes back): the
+/// latter's calls complete, and ending them would turn slow writes into errors
+/// of unknown outcome.
 const STALL: Duration = Duration::from_millis(800);
 /// Applied index unchanged this long while another member's passed it.
 const LAG_STALL: Duration = Duration::from_secs(2);
@@ -95,6 +100,8 @@ struct State {
     last_error: String,
     /// The last time a call to it completed (any answer of its own).
     last_answer: Instant,
+    /// Whether its latest probe got no answer.
+    probe_unanswered: bool,
     ejected: Option<Ejection>,
     /// Ejections since it last served for [`FORGET_AFTER`].
     repeats: u32,
@@ -138,6 +145,7 @@ impl Default for Health {
                 failures_in_a_row: 0,
                 last_error: String::new(),
                 last_answer: now,
+                probe_unanswered: false,
                 ejected: None,
                 repeats: 0,
                 serving_since: now,
@@ -233,6 +241,7 @@ impl Health {
         } else {
             s.probe_ewma_us * (1.0 - PROBE_WEIGHT) + sample * PROBE_WEIGHT
         };
+        s.probe_unanswered = applied.is_none();
         match applied {
             Some(index) => {
                 if index != s.applied_index {
@@ -409,10 +418,12 @@ pub fn evaluate(members: &[&Health]) {
         }
         let pending = h.pending.load(Ordering::Relaxed);
         let silent = now.duration_since(s.last_answer.max(s.busy_since));
-        if pending > 0 && silent > STALL {
+        if pending > 0 && silent > STALL && s.probe_unanswered {
             let reason = format!(
-                "stalled: {pending} call(s) pending, none answered for {} ms",
-                silent.as_millis()
+                "stalled: {pending} call(s) pending, none answered for {} ms, nor its \
+                 latest probe (last error: {})",
+                silent.as_millis(),
+                s.last_error
             );
             h.eject(&mut s, Cause::Stalled, reason, &cap);
             continue;
@@ -492,6 +503,12 @@ mod tests {
         evaluate(&r);
         assert!(!c[1].is_ejected());
         c[1].lock().busy_since = Instant::now() - STALL - Duration::from_millis(1);
+        // Calls silent but the probe answered: slow (a disk), not stalled.
+        c[1].probed(Some(1), Duration::from_millis(2), "", &Cap::of(&r));
+        evaluate(&r);
+        assert!(!c[1].is_ejected(), "{:?}", c[1].view());
+        assert!(!told.has_changed().unwrap());
+        c[1].probed(None, Duration::from_millis(400), "no answer", &Cap::of(&r));
         evaluate(&r);
         assert!(c[1].is_ejected());
         assert!(c[1].view().reason.starts_with("stalled: 1 call(s) pending"));
@@ -533,6 +550,7 @@ mod tests {
         let _call = c[2].start();
         c[2].lock().busy_since = Instant::now() - STALL * 2;
         c[2].lock().last_answer = Instant::now() - STALL * 2;
+        c[2].lock().probe_unanswered = true;
         evaluate(&r);
         assert!(told.has_changed().unwrap() && c[2].is_down());
         assert!(c[2].view().reason.starts_with("stalled"));
