@@ -99,10 +99,42 @@ async fn run(
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => Err(ReadIndexError::Stopped),
-            r = confirm(&raft, &network, rpc_timeout) => r,
+            r = confirm_retrying(&raft, &network, rpc_timeout) => r,
         };
         for w in waiters.drain(..) {
             let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// Pause before trying an unconfirmed round again, doubling up to the cap.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(200);
+
+/// [`confirm`], tried again for up to `budget` while the leader is known but a
+/// round reaches no quorum, as etcd's read loop retries ReadIndex. openraft
+/// gives each round one heartbeat interval: a follower whose disk is busy (an
+/// fsync of a second while the machine writes back) answers a round late, so
+/// one round fails where the next succeeds. Every waiter arrived before the
+/// retried round started, so sharing its answer stays linearizable. No leader
+/// at all still fails at once (the router tries another member).
+async fn confirm_retrying(
+    raft: &Raft,
+    network: &Network,
+    budget: Duration,
+) -> Result<u64, ReadIndexError> {
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut pause = RETRY_PAUSE;
+    loop {
+        match confirm(raft, network, budget).await {
+            Err(ReadIndexError::Unconfirmed(why))
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%why, "read index round not confirmed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            }
+            r => return r,
         }
     }
 }

@@ -16,6 +16,9 @@
 //! the members' private client ports directly: a partition separates members,
 //! not clients, as in Jepsen.
 //!
+//! A last test holds a linearizable read while the leader's quorum answers
+//! late: it must wait for a confirmation round that succeeds, not fail.
+//!
 //! `CELLPLANE_NEMESIS_SEED=<n>` replays a schedule; `CELLPLANE_SOAK=1` runs a
 //! long one; `CELLPLANE_NEMESIS_ROUNDS=<n>` sets the number of faults. A failing
 //! run saves its seed and history and prints how to replay and re-check it.
@@ -848,6 +851,46 @@ async fn stale_reads_from_an_isolated_follower_are_caught() {
             &format!("stale reads from an isolated follower went unnoticed: {v:?}"),
         ),
     }
+}
+
+/// A linearizable read sent while the leader's quorum answers late (both
+/// followers' links slowed past openraft's deadline for a confirmation round,
+/// one heartbeat interval, as when their disks stall) waits for a round that
+/// succeeds instead of failing at once, and sees the write before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waits_out_a_quorum_that_answers_late() {
+    let cell = ProxiedCell::start(3).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        if let Some(l) = cell.leader_now().await {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut kv = kv_client(cell.members[(leader - 1) as usize].client);
+    kv.put(common::put("/late", "before")).await.unwrap();
+
+    // 200 ms each way on every link into both followers: each round of
+    // heartbeats misses its 100 ms deadline until the links heal.
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for id in &followers {
+        cell.cut(*id, Link::Delay(Duration::from_millis(200)), true);
+    }
+    let proxies: Vec<_> = followers
+        .iter()
+        .flat_map(|id| cell.members[(*id - 1) as usize].proxies())
+        .collect();
+    let read = kv.range(common::get("/late"));
+    let heal = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        for p in &proxies {
+            p.set_link(Link::Pass);
+        }
+    };
+    let (r, ()) = tokio::join!(read, heal);
+    let r = r.unwrap_or_else(|s| panic!("the read failed instead of waiting: {s:?}"));
+    assert_eq!(r.into_inner().kvs[0].value, b"before");
 }
 
 /// Re-checks a history saved by a failing run:
