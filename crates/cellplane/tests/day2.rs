@@ -322,14 +322,7 @@ async fn etcdctl_snapshot_save_restores_into_a_new_cell_with_equal_content() {
     assert_eq!(a.len(), 3);
     assert!(a.iter().chain(&b).all(|h| *h == a[0]), "{a:?} {b:?}");
     // The new cell takes writes, its revisions following the snapshot's.
-    let put_rev = new_kv
-        .put(put("/t/new", "x"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let put_rev = common::put_revision(&mut new_kv, "/t/new", "x").await;
     assert_eq!(put_rev, revision + 1);
 }
 

@@ -521,22 +521,8 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
 }
 
 async fn revision_and_compaction(c: &mut KvClient<Channel>) {
-    let r1 = c
-        .put(put("/h", "one"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
-    let r2 = c
-        .put(put("/h", "two"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let r1 = common::put_revision(c, "/h", "one").await;
+    let r2 = common::put_revision(c, "/h", "two").await;
     let r3 = c
         .delete_range(DeleteRangeRequest {
             key: "/h".into(),

@@ -480,14 +480,7 @@ async fn etcdctl_watch_prints_events() {
     // Write first and watch from the revision after the one before the writes:
     // the events reach etcdctl however long it takes to start (a fixed wait for
     // it to connect before writing missed them on a loaded machine).
-    let before = kv
-        .put(put("/other", "x"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let before = common::put_revision(&mut kv, "/other", "x").await;
     kv.put(put("/e/x", "1")).await.unwrap();
     kv.put(put("/e/x", "2")).await.unwrap();
     kv.delete_range(DeleteRangeRequest {

@@ -856,6 +856,17 @@ pub async fn revision(kv: &mut KvClient<Channel>) -> i64 {
         .revision
 }
 
+/// Puts `k` = `v` and answers the revision the put made.
+pub async fn put_revision(kv: &mut KvClient<Channel>, k: &str, v: &str) -> i64 {
+    kv.put(put(k, v))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
+}
+
 /// Runs `cellplane <args>`; answers whether it succeeded and what it printed
 /// (stdout, then stderr).
 pub fn cli(args: &[&str]) -> (bool, String) {
