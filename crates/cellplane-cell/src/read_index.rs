@@ -30,8 +30,13 @@ const QUEUE: usize = 65_536;
 pub enum ReadIndexError {
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// The leader answered but reached no quorum in time: worth another round.
     #[error("cannot confirm leadership: {0}")]
     Unconfirmed(String),
+    /// The leader this member knows did not answer (gone, or cut off from
+    /// here): fails at once, so the client or router tries another member.
+    #[error("cannot reach the leader: {0}")]
+    LeaderUnreachable(String),
     #[error("member is shutting down")]
     Stopped,
 }
@@ -116,8 +121,9 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// gives each round one heartbeat interval: a follower whose disk is busy (an
 /// fsync of a second while the machine writes back) answers a round late, so
 /// one round fails where the next succeeds. Every waiter arrived before the
-/// retried round started, so sharing its answer stays linearizable. No leader
-/// at all still fails at once (the router tries another member).
+/// retried round started, so sharing its answer stays linearizable. No leader,
+/// or a leader that does not answer at all, still fails at once: the router or
+/// client tries another member instead of waiting here.
 async fn confirm_retrying(
     raft: &Raft,
     network: &Network,
@@ -159,17 +165,19 @@ async fn confirm(
         .get_node(&leader)
         .cloned()
         .ok_or(ReadIndexError::NoLeader)?;
+    let unreachable =
+        |why: String| ReadIndexError::LeaderUnreachable(format!("leader {leader}: {why}"));
     let mut client = network
         .client(leader, &member.peer_addr)
-        .map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
-    let payload = encode(&()).map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
+        .map_err(|e| unreachable(e.to_string()))?;
+    let payload = encode(&()).map_err(|e| unreachable(e.to_string()))?;
     let mut req = tonic::Request::new(payload);
     req.set_timeout(rpc_timeout);
     let reply = client
         .read_index(req)
         .await
-        .map_err(|s| ReadIndexError::Unconfirmed(format!("leader {leader}: {}", s.message())))?;
-    let reply: ReadIndexReply = decode(reply.get_ref())
-        .map_err(|s| ReadIndexError::Unconfirmed(s.message().to_string()))?;
+        .map_err(|s| unreachable(s.message().to_string()))?;
+    let reply: ReadIndexReply =
+        decode(reply.get_ref()).map_err(|s| unreachable(s.message().to_string()))?;
     reply.map_err(|e| ReadIndexError::Unconfirmed(format!("leader {leader}: {e}")))
 }
