@@ -28,12 +28,15 @@ const DECAY: Duration = Duration::from_secs(2);
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 /// Failures in a row (calls or probes) that eject a member.
 const FAILURES_TO_EJECT: u32 = 3;
-/// Calls pending and none answered for this long, and its latest probe
-/// unanswered too: the member is stalled. The probe tells a member that does not
-/// answer at all (frozen, cut off) from one whose calls wait on something slow
-/// (a disk whose fsyncs take a second while the machine writes back): the
-/// latter's calls complete, and ending them would turn slow writes into errors
-/// of unknown outcome.
+/// Calls pending and none answered for this long, and either its latest probe
+/// unanswered too or the cell gone on without it (another member's applied
+/// index past its own, unchanged this long): the member is stalled. The second
+/// half tells a member that does not answer at all (frozen) or that the cell
+/// left behind (a leader cut off from its followers, which elected another)
+/// from one whose calls wait on something slow that the whole cell waits on too
+/// (fsyncs of a second while the machine writes back): the latter's calls
+/// complete, and ending them would turn slow writes into errors of unknown
+/// outcome.
 const STALL: Duration = Duration::from_millis(800);
 /// Applied index unchanged this long while another member's passed it.
 const LAG_STALL: Duration = Duration::from_secs(2);
@@ -418,12 +421,20 @@ pub fn evaluate(members: &[&Health]) {
         }
         let pending = h.pending.load(Ordering::Relaxed);
         let silent = now.duration_since(s.last_answer.max(s.busy_since));
-        if pending > 0 && silent > STALL && s.probe_unanswered {
+        let left_behind =
+            s.applied_index < top_index && now.duration_since(s.applied_changed) > STALL;
+        if pending > 0 && silent > STALL && (s.probe_unanswered || left_behind) {
+            let why = if s.probe_unanswered {
+                format!("nor its latest probe (last error: {})", s.last_error)
+            } else {
+                format!(
+                    "and its applied index stays at {} while another member reached {top_index}",
+                    s.applied_index
+                )
+            };
             let reason = format!(
-                "stalled: {pending} call(s) pending, none answered for {} ms, nor its \
-                 latest probe (last error: {})",
-                silent.as_millis(),
-                s.last_error
+                "stalled: {pending} call(s) pending, none answered for {} ms, {why}",
+                silent.as_millis()
             );
             h.eject(&mut s, Cause::Stalled, reason, &cap);
             continue;
@@ -508,10 +519,24 @@ mod tests {
         evaluate(&r);
         assert!(!c[1].is_ejected(), "{:?}", c[1].view());
         assert!(!told.has_changed().unwrap());
+        // The cell moving on without it (a cut-off leader) is a stall too.
+        c[0].probed(Some(2), Duration::from_millis(2), "", &Cap::of(&r));
+        c[1].lock().applied_changed = Instant::now() - STALL - Duration::from_millis(1);
+        evaluate(&r);
+        assert!(c[1].view().reason.contains("applied index stays at 1"));
+        let c = cell(3);
+        let r = refs(&c);
+        let told = c[1].ejections();
+        // Or one that answers nothing, probes included (frozen).
+        c[1].lock().last_answer = Instant::now() - STALL * 10;
+        let _call = c[1].start();
+        c[1].lock().busy_since = Instant::now() - STALL - Duration::from_millis(1);
         c[1].probed(None, Duration::from_millis(400), "no answer", &Cap::of(&r));
         evaluate(&r);
         assert!(c[1].is_ejected());
-        assert!(c[1].view().reason.starts_with("stalled: 1 call(s) pending"));
+        let reason = c[1].view().reason;
+        assert!(reason.starts_with("stalled: 1 call(s) pending"), "{reason}");
+        assert!(reason.contains("nor its latest probe"), "{reason}");
         assert!(told.has_changed().unwrap());
         assert!(!c[0].is_ejected() && !c[2].is_ejected());
     }
