@@ -23,16 +23,6 @@ fn keys(r: &cellplane_proto::etcdserverpb::RangeResponse) -> Vec<String> {
         .collect()
 }
 
-async fn rev(c: &mut KvClient<Channel>) -> i64 {
-    c.range(get("/nothing"))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_semantics_match_etcd() {
     let cell = TestCell::start(3);
@@ -77,7 +67,7 @@ async fn kv_semantics_match_etcd() {
 }
 
 async fn put_semantics(c: &mut KvClient<Channel>) {
-    let r0 = rev(c).await;
+    let r0 = common::revision(c).await;
     let r = c.put(put("/k", "v1")).await.unwrap().into_inner();
     assert_eq!(
         r.header.as_ref().unwrap().revision,
@@ -262,7 +252,7 @@ async fn delete_semantics(c: &mut KvClient<Channel>) {
     for k in ["/d/1", "/d/2", "/d/3"] {
         c.put(put(k, k)).await.unwrap();
     }
-    let before = rev(c).await;
+    let before = common::revision(c).await;
     let r = c
         .delete_range(DeleteRangeRequest {
             key: "/d/1".into(),
@@ -423,7 +413,7 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
     }
 
     // Compare-and-swap: success branch writes, failure branch reads.
-    let before = rev(c).await;
+    let before = common::revision(c).await;
     let r = c
         .txn(TxnRequest {
             compare: vec![cmp("/t/x", Value, Equal, TargetUnion::Value("1".into()))],
@@ -473,7 +463,7 @@ async fn txn_semantics(c: &mut KvClient<Channel>) {
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(
-        rev(c).await,
+        common::revision(c).await,
         before + 1,
         "a txn that writes nothing makes no revision"
     );
