@@ -335,10 +335,15 @@ pub async fn run(
     .map_err(|e| NodeError::Raft(e.to_string()))?;
 
     let tasks = tokio_util::task::TaskTracker::new();
+    let metrics = Metrics::new().with_fsync(sync_stats.clone());
     let (barrier, barrier_task) = ReadBarrier::start(
         raft.clone(),
         network.clone(),
         Duration::from_millis(r.peer_rpc_timeout_ms),
+        crate::read_index::Counts {
+            rounds: metrics.read_index_rounds.clone(),
+            reads: metrics.read_index_reads.clone(),
+        },
         shutdown.child_token(),
     );
     let (proposer, proposer_task) = Proposer::start(
@@ -370,7 +375,7 @@ pub async fn run(
         barrier: barrier.clone(),
         proposer,
         limits,
-        metrics: Metrics::new().with_fsync(sync_stats.clone()),
+        metrics,
         sync_stats,
         watch_hub: watch_hub.clone(),
         shutdown: shutdown.clone(),

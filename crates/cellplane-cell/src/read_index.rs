@@ -41,6 +41,17 @@ pub enum ReadIndexError {
     Stopped,
 }
 
+/// What the barrier counts, for the member's metrics: reads per round is how
+/// well rounds are shared (each round is a heartbeat to every follower).
+#[derive(Clone, Default)]
+pub struct Counts {
+    /// Confirmation rounds run (on a follower, each asks the leader once).
+    pub rounds: prometheus_client::metrics::counter::Counter,
+    /// Reads those rounds answered: this member's and, on the leader, the
+    /// followers' ReadIndex calls.
+    pub reads: prometheus_client::metrics::counter::Counter,
+}
+
 /// Handle to the read barrier of one member. Cheap to clone.
 #[derive(Clone)]
 pub struct ReadBarrier {
@@ -53,10 +64,11 @@ impl ReadBarrier {
         raft: Raft,
         network: Network,
         rpc_timeout: Duration,
+        counts: Counts,
         shutdown: CancellationToken,
     ) -> (ReadBarrier, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(raft, network, rpc_timeout, rx, shutdown));
+        let task = tokio::spawn(run(raft, network, rpc_timeout, counts, rx, shutdown));
         (ReadBarrier { tx }, task)
     }
 
@@ -89,6 +101,7 @@ async fn run(
     raft: Raft,
     network: Network,
     rpc_timeout: Duration,
+    counts: Counts,
     mut rx: mpsc::Receiver<oneshot::Sender<Result<u64, ReadIndexError>>>,
     shutdown: CancellationToken,
 ) {
@@ -102,6 +115,8 @@ async fn run(
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
+        counts.rounds.inc();
+        counts.reads.inc_by(waiters.len() as u64);
         let result = tokio::select! {
             _ = shutdown.cancelled() => Err(ReadIndexError::Stopped),
             r = confirm_retrying(&raft, &network, rpc_timeout) => r,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellplane_proto::etcdserverpb::{PutRequest, RangeRequest};
-use common::TestCell;
+use common::{TestCell, metric};
 
 /// Puts `/w/<n>` = n through any running member, moving on from a member that
 /// fails, and records what was acknowledged.
@@ -154,15 +154,6 @@ async fn kill_9_every_member_then_restart_keeps_acknowledged_writes() {
         "{} acknowledged writes survived kill -9 of every member",
         acked.len()
     );
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

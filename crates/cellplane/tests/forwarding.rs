@@ -19,7 +19,7 @@ use cellplane_proto::etcdserverpb::{
 use cellplane_proto::raft::RaftPayload;
 use cellplane_proto::raft::raft_client::RaftClient;
 use cellplane_storage::{Batch, Command};
-use common::{TestCell, get, prefix, put};
+use common::{TestCell, get, metric, prefix, put};
 use prost::Message;
 use tonic::Code;
 
@@ -212,6 +212,56 @@ async fn follower_writes_in_a_mixed_batch_get_the_leaders_outcomes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "compacted twice: {e}");
+}
+
+/// A follower's linearizable reads ask the leader through its read barrier:
+/// every read is counted once where it was served, every follower round once
+/// more at the leader, which is what `cellplane_read_index_*` let an operator
+/// see (reads per round: how well rounds are shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_linearizable_reads_are_confirmed_by_the_leader_and_counted() {
+    let cell = TestCell::start(3);
+    let leader = cell.leader(WAIT).await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let c = cell.kv(follower).await;
+    let written = common::put_revision(&mut c.clone(), "/r/key", "v").await;
+    const READS: u64 = 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..READS {
+        let mut c = c.clone();
+        tasks.spawn(async move { c.range(get("/r/key")).await.map(|r| r.into_inner()) });
+    }
+    while let Some(r) = tasks.join_next().await {
+        // Linearizable: each read sees the write acknowledged before it began.
+        let r = r.unwrap().unwrap();
+        assert_eq!(r.kvs.len(), 1);
+        assert_eq!(r.kvs[0].value, b"v");
+        assert!(r.header.unwrap().revision >= written);
+    }
+    let scrape = |id: u64| {
+        common::http_get(cell.member(id).http, "/metrics")
+            .unwrap()
+            .1
+    };
+    let at_follower = scrape(follower);
+    let rounds = metric(&at_follower, "cellplane_read_index_rounds_total");
+    let reads = metric(&at_follower, "cellplane_read_index_reads_total");
+    assert_eq!(
+        reads, READS,
+        "every read waited on one round:\n{at_follower}"
+    );
+    assert!(
+        (1..=reads).contains(&rounds),
+        "{rounds} rounds for {reads} reads"
+    );
+    // Each of the follower's rounds was one ReadIndex call answered through the
+    // leader's own barrier.
+    let at_leader = scrape(leader);
+    assert!(
+        metric(&at_leader, "cellplane_read_index_reads_total") >= rounds,
+        "the leader answered every round of the follower's:\n{at_leader}"
+    );
+    assert!(metric(&at_leader, "cellplane_read_index_rounds_total") >= 1);
 }
 
 async fn raw_propose(peer: SocketAddr, cmds: Vec<Command>) -> ProposeReply {

@@ -430,6 +430,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The value of the series `name` (with its labels, if any) in a Prometheus
+/// text exposition; panics, showing the text, if it is not there.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
 /// A whole environment: cells, a directory cell and one router, as real processes.
 pub struct TestEnv {
     pub cells: Vec<TestCell>,
