@@ -46,8 +46,7 @@ pub struct Metrics {
     pub history_compacted_revision: Gauge,
     pub history_versions_removed: Counter,
     /// The read barrier's confirmation rounds and the reads they answered.
-    pub read_index_rounds: Counter,
-    pub read_index_reads: Counter,
+    pub read_index: crate::read_index::Counts,
     pub state_size_bytes: Gauge,
     /// The configured space quota (`maintenance.quota_backend_bytes`).
     pub space_quota_bytes: Gauge,
@@ -80,8 +79,7 @@ impl Metrics {
             corruption_checks: Counter::default(),
             history_compacted_revision: Gauge::default(),
             history_versions_removed: Counter::default(),
-            read_index_rounds: Counter::default(),
-            read_index_reads: Counter::default(),
+            read_index: crate::read_index::Counts::default(),
             state_size_bytes: Gauge::default(),
             space_quota_bytes: Gauge::default(),
             alarm_nospace: Gauge::default(),
@@ -121,13 +119,13 @@ impl Metrics {
             "Leadership confirmation rounds this member ran for linearizable reads (a \
              heartbeat to every follower on the leader; one ReadIndex call to the leader on a \
              follower)",
-            m.read_index_rounds.clone(),
+            m.read_index.rounds.clone(),
         );
         registry.register(
             "read_index_reads",
             "Linearizable reads answered by those rounds (on the leader, followers' ReadIndex \
              calls included): reads per round is how well rounds are shared",
-            m.read_index_reads.clone(),
+            m.read_index.reads.clone(),
         );
         registry.register(
             "state_size_bytes",

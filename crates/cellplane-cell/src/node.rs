@@ -340,10 +340,7 @@ pub async fn run(
         raft.clone(),
         network.clone(),
         Duration::from_millis(r.peer_rpc_timeout_ms),
-        crate::read_index::Counts {
-            rounds: metrics.read_index_rounds.clone(),
-            reads: metrics.read_index_reads.clone(),
-        },
+        metrics.read_index.clone(),
         shutdown.child_token(),
     );
     let (proposer, proposer_task) = Proposer::start(
